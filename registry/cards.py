@@ -1,0 +1,53 @@
+"""Cards rendered from the Jinja templates in ``cards/`` (strict: a missing variable is an error)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+from .store import LocalRegistry, atomic_path
+from .summary import format_share, summarize
+
+CARDS_DIR = Path(__file__).with_name("cards")
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(CARDS_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # Markdown and YAML, not HTML
+    )
+
+
+def registry_card_context(registry: LocalRegistry) -> dict:
+    models = []
+    for model in registry.models():
+        languages = registry.selected_languages(model)
+        if not languages:
+            continue
+        rows, provenance = [], None
+        for lang in languages:
+            table, provenance = registry.read_neurons(model, lang)
+            summary = summarize(model, lang, table, provenance)
+            rows.append({"code": lang, "name": provenance["language"]["name"], "neurons": summary.num_neurons,
+                         "share": format_share(summary.share), "tokens": provenance["tokens"]})
+        models.append({"name": model, "languages": rows, "model": provenance["model"],
+                       "selection": provenance["selection"], "num_layers": provenance["num_layers"],
+                       "intermediate_size": provenance["intermediate_size"]})
+    codes = sorted({row["code"].split("_")[0] for m in models for row in m["languages"]})
+    return {"models": models, "language_codes": codes}
+
+
+def render(template: str, **context) -> str:
+    return environment().get_template(template).render(**context)
+
+
+def write_registry_card(registry: LocalRegistry) -> Path:
+    """The registry's README.md: a dataset card whose `configs:` make it loadable with `datasets`."""
+    path = registry.root / "README.md"
+    text = render("dataset_card.md.j2", **registry_card_context(registry))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,315 @@
+"""The ``neuronreg`` command line: thin Click commands over the library.
+
+Results go to stdout; progress, warnings and errors to stderr. Library errors become one-line
+messages here and nowhere else (set NEURONREG_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import NeuronregError
+
+DEBUG_ENV = "NEURONREG_DEBUG"
+
+
+class NeuronregGroup(click.Group):
+    """Turns expected errors into ``Error: ...`` on stderr with exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NeuronregError as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Run the same command again to resume from the last checkpoint.", err=True)
+            sys.exit(130)
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("neuronreg")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+# -- options shared by several commands ---------------------------------------------------------
+def registry_option(f):
+    return click.option(
+        "--registry", type=click.Path(file_okay=False), envvar="NEURONREG_REGISTRY", default=None,
+        help="Local registry folder [env NEURONREG_REGISTRY; default ~/.cache/neuronreg/registry].",
+    )(f)
+
+
+def quiet_option(f):
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (stderr).")(f)
+
+
+def selection_options(f):
+    f = click.option("--bar-ratio", type=float, default=0.95, show_default=True,
+                     help="Quantile of all activation probabilities above which a selected neuron belongs to a language.")(f)
+    f = click.option("--filter-rate", type=float, default=0.95, show_default=True,
+                     help="Quantile a neuron's activation probability must exceed for some language.")(f)
+    f = click.option("--top-rate", type=float, default=0.01, show_default=True,
+                     help="Share of all neurons to select (the seed paper released 0.05).")(f)
+    return f
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _manifest(ctx: click.Context):
+    from .manifest import load_manifest
+
+    return load_manifest(ctx.obj.get("manifest"))
+
+
+def _registry(path):
+    from .store import LocalRegistry
+
+    return LocalRegistry(path)
+
+
+def _params(top_rate, filter_rate, bar_ratio):
+    from .selection import SelectionParams
+
+    return SelectionParams(top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=bar_ratio)
+
+
+def _status(quiet: bool, message: str) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def _split_languages(values) -> list[str] | None:
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+@click.group(cls=NeuronregGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="neuronreg")
+@click.option("--manifest", type=click.Path(dir_okay=False), envvar="NEURONREG_MANIFEST", default=None,
+              help="A manifest.json of your own [env NEURONREG_MANIFEST; default: the packaged one].")
+@click.pass_context
+def cli(ctx, manifest):
+    """Language-specific neurons (LAPE): compute them, keep them in a registry, share them.
+
+    \b
+    Example:
+        neuronreg compute ./my-model en de sw --corpus ./texts --tokens 2M
+        neuronreg show my-model sw
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["manifest"] = manifest
+
+
+@cli.command(name="compute")
+@click.argument("model")
+@click.argument("languages", nargs=-1, required=True)
+@click.option("--corpus", default="hf", show_default=True,
+              help="A folder with one <language>.txt/.jsonl/.parquet per language, 'hf' for the manifest's Hub "
+                   "corpus (GlotCC-V1), or hf:DATASET[:CONFIG].")
+@click.option("--tokens", default="13M", show_default=True, help="Tokens to count per language (e.g. 500k, 2M, 100M).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=1024, show_default=True, help="Length of the packed token rows.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per forward pass.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
+@click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet/Hub corpora [default: text].")
+@click.option("--name", default=None, help="Name of the model in the registry [default: its alias or Hub id].")
+@click.option("--languages", "select_langs", multiple=True,
+              help="Languages to select over (comma-separated) [default: all counted for the model].")
+@selection_options
+@click.option("--checkpoint-tokens", default="1M", show_default=True, help="Save progress every so many tokens.")
+@click.option("--force", is_flag=True, help="Recount languages already in the registry.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
+@click.option("--token", default=None, help="Hub token for gated models [default: HF_TOKEN or your Hub login].")
+@registry_option
+@quiet_option
+@click.pass_context
+def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtype, device, text_field, name,
+                select_langs, top_rate, filter_rate, bar_ratio, checkpoint_tokens, force, trust_remote_code, token,
+                registry, quiet):
+    """Count how often each MLP neuron fires on each language's text, then select LAPE neurons.
+
+    MODEL is a manifest alias (neuronreg models), a Hub id or a local folder. LANGUAGES are codes or
+    names (sw, swa, Swahili). Counts are stored per language and reused: a language already counted
+    with the same settings is skipped, and an interrupted run resumes from its last checkpoint.
+
+    \b
+    Example:
+        neuronreg compute ./my-model en de sw --corpus ./texts --tokens 2M --registry ./reg
+        neuronreg compute mistral-nemo sw mt is --corpus hf
+    """
+    from .compute import CountSettings, compute
+    from .corpus import parse_tokens
+
+    _setup_logging(quiet)
+    settings = CountSettings(corpus=corpus, tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size,
+                             dtype=dtype, device=device, text_field=text_field,
+                             checkpoint_tokens=parse_tokens(checkpoint_tokens))
+    report = compute(
+        model, list(languages), manifest=_manifest(ctx), registry=_registry(registry), settings=settings,
+        params=_params(top_rate, filter_rate, bar_ratio), select_languages=_split_languages(select_langs), name=name,
+        force=force, quiet=quiet, trust_remote_code=trust_remote_code, token=token,
+    )
+    selection = report.selection
+    click.echo(f"{'language':<10} {'status':<10} {'tokens':>12} {'neurons':>8}")
+    for result in report.languages:
+        neurons = len(selection.neurons[result.code]) if result.code in selection.neurons else "-"
+        click.echo(f"{result.code:<10} {result.status:<10} {result.tokens:>12,} {neurons:>8}")
+    _status(quiet, f"Selected {selection.selected} neurons over {len(selection.languages)} languages of "
+                   f"{report.model}; registry: {report.registry}")
+
+
+@cli.command(name="select")
+@click.argument("model")
+@click.option("--languages", "select_langs", multiple=True,
+              help="Languages to select over (comma-separated) [default: all counted for the model].")
+@selection_options
+@registry_option
+@quiet_option
+@click.pass_context
+def select_cmd(ctx, model, select_langs, top_rate, filter_rate, bar_ratio, registry, quiet):
+    """Select neurons again from stored counts, with other parameters or languages. No model needed.
+
+    The model's neuron files are replaced by the new selection (counts are kept).
+
+    \b
+    Example:
+        neuronreg select mistral-nemo --top-rate 0.05
+        neuronreg select mistral-nemo --languages sw,mt,is
+    """
+    from .compute import resolve_languages, select
+
+    _setup_logging(quiet)
+    langs = _split_languages(select_langs)
+    if langs:
+        langs = [lang.code for lang in resolve_languages(langs, _manifest(ctx))]
+    selection = select(model, registry=_registry(registry), params=_params(top_rate, filter_rate, bar_ratio),
+                       languages=langs)
+    click.echo(f"{'language':<10} {'neurons':>8}")
+    for lang in selection.languages:
+        click.echo(f"{lang:<10} {len(selection.neurons[lang]):>8}")
+    _status(quiet, f"Selected {selection.selected} neurons (threshold {selection.filter_threshold:.6g}, "
+                   f"bar {selection.activation_bar:.6g}).")
+
+
+@cli.command(name="ls")
+@registry_option
+@json_option
+def ls_cmd(registry, as_json):
+    """List what the registry holds: models, counted and selected languages.
+
+    \b
+    Example:
+        neuronreg ls
+        neuronreg ls --registry ./reg --json
+    """
+    reg = _registry(registry)
+    rows = []
+    for model in reg.models():
+        rows.append({"model": model, "counted": reg.counted_languages(model), "selected": reg.selected_languages(model)})
+    if as_json:
+        click.echo(json.dumps({"registry": str(reg.root), "models": rows}, indent=2))
+        return
+    if not rows:
+        click.echo(f"The registry at {reg.root} is empty. Run 'neuronreg compute' to fill it.", err=True)
+        return
+    click.echo(f"{'model':<28} {'counted':>7} {'selected':>8}  languages")
+    for row in rows:
+        click.echo(f"{row['model']:<28} {len(row['counted']):>7} {len(row['selected']):>8}  {' '.join(row['counted'])}")
+
+
+@cli.command(name="show")
+@click.argument("model")
+@click.argument("language")
+@registry_option
+@json_option
+@click.pass_context
+def show_cmd(ctx, model, language, registry, as_json):
+    """Show one language's neurons: per layer, in total, and the share of parameters they train.
+
+    \b
+    Example:
+        neuronreg show mistral-nemo sw
+        neuronreg show mistral-nemo Swahili --json
+    """
+    from .summary import format_share, summarize
+
+    reg = _registry(registry)
+    code = _resolve_stored_language(ctx, reg, model, language)
+    table, provenance = reg.read_neurons(model, code)
+    summary = summarize(model, code, table, provenance)
+    if as_json:
+        click.echo(json.dumps({"model": model, "language": code, "neurons": summary.num_neurons,
+                               "per_layer": summary.per_layer, "trainable_weights": summary.trainable_weights,
+                               "share_of_parameters": summary.share, "provenance": provenance}, indent=2))
+        return
+    click.echo(f"{model} {code} ({provenance['language']['name']}): {summary.num_neurons} neurons, "
+               f"{summary.trainable_weights:,} weights, {format_share(summary.share)} of parameters")
+    click.echo(f"{'layer':>5} {'neurons':>8}")
+    for layer, count in enumerate(summary.per_layer):
+        click.echo(f"{layer:>5} {count:>8}")
+
+
+def _resolve_stored_language(ctx, reg, model: str, language: str) -> str:
+    """A code stored in the registry, or the manifest's canonical code for a name or other code."""
+    if language in reg.selected_languages(model):
+        return language
+    from .errors import UnknownLanguage
+
+    try:
+        return _manifest(ctx).language(language).code
+    except UnknownLanguage:
+        return language
+
+
+@cli.command(name="languages")
+@json_option
+@click.pass_context
+def languages_cmd(ctx, as_json):
+    """List the manifest's languages with their codes, script and default corpus.
+
+    \b
+    Example:
+        neuronreg languages | grep -i swahili
+    """
+    manifest = _manifest(ctx)
+    if as_json:
+        click.echo(json.dumps([{"code": l.code, "name": l.name, "iso639_3": l.iso639_3, "flores200": l.flores200,
+                                "script": l.script, "corpus_config": l.corpus_config} for l in manifest.languages],
+                              indent=2, ensure_ascii=False))
+        return
+    for lang in manifest.languages:
+        click.echo(f"{lang.code:<8} {lang.iso639_3:<4} {lang.flores200 or '-':<9} {lang.script:<5} {lang.name}")
+
+
+@cli.command(name="models")
+@click.pass_context
+def models_cmd(ctx):
+    """List the manifest's model aliases with their Hub ids and sizes.
+
+    \b
+    Example:
+        neuronreg models
+    """
+    for alias, entry in _manifest(ctx).models.items():
+        click.echo(f"{alias:<16} {entry.hub_id:<36} {entry.num_layers:>3} x {entry.intermediate_size}")
+
+
+def main() -> None:
+    cli(prog_name="neuronreg")

@@ -1,0 +1,157 @@
+"""Counting, per layer and neuron, the token positions where the MLP activation is > 0.
+
+The counts come from forward hooks on each layer's activation module, so what is counted is the
+model's own ``act_fn(gate_proj(x))`` (or ``act(fc1(x))``), exactly as ``lape.md`` section 1 says.
+Hooks exist only inside :func:`activation_hooks`. The forward pass runs the transformer body
+only: the LM head, the largest matrix of a small model, is never computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import MLPSite, body
+from .progress import progress
+from .store import atomic_path
+
+
+@dataclass
+class ActivationCounts:
+    """``over_zero[layer, neuron]``: positions where the activation was > 0, out of ``tokens``."""
+
+    over_zero: torch.Tensor  # int64, [num_layers, intermediate_size]
+    tokens: int
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.over_zero.double() / max(self.tokens, 1)
+
+
+@contextmanager
+def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterator[torch.Tensor]:
+    """Yields an int64 ``[layers, intermediate]`` tensor that every forward pass adds its counts to."""
+    counts = torch.zeros(len(sites), sites[0].intermediate_size, dtype=torch.int64, device=device)
+    if len({site.intermediate_size for site in sites}) != 1:
+        raise ValueError("layers of different intermediate sizes are not supported")
+
+    def make_hook(layer: int):
+        def hook(module, inputs, output):
+            # Every position of the [batch, seq, I] output is a real token: rows are never padded.
+            counts[layer] += (output > 0).reshape(-1, output.shape[-1]).sum(0)
+
+        return hook
+
+    handles = [site.activation.register_forward_hook(make_hook(site.layer)) for site in sites]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batches(rows: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Stacks rows of equal length; a shorter (final) row goes alone, so nothing is padded."""
+    pending: list[torch.Tensor] = []
+    for row in rows:
+        if pending and row.numel() != pending[0].numel():
+            yield torch.stack(pending)
+            pending = []
+        pending.append(row)
+        if len(pending) == batch_size:
+            yield torch.stack(pending)
+            pending = []
+    if pending:
+        yield torch.stack(pending)
+
+
+@dataclass
+class Checkpoint:
+    """Counts so far for one language, saved atomically so an interrupted run resumes."""
+
+    path: Path
+    fingerprint: str  # the settings; a checkpoint made with other settings is ignored
+
+    def load(self) -> tuple[torch.Tensor, int, int] | None:
+        if not self.path.exists():
+            return None
+        try:
+            tensors = load_file(str(self.path))
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint:
+                return None
+            return tensors["over_zero"], int(meta["tokens"]), int(meta["rows"])
+        except Exception:  # a damaged checkpoint only costs the work since the last one
+            return None
+
+    def save(self, over_zero: torch.Tensor, tokens: int, rows: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            save_file({"over_zero": over_zero.cpu().contiguous()}, str(tmp),
+                      metadata={"fingerprint": self.fingerprint, "tokens": str(tokens), "rows": str(rows)})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def count_activations(
+    model: torch.nn.Module,
+    sites: list[MLPSite],
+    rows: Iterable[torch.Tensor],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    checkpoint: Checkpoint | None = None,
+    checkpoint_tokens: int = 1_000_000,
+    total_tokens: int | None = None,
+    desc: str = "counting",
+    quiet: bool = False,
+) -> ActivationCounts:
+    """Run ``rows`` through the model body and count positive activations per layer and neuron."""
+    start = checkpoint.load() if checkpoint else None
+    done_tokens, done_rows = (start[1], start[2]) if start else (0, 0)
+    rows = itertools.islice(iter(rows), done_rows, None)  # rows are deterministic: skip the counted ones
+    forward = body(model)
+    bar = progress(total_tokens, desc, quiet=quiet, initial=done_tokens)
+    since_save = 0
+    total = None
+    try:
+        with torch.inference_mode(), activation_hooks(sites, device) as step:
+            total = torch.zeros_like(step)
+            if start:
+                total += start[0].to(device)
+            for batch in batches(rows, batch_size):
+                step.zero_()
+                forward(input_ids=batch.to(device), use_cache=False)
+                # Added only once the whole forward is done, so an interrupt never leaves a half batch.
+                total += step
+                done_tokens += batch.numel()
+                done_rows += batch.shape[0]
+                since_save += batch.numel()
+                bar.update(batch.numel())
+                if checkpoint and since_save >= checkpoint_tokens:
+                    checkpoint.save(total, done_tokens, done_rows)
+                    since_save = 0
+            result = total.cpu()
+    except BaseException:
+        # Interrupted (Ctrl-C, out of memory, a killed job): keep what whole batches counted.
+        if checkpoint and total is not None and done_rows:
+            checkpoint.save(total, done_tokens, done_rows)
+        raise
+    finally:
+        bar.close()
+    return ActivationCounts(result, done_tokens)
+
+
+def fingerprint(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True)

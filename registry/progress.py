@@ -1,0 +1,18 @@
+"""The one progress-bar helper: on stderr, silenced by quiet or HF_HUB_DISABLE_PROGRESS_BARS."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+
+def bars_disabled(quiet: bool = False) -> bool:
+    flag = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower()
+    return quiet or flag in {"1", "true", "yes", "on"}
+
+
+def progress(total: int | None, desc: str, unit: str = "tok", quiet: bool = False, initial: int = 0) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, initial=initial, file=sys.stderr,
+                disable=bars_disabled(quiet), dynamic_ncols=True, leave=True)
