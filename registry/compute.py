@@ -123,7 +123,7 @@ def compute(
             if not force:
                 changed = sorted(k for k in wanted if stored.get("settings", {}).get(k) != wanted[k])
                 raise SettingsConflict(
-                    f"{ref.name}/{lang.code} was counted with other settings ({', '.join(changed)} differ). "
+                    f"{ref.name}/{lang.code} was counted with other settings (changed: {', '.join(changed)}). "
                     "Add --force to recount it, or use another --registry."
                 )
         pending.append((lang, wanted))

@@ -1,0 +1,273 @@
+"""The compute/select/ls/show commands end to end, on tiny real models and local text."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import planted_model, save_model, tiny_config, write_corpus
+
+from neuronreg.cli import cli
+
+PLANTED = {0: {"en": [3, 7], "ru": [10], "el": [20]}, 1: {"en": [5], "ru": [30, 31], "el": [40, 41]}}
+TOP_RATE = str(9 / 96)  # exactly the 9 planted neurons of 2 x 48
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("planted")
+    save_model(planted_model(PLANTED), root / "model")
+    # Files named by other codes of the same languages: eng, Russian, el.
+    write_corpus(root / "texts", {"en": "eng", "ru": "Russian", "el": "el"})
+    return root
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def compute(planted, registry, *extra, langs=("en", "ru", "el"), ok=True):
+    return run("compute", planted / "model", *langs, "--corpus", planted / "texts", "--tokens", "3k", "--seq-len", 64,
+               "--top-rate", TOP_RATE, "--registry", registry, "-q", *extra, ok=ok)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_planted_neurons_are_found_exactly_and_load_with_datasets(planted, tmp_path):
+    import datasets
+
+    reg = tmp_path / "reg"
+    result = compute(planted, reg)
+    assert "counted" in result.output
+    for lang in ("en", "ru", "el"):
+        want = sorted((layer, j) for layer, langs in PLANTED.items() for j in langs[lang])
+        table = pq.read_table(reg / "model" / f"{lang}.parquet")
+        assert list(zip(table["layer"].to_pylist(), table["neuron"].to_pylist())) == want
+        assert table["entropy"].to_pylist() == [0.0] * len(want)
+        rows = datasets.load_dataset(str(reg), "model", split=lang)
+        assert list(zip(rows["layer"], rows["neuron"])) == want
+        assert rows.column_names == ["layer", "neuron", "entropy", "activation_prob"]
+
+
+def test_provenance_and_counts_file(planted, tmp_path):
+    reg = tmp_path / "reg"
+    compute(planted, reg)
+    counts = pq.read_table(reg / "model" / "counts" / "ru.parquet")
+    assert counts.num_rows == 2 * 48 and counts.column_names == ["layer", "neuron", "count"]
+    prov = json.loads(counts.schema.metadata[b"neuronreg"])
+    assert prov["tokens"] == 3000 and prov["num_layers"] == 2 and prov["intermediate_size"] == 48
+    assert prov["hidden_size"] == 32 and prov["seq_len"] == 64 and prov["dtype"] == "float32"
+    assert prov["model"]["revision"].startswith("local-") and prov["corpus"]["file"] == "Russian.txt"
+    # The planted Cyrillic neurons fire on every Cyrillic token: all but the document separators.
+    by_key = {(l, n): c for l, n, c in zip(*(counts[c].to_pylist() for c in ("layer", "neuron", "count")))}
+    assert 2900 < by_key[(0, 10)] < 3000 and by_key[(0, 3)] == 0
+    neurons = json.loads(pq.read_schema(reg / "model" / "ru.parquet").metadata[b"neuronreg"])
+    sel = neurons["selection"]
+    assert sel["languages"] == ["el", "en", "ru"] and sel["top_rate"] == 9 / 96 and sel["selected_total"] == 9
+    assert sel["filter_threshold"] == sel["activation_bar"] and "created" in neurons and "version" in neurons
+
+
+def test_same_settings_is_a_no_op_other_settings_need_force(planted, tmp_path):
+    reg = tmp_path / "reg"
+    compute(planted, reg)
+    counts_before = snapshot(reg / "model" / "counts")
+    again = compute(planted, reg)
+    assert again.output.count("unchanged") == 3
+    assert snapshot(reg / "model" / "counts") == counts_before
+
+    before = snapshot(reg)
+    refused = compute(planted, reg, "--seq-len", 32, ok=False)
+    assert_one_line_error(refused, "seq_len", "--force")
+    assert snapshot(reg) == before
+
+    forced = compute(planted, reg, "--seq-len", 32, "--force", langs=("ru",))
+    assert "counted" in forced.output
+    prov = json.loads(pq.read_schema(reg / "model" / "counts" / "ru.parquet").metadata[b"neuronreg"])
+    assert prov["seq_len"] == 32
+
+
+def test_select_show_ls(planted, tmp_path):
+    reg = tmp_path / "reg"
+    compute(planted, reg)
+    out = run("select", "model", "--top-rate", 0.5, "--registry", reg, "-q").output
+    assert "en" in out and "ru" in out
+    bigger = pq.read_table(reg / "model" / "ru.parquet").num_rows
+    assert bigger > 3
+
+    # Over two languages, 6 of 96 neurons are exactly their planted ones.
+    run("select", "model", "--languages", "Russian,el", "--top-rate", 6 / 96, "--registry", reg, "-q")
+    assert not (reg / "model" / "en.parquet").exists() and (reg / "model" / "counts" / "en.parquet").exists()
+    assert "split: en" not in (reg / "README.md").read_text()
+
+    shown = run("show", "model", "ru", "--registry", reg).output
+    assert "3 neurons" in shown and "288 weights" in shown
+    data = json.loads(run("show", "model", "Russian", "--registry", reg, "--json").output)
+    assert data["per_layer"] == [1, 2] and data["share_of_parameters"] == pytest.approx(288 / 21024)
+
+    listing = json.loads(run("ls", "--registry", reg, "--json").output)
+    assert listing["models"] == [{"model": "model", "counted": ["el", "en", "ru"], "selected": ["el", "ru"]}]
+    assert "model" in run("ls", "--registry", reg).output
+
+
+def test_resume_after_interrupt_gives_the_same_counts(planted, tmp_path, monkeypatch):
+    import neuronreg.compute as compute_module
+
+    reg_a, reg_b = tmp_path / "a", tmp_path / "b"
+    compute(planted, reg_a, "--checkpoint-tokens", 64, langs=("ru",))
+
+    real_pack = compute_module.pack_rows
+
+    def interrupted_pack(*args, **kwargs):
+        for i, row in enumerate(real_pack(*args, **kwargs)):
+            if i == 20:
+                raise KeyboardInterrupt
+            yield row
+
+    monkeypatch.setattr(compute_module, "pack_rows", interrupted_pack)
+    stopped = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",), ok=False)
+    assert stopped.exit_code == 130 and "resume" in stopped.output
+    assert (reg_b / "model" / ".partial" / "ru.safetensors").exists()
+    assert not (reg_b / "model" / "counts" / "ru.parquet").exists()
+
+    monkeypatch.setattr(compute_module, "pack_rows", real_pack)
+    resumed = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",))
+    assert "resumed" in resumed.output
+    a = pq.read_table(reg_a / "model" / "counts" / "ru.parquet")
+    b = pq.read_table(reg_b / "model" / "counts" / "ru.parquet")
+    assert a["count"].to_pylist() == b["count"].to_pylist()
+    assert not (reg_b / "model" / ".partial" / "ru.safetensors").exists()
+
+
+def test_jsonl_and_parquet_corpora(planted, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    lines = (planted / "texts" / "Russian.txt").read_text(encoding="utf-8").splitlines()
+    (texts / "rus.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in lines), encoding="utf-8")
+    pq.write_table(pa.table({"text": (planted / "texts" / "el.txt").read_text(encoding="utf-8").splitlines()}),
+                   texts / "ell.parquet")
+    reg = tmp_path / "reg"
+    run("compute", planted / "model", "ru", "el", "--corpus", texts, "--tokens", "3k", "--seq-len", 64,
+        "--registry", reg, "-q")
+    jsonl = pq.read_table(reg / "model" / "counts" / "ru.parquet")["count"].to_pylist()
+    compute(planted, tmp_path / "reg2", langs=("ru",))
+    assert jsonl == pq.read_table(tmp_path / "reg2" / "model" / "counts" / "ru.parquet")["count"].to_pylist()
+
+
+def test_too_little_text_warns_with_the_count(planted, tmp_path):
+    result = run("compute", planted / "model", "ru", "--corpus", planted / "texts", "--tokens", "1M", "--seq-len", 64,
+                 "--registry", tmp_path / "reg")
+    import re
+
+    available = int(re.search(r"ru\s+counted\s+([\d,]+)", result.stdout).group(1).replace(",", ""))
+    assert 1000 < available < 1_000_000
+    assert f"ru: only {available:,} tokens of text (asked for 1,000,000)" in result.stderr
+    assert "tokens of text" not in result.stdout  # results on stdout, everything else on stderr
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def test_unknown_model_and_language_suggest(planted, tmp_path):
+    assert_one_line_error(run("compute", "mistral-nemoo", "sw", "--registry", tmp_path, ok=False), "mistral-nemo")
+    assert_one_line_error(run("compute", planted / "model", "swahilli", "--corpus", planted / "texts",
+                              "--registry", tmp_path, ok=False), "Did you mean", "sw")
+
+
+def test_empty_and_missing_corpus(planted, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "ru.txt").write_text("\n\n  \n", encoding="utf-8")
+    reg = tmp_path / "reg"
+    compute(planted, reg, langs=("el",))
+    before = snapshot(reg)
+    empty = run("compute", planted / "model", "ru", "--corpus", texts, "--registry", reg, "-q", ok=False)
+    assert_one_line_error(empty, "no text")
+    missing = run("compute", planted / "model", "el", "en", "--corpus", texts, "--registry", reg, "-q", "--force",
+                  ok=False)
+    assert_one_line_error(missing, "No text for Greek", "el.txt")
+    assert snapshot(reg) == before
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=48, is_decoder=True))
+    save_model(model, tmp_path / "bert")
+    write_corpus(tmp_path / "texts", {"en": "en"})
+    result = run("compute", tmp_path / "bert", "en", "--corpus", tmp_path / "texts", "--registry", tmp_path / "r",
+                 ok=False)
+    assert_one_line_error(result, "Supported", "gate_proj")
+
+
+def test_unwritable_registry(planted, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = compute(planted, blocker / "reg", ok=False)
+    assert_one_line_error(result, "not writable", "--registry")
+
+
+def test_corrupt_parquet_is_a_clear_error_and_nothing_changes(planted, tmp_path):
+    reg = tmp_path / "reg"
+    compute(planted, reg)
+    (reg / "model" / "counts" / "el.parquet").write_bytes(b"PAR1 this is not parquet")
+    before = snapshot(reg)
+    assert_one_line_error(run("select", "model", "--registry", reg, ok=False), "el.parquet", "damaged")
+    assert_one_line_error(compute(planted, reg, ok=False), "damaged")
+    assert snapshot(reg) == before
+
+
+def test_registry_rejects_names_that_escape(planted, tmp_path):
+    result = compute(planted, tmp_path / "reg", "--name", "../outside", ok=False)
+    assert_one_line_error(result, "cannot be a registry path")
+    assert not (tmp_path / "outside").exists()
+
+
+def test_bad_manifest_names_the_key(tmp_path, monkeypatch):
+    from neuronreg.manifest import default_manifest_path
+
+    data = json.loads(default_manifest_path().read_text())
+    data["languages"][3]["script"] = "latin"
+    bad = tmp_path / "manifest.json"
+    bad.write_text(json.dumps(data))
+    result = run("--manifest", bad, "languages", ok=False)
+    assert_one_line_error(result, f"languages[{data['languages'][3]['code']}].script")
+    monkeypatch.setenv("NEURONREG_MANIFEST", str(bad))
+    assert_one_line_error(run("models", ok=False), "script")
+
+
+def test_every_command_has_help_with_an_example():
+    for name, command in cli.commands.items():
+        result = run(name, "--help")
+        assert "Example:" in result.output, name
+        assert command.help and len(command.help.strip()) > 20
+    assert "compute" in run("--help").output
+    assert run("--version").output.startswith("neuronreg, version")
+
+
+def test_gpt2_family_end_to_end(tmp_path):
+    """A plain-MLP model through the whole command, not only the counting pass."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    save_model(AutoModelForCausalLM.from_config(tiny_config("gpt2")), tmp_path / "gpt2")
+    write_corpus(tmp_path / "texts", {"en": "en", "ru": "ru"})
+    run("compute", tmp_path / "gpt2", "en", "ru", "--corpus", tmp_path / "texts", "--tokens", "2k", "--seq-len", 50,
+        "--top-rate", 0.05, "--registry", tmp_path / "reg", "-q")
+    prov = json.loads(pq.read_schema(tmp_path / "reg" / "gpt2" / "en.parquet").metadata[b"neuronreg"])
+    assert prov["model"]["mlp_layout"] == "gpt2" and prov["selection"]["selected_total"] == round(2 * 48 * 0.05)
