@@ -32,8 +32,14 @@ def registry_card_context(registry: LocalRegistry) -> dict:
             table, provenance = registry.read_neurons(model, lang)
             summary = summarize(model, lang, table, provenance)
             rows.append({"code": lang, "name": provenance["language"]["name"], "neurons": summary.num_neurons,
-                         "share": format_share(summary.share), "tokens": provenance["tokens"]})
+                         "share": format_share(summary.share), "tokens": provenance["tokens"],
+                         "num_bytes": table.nbytes, "file_bytes": registry.neuron_path(model, lang).stat().st_size})
         models.append({"name": model, "languages": rows, "model": provenance["model"],
+                       # `datasets` cannot serve a split of zero rows: such a language stays in the
+                       # folder (and in the table below) but not in the loadable configs.
+                       "splits": [row for row in rows if row["neurons"] > 0],
+                       "download_size": sum(row["file_bytes"] for row in rows),
+                       "dataset_size": sum(row["num_bytes"] for row in rows),
                        "selection": provenance["selection"], "num_layers": provenance["num_layers"],
                        "intermediate_size": provenance["intermediate_size"]})
     codes = sorted({row["code"].split("_")[0] for m in models for row in m["languages"]})

@@ -35,6 +35,36 @@ class ActivationCounts:
         return self.over_zero.double() / max(self.tokens, 1)
 
 
+# Float sums of 0.0/1.0 are exact while every partial sum stays below 2**24.
+EXACT_FLOAT_ROWS = 1 << 24
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """One reused buffer per shape: a fresh multi-MB tensor per layer costs page faults on CPU."""
+    key = (tuple(like.shape), like.dtype, like.device)
+    if key not in _SCRATCH:
+        _SCRATCH.clear()  # keep one shape only (the final, shorter batch replaces it)
+        _SCRATCH[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+    return _SCRATCH[key]
+
+
+def positive_counts(flat: torch.Tensor) -> torch.Tensor:
+    """For ``[positions, I]`` activations, how many positions of each neuron are > 0 (int64 ``[I]``).
+
+    ``sign(max(x, 0))`` is 1.0 exactly where ``x > 0`` (NaN mapped to 0, as ``NaN > 0`` is false),
+    and summing it as float32 is about twice as fast as summing a boolean tensor as integers, which
+    keeps the counting pass cheaper than the LM head it skips.
+    """
+    fired = torch.clamp(flat, min=0, out=_scratch(flat)).sign_().nan_to_num_(0.0)
+    total = torch.zeros(flat.shape[-1], dtype=torch.int64, device=flat.device)
+    for chunk in fired.split(EXACT_FLOAT_ROWS):
+        total += chunk.sum(0, dtype=torch.float32).to(torch.int64)
+    return total
+
+
 @contextmanager
 def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterator[torch.Tensor]:
     """Yields an int64 ``[layers, intermediate]`` tensor that every forward pass adds its counts to."""
@@ -45,7 +75,7 @@ def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterat
     def make_hook(layer: int):
         def hook(module, inputs, output):
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
-            counts[layer] += (output > 0).reshape(-1, output.shape[-1]).sum(0)
+            counts[layer] += positive_counts(output.reshape(-1, output.shape[-1]))
 
         return hook
 

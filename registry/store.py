@@ -116,7 +116,7 @@ class LocalRegistry:
         table = table.replace_schema_metadata(meta)
         try:
             with atomic_path(path) as tmp:
-                pq.write_table(table, tmp, compression="zstd")
+                write_parquet(table, tmp)
         except OSError as exc:
             raise RegistryError(f"Cannot write {path}: {exc.strerror or exc}. Check the registry folder.") from None
 
@@ -186,7 +186,7 @@ class LocalRegistry:
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
                 os.close(fd)
                 tmp_paths.append((tmp, path))
-                pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+                write_parquet(table.replace_schema_metadata(meta), Path(tmp))
             # All files are written before any is renamed: a failure leaves the old selection whole.
             for tmp, path in tmp_paths:
                 os.replace(tmp, path)
@@ -208,6 +208,15 @@ class LocalRegistry:
                 raise RegistryError(f"The registry at {self.root} has no neurons for {model}. Run 'neuronreg compute' first.")
             raise RegistryError(f"No {lang} neurons for {model} in {self.root} (available: {', '.join(have)}).")
         return self.read_table(path)
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file; an empty table gets no row group at all, which `datasets` reads as 0 rows
+    (a zero-row group makes it fail on the whole config, not only on that split)."""
+    if table.num_rows == 0:
+        pq.ParquetWriter(path, table.schema, compression="zstd").close()
+    else:
+        pq.write_table(table, path, compression="zstd")
 
 
 def neuron_table(layer: torch.Tensor, neuron: torch.Tensor, entropy: torch.Tensor, prob: torch.Tensor) -> pa.Table:

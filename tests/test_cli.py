@@ -271,3 +271,30 @@ def test_gpt2_family_end_to_end(tmp_path):
         "--top-rate", 0.05, "--registry", tmp_path / "reg", "-q")
     prov = json.loads(pq.read_schema(tmp_path / "reg" / "gpt2" / "en.parquet").metadata[b"neuronreg"])
     assert prov["model"]["mlp_layout"] == "gpt2" and prov["selection"]["selected_total"] == round(2 * 48 * 0.05)
+
+
+def test_a_language_with_no_neuron_is_an_empty_split_that_loads(planted, tmp_path):
+    import datasets
+
+    reg = tmp_path / "reg"
+    # 3 of 96 neurons: ties at entropy 0 go to the lowest (layer, neuron): en's 3 and 7, ru's 10.
+    compute(planted, reg, "--top-rate", 3 / 96)
+    assert pq.read_table(reg / "model" / "el.parquet").num_rows == 0
+    # `datasets` cannot serve a zero-row split; the other splits of the config must still load.
+    with pytest.raises(ValueError, match="el"):
+        datasets.load_dataset(str(reg), "model", split="el")
+    en = datasets.load_dataset(str(reg), "model", split="en")
+    assert list(zip(en["layer"], en["neuron"])) == [(0, 3), (0, 7)]
+    card = (reg / "README.md").read_text()
+    assert "| Greek | `el` | 3,000 | 0 |" in card and "No neuron passed the selection for el" in card
+
+
+def test_datasets_sees_a_new_selection_of_the_same_folder(planted, tmp_path):
+    import datasets
+
+    reg = tmp_path / "reg"
+    compute(planted, reg)
+    assert datasets.load_dataset(str(reg), "model", split="ru").num_rows == 3
+    run("select", "model", "--top-rate", 0.5, "--registry", reg, "-q")
+    fresh = pq.read_table(reg / "model" / "ru.parquet").num_rows
+    assert fresh > 3 and datasets.load_dataset(str(reg), "model", split="ru").num_rows == fresh

@@ -127,3 +127,14 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(resumed.over_zero, whole.over_zero)
     # A checkpoint made with other settings is not used.
     assert Checkpoint(checkpoint.path, fingerprint="settings-2").load() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_positive_counts_is_exactly_greater_than_zero(dtype):
+    from neuronreg.counting import positive_counts
+
+    x = torch.randn(300, 7).to(dtype)
+    x[0, 0], x[1, 0], x[2, 0], x[3, 0] = float("nan"), float("inf"), float("-inf"), -0.0
+    x[4, 1] = torch.finfo(dtype).tiny  # the smallest positive normal number still counts
+    expected = (x > 0).sum(0)
+    assert torch.equal(positive_counts(x), expected)
