@@ -6,11 +6,11 @@ messages here and nowhere else (set NEURONREG_DEBUG=1 for the traceback).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -64,6 +64,22 @@ def selection_options(f):
     f = click.option("--top-rate", type=float, default=0.01, show_default=True,
                      help="Share of all neurons to select (the seed paper released 0.05).")(f)
     return f
+
+
+def repo_option(required: bool = False, help: str = "Dataset repo on the Hub (org/name)."):
+    def decorate(f):
+        return click.option("--repo", required=required, default=None, help=help)(f)
+
+    return decorate
+
+
+def revision_option(f):
+    return click.option("--revision", default=None, help="Branch, tag or commit on the Hub [default: main].")(f)
+
+
+def token_option(f):
+    return click.option("--token", default=None,
+                        help="Hub token [default: HF_TOKEN or your Hub login]; never printed.")(f)
 
 
 def json_option(f):
@@ -136,7 +152,7 @@ def cli(ctx, manifest):
 @click.option("--checkpoint-tokens", default="1M", show_default=True, help="Save progress every so many tokens.")
 @click.option("--force", is_flag=True, help="Recount languages already in the registry.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
-@click.option("--token", default=None, help="Hub token for gated models [default: HF_TOKEN or your Hub login].")
+@token_option
 @registry_option
 @quiet_option
 @click.pass_context
@@ -309,6 +325,152 @@ def models_cmd(ctx):
     """
     for alias, entry in _manifest(ctx).models.items():
         click.echo(f"{alias:<16} {entry.hub_id:<36} {entry.num_layers:>3} x {entry.intermediate_size}")
+
+
+@cli.command(name="publish")
+@click.argument("models", nargs=-1)
+@repo_option(required=True, help="Dataset repo on the Hub (org/name); created if missing.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--tag", default=None, help="Tag the published commit (e.g. v1.0).")
+@revision_option
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("-m", "--message", default=None, help="Commit message.")
+@token_option
+@registry_option
+@quiet_option
+def publish_cmd(models, repo, private, tag, revision, create_pr, message, token, registry, quiet):
+    """Publish the local registry (or some MODELS of it) to a Hub dataset repo in ONE commit.
+
+    Uploads each model's neuron files, raw counts and a plot, and a dataset card whose configs make
+    `datasets.load_dataset(REPO, MODEL, split=LANG)` work. Publishing what is already there makes
+    no commit; a failed publish leaves the repo as it was.
+
+    \b
+    Example:
+        neuronreg publish --repo acme/lape-neurons
+        neuronreg publish mistral-nemo --repo acme/lape-neurons --private --tag v1.0
+    """
+    from .hub import publish
+
+    result = publish(_registry(registry), repo, list(models) or None, private=private, tag=tag, revision=revision,
+                     create_pr=create_pr, token=token, message=message)
+    if not result.changed:
+        _status(quiet, f"{repo} already holds this registry: no commit made.")
+    else:
+        _status(quiet, f"Uploaded {len(result.uploaded)} file(s), deleted {len(result.deleted)} in one commit.")
+    click.echo(result.pull_request or result.url or f"{repo}@{result.commit}")
+
+
+@cli.command(name="fetch")
+@click.argument("model")
+@click.argument("language")
+@repo_option(help="Dataset repo on the Hub [default: the manifest's registry repo].")
+@revision_option
+@click.option("--format", "fmt", type=click.Choice(["parquet", "json", "pt", "safetensors"]), default=None,
+              help="File format [default: from -o's suffix; json on stdout without -o].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Where to write the mask.")
+@token_option
+@quiet_option
+@click.pass_context
+def fetch_cmd(ctx, model, language, repo, revision, fmt, output, token, quiet):
+    """Fetch one language's neurons from the Hub (only that file, through the Hub cache).
+
+    Prints a summary on stderr (neurons per layer, total, share of parameters, source commit) and
+    writes the mask: parquet (as published), json, pt (the LAPE authors' list[layer] -> LongTensor)
+    or safetensors. A second fetch, and HF_HUB_OFFLINE=1, are served from the cache.
+
+    \b
+    Example:
+        neuronreg fetch mistral-nemo sw
+        neuronreg fetch mistral-nemo sw --repo acme/lape-neurons --revision v1.0 --format pt -o sw.pt
+    """
+    from .hub import fetch_mask
+    from .mask import format_from_suffix
+    from .summary import format_share, summarize
+
+    manifest = _manifest(ctx)
+    code = _language_code(manifest, language)
+    repo = repo or manifest.registry_repo
+    mask = fetch_mask(model, code, repo=repo, revision=revision, token=token)
+    summary = summarize(model, code, mask.table, mask.provenance)
+    _status(quiet, f"{model} {code}: {len(mask)} neurons, {format_share(summary.share)} of parameters, from "
+                   f"{repo}@{mask.source['commit'][:12]}")
+    _status(quiet, "per layer: " + " ".join(str(n) for n in summary.per_layer))
+    if output is None:
+        if fmt not in (None, "json"):
+            raise click.UsageError(f"--format {fmt} writes a binary file: give -o FILE.")
+        click.echo(json.dumps(mask.to_json()))
+        return
+    path = mask.save(output, fmt or format_from_suffix(Path(output)))
+    click.echo(str(path))
+
+
+@cli.command(name="import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_spec", required=True, help="Model alias or Hub id the masks belong to.")
+@click.option("--languages", required=True, help="The file's languages, in its order (comma-separated).")
+@click.option("--top-rate", type=float, default=None, help="The top rate the masks were made with (recorded).")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Layer count, if the model is not in the manifest.")
+@click.option("--intermediate-size", type=click.IntRange(min=1), default=None, help="MLP width, likewise.")
+@click.option("--hidden-size", type=click.IntRange(min=1), default=None, help="Hidden size (for the share of parameters).")
+@click.option("--name", default=None, help="Name of the model in the registry [default: its alias].")
+@registry_option
+@quiet_option
+@click.pass_context
+def import_cmd(ctx, path, model_spec, languages, top_rate, layers, intermediate_size, hidden_size, name, registry, quiet):
+    """Import a LAPE neuron file (list[language][layer] -> LongTensor, .pt/.pth) into the registry.
+
+    The files of the LAPE authors and of the seed paper hold no language names: give them in the
+    file's order. Imported entries have no counts; their provenance says they were imported.
+
+    \b
+    Example:
+        neuronreg import llama-3.1-5.pt --model llama-3.1-8b --top-rate 0.05 \\
+            --languages mt,af,is,cy,mk,lv,lt,sl,sk,et,ka,ne
+    """
+    from .compute import resolve_languages
+    from .formats import import_lape, model_shape
+
+    manifest = _manifest(ctx)
+    shape = model_shape(model_spec, manifest, num_layers=layers, intermediate_size=intermediate_size,
+                        hidden_size=hidden_size, name=name)
+    langs = resolve_languages(_split_languages([languages]), manifest)
+    sizes = import_lape(Path(path), shape, langs, _registry(registry), top_rate)
+    click.echo(f"{'language':<10} {'neurons':>8}")
+    for code, n in sizes.items():
+        click.echo(f"{code:<10} {n:>8}")
+    _status(quiet, f"Imported {len(sizes)} languages of {shape.name} into {_registry(registry).root}")
+
+
+@cli.command(name="export")
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["lape-pt"]), default="lape-pt", show_default=True,
+              help="lape-pt: the authors' list[language][layer] -> LongTensor.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="File to write.")
+@click.option("--languages", default=None, help="Languages and their order [default: the selection's order].")
+@registry_option
+@quiet_option
+@click.pass_context
+def export_cmd(ctx, model, fmt, output, languages, registry, quiet):
+    """Export a model's masks to the LAPE authors' format, for their scripts.
+
+    \b
+    Example:
+        neuronreg export llama-3.1-8b --format lape-pt -o llama-3.1-5.pt
+    """
+    from .formats import export_lape, save_lape
+
+    langs = None
+    if languages:
+        langs = [_language_code(_manifest(ctx), lang) for lang in _split_languages([languages])]
+    masks, codes = export_lape(_registry(registry), model, langs)
+    save_lape(masks, Path(output))
+    click.echo(str(output))
+    _status(quiet, f"Wrote {len(codes)} languages in this order: {','.join(codes)}")
+
+
+def _language_code(manifest, language: str) -> str:
+    return manifest.language(language).code
 
 
 def main() -> None:

@@ -39,3 +39,15 @@ class SettingsConflict(RegistryError):
 
 class SelectionError(NeuronregError):
     """Counts that cannot be selected from (no languages, mismatched shapes, bad rates)."""
+
+
+class MaskError(NeuronregError):
+    """A mask that is malformed, or does not fit the model it is used with."""
+
+
+class HubError(NeuronregError):
+    """A Hub operation that failed: login, access, missing repo or file, network."""
+
+
+class HeldOutOverlap(CorpusError):
+    """Held-out text that is the very text a mask was computed from."""

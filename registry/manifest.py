@@ -28,6 +28,8 @@ class ModelEntry:
     hidden_size: int
     intermediate_size: int
     license: str | None = None
+    num_parameters: int | None = None
+    mlp_layout: str = "gated"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,14 @@ def _require(entry: dict, key: str, kind: type, path: Path, where: str, optional
     return value
 
 
+def _layout(value: object, path: Path, where: str) -> str:
+    from .summary import WEIGHTS_PER_NEURON
+
+    if value not in WEIGHTS_PER_NEURON:
+        raise _bad(path, f"{where}.mlp_layout", f"must be one of {', '.join(WEIGHTS_PER_NEURON)}")
+    return value
+
+
 def _validate(raw: object, path: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise _bad(path, "the top level", "must be a JSON object")
@@ -164,6 +174,8 @@ def _validate(raw: object, path: Path) -> Manifest:
             hidden_size=_require(entry, "hidden_size", int, path, where),
             intermediate_size=_require(entry, "intermediate_size", int, path, where),
             license=_require(entry, "license", str, path, where, optional=True),
+            num_parameters=_require(entry, "num_parameters", int, path, where, optional=True),
+            mlp_layout=_layout(entry.get("mlp_layout", "gated"), path, where),
         )
     langs_raw = raw.get("languages")
     if not isinstance(langs_raw, list) or not langs_raw:

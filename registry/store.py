@@ -180,6 +180,7 @@ class LocalRegistry:
         """Replace a model's neuron files with one selection; files of other languages go."""
         tmp_paths = []
         try:
+            self.model_dir(model).mkdir(parents=True, exist_ok=True)
             for lang, (table, provenance) in tables.items():
                 path = self.neuron_path(model, lang)
                 meta = {META_KEY: json.dumps(provenance, sort_keys=True).encode()}

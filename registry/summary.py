@@ -17,12 +17,14 @@ class NeuronSummary:
     language: str
     num_neurons: int
     per_layer: list[int]
-    trainable_weights: int
+    trainable_weights: int | None  # None when the hidden size is unknown
     num_parameters: int | None
 
     @property
     def share(self) -> float | None:
-        return self.trainable_weights / self.num_parameters if self.num_parameters else None
+        if not (self.num_parameters and self.trainable_weights is not None):
+            return None
+        return self.trainable_weights / self.num_parameters
 
 
 def summarize(model: str, language: str, table: pa.Table, provenance: dict) -> NeuronSummary:
@@ -30,10 +32,11 @@ def summarize(model: str, language: str, table: pa.Table, provenance: dict) -> N
     per_layer = [0] * layers
     for layer in table.column("layer").to_pylist():
         per_layer[layer] += 1
-    info = provenance.get("model", {})
-    per_neuron = WEIGHTS_PER_NEURON.get(info.get("mlp_layout", "gated"), 3) * int(provenance["hidden_size"])
-    return NeuronSummary(model, language, table.num_rows, per_layer, table.num_rows * per_neuron,
-                         info.get("num_parameters"))
+    info = provenance.get("model") or {}
+    hidden = provenance.get("hidden_size")
+    per_neuron = WEIGHTS_PER_NEURON.get(info.get("mlp_layout", "gated"), 3) * int(hidden) if hidden else None
+    return NeuronSummary(model, language, table.num_rows, per_layer,
+                         table.num_rows * per_neuron if per_neuron else None, info.get("num_parameters"))
 
 
 def format_share(share: float | None) -> str:
