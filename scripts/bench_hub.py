@@ -97,8 +97,8 @@ def fetch_benchmark(registry, tmp: Path, repeats: int = 5) -> None:
             mp.setattr(c, "HF_HUB_OFFLINE", False)
         files = sorted({path for method, path in requests[0] if method == "GET" and "/resolve/" in path})
         print(f"\nfetch llama-3.1-8b cy from the loopback Hub server, median of {repeats}:")
-        print(f"  cold cache: {statistics.median(cold) * 1000:.0f} ms, {len(requests[0])} requests "
-              f"({', '.join(f'{m} {p.split('?')[0]}' for m, p in requests[0])})")
+        listed = ", ".join(f"{method} {path.split('?')[0]}" for method, path in requests[0])
+        print(f"  cold cache: {statistics.median(cold) * 1000:.0f} ms, {len(requests[0])} requests ({listed})")
         print(f"  warm cache, HF_HUB_OFFLINE=1: {statistics.median(warm) * 1000:.1f} ms, 0 requests")
         print(f"  files downloaded by the cold fetch: {files}")
 
