@@ -29,10 +29,16 @@ class NeuronregGroup(click.Group):
         except NeuronregError as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
+            if _other_rank():
+                sys.exit(1)  # under torchrun every rank fails alike; rank 0 alone says why
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted. Run the same command again to resume from the last checkpoint.", err=True)
             sys.exit(130)
+
+
+def _other_rank() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -144,6 +150,8 @@ def cli(ctx, manifest):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Split one model too large for a GPU over all GPUs (needs accelerate).")
 @click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet/Hub corpora [default: text].")
 @click.option("--name", default=None, help="Name of the model in the registry [default: its alias or Hub id].")
 @click.option("--languages", "select_langs", multiple=True,
@@ -156,7 +164,7 @@ def cli(ctx, manifest):
 @registry_option
 @quiet_option
 @click.pass_context
-def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtype, device, text_field, name,
+def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtype, device, device_map, text_field, name,
                 select_langs, top_rate, filter_rate, bar_ratio, checkpoint_tokens, force, trust_remote_code, token,
                 registry, quiet):
     """Count how often each MLP neuron fires on each language's text, then select LAPE neurons.
@@ -165,10 +173,13 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
     names (sw, swa, Swahili). Counts are stored per language and reused: a language already counted
     with the same settings is skipped, and an interrupted run resumes from its last checkpoint.
 
+    Under torchrun, every process counts a share of the rows and the counts are summed exactly.
+
     \b
     Example:
         neuronreg compute ./my-model en de sw --corpus ./texts --tokens 2M --registry ./reg
         neuronreg compute mistral-nemo sw mt is --corpus hf
+        torchrun --nproc-per-node 8 -m neuronreg compute mistral-nemo sw mt is --corpus hf
     """
     from .compute import CountSettings, compute
     from .corpus import parse_tokens
@@ -176,13 +187,15 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
     _setup_logging(quiet)
     settings = CountSettings(corpus=corpus, tokens=parse_tokens(tokens), seq_len=seq_len, batch_size=batch_size,
                              dtype=dtype, device=device, text_field=text_field,
-                             checkpoint_tokens=parse_tokens(checkpoint_tokens))
+                             checkpoint_tokens=parse_tokens(checkpoint_tokens), device_map=device_map)
     report = compute(
         model, list(languages), manifest=_manifest(ctx), registry=_registry(registry), settings=settings,
         params=_params(top_rate, filter_rate, bar_ratio), select_languages=_split_languages(select_langs), name=name,
         force=force, quiet=quiet, trust_remote_code=trust_remote_code, token=token,
     )
     selection = report.selection
+    if selection is None:
+        return  # a rank other than 0 under torchrun: rank 0 reports
     click.echo(f"{'language':<10} {'status':<10} {'tokens':>12} {'neurons':>8}")
     for result in report.languages:
         neurons = len(selection.neurons[result.code]) if result.code in selection.neurons else "-"

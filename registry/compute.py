@@ -16,7 +16,8 @@ import torch
 from . import __version__
 from .cards import write_registry_card
 from .corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
-from .counting import Checkpoint, count_activations, fingerprint
+from .counting import ActivationCounts, Checkpoint, count_activations, fingerprint
+from .distributed import Ranks
 from .errors import CorpusError, RegistryError, SettingsConflict
 from .manifest import Language, Manifest
 from .models import ModelRef, default_device, load_model, parse_dtype, resolve_model
@@ -38,6 +39,7 @@ class CountSettings:
     device: str | None = None
     text_field: str | None = None
     checkpoint_tokens: int = 1_000_000
+    device_map: str | None = None  # "auto": split one model over the GPUs (accelerate)
 
 
 @dataclass
@@ -105,9 +107,11 @@ def compute(
         from .models import local_fingerprint
 
         ref = ModelRef(ref.source, local_fingerprint(Path(ref.source)), ref.name, True)
-    device = settings.device or default_device()
+    ranks = Ranks.from_env(settings.device)
+    device = ranks.device(settings.device) or default_device()
     dtype = str(parse_dtype(settings.dtype, device)).removeprefix("torch.")
     registry.ensure_writable()
+    quiet = quiet or not ranks.is_main  # one progress bar and one set of messages: rank 0's
     sources = {lang.code: resolve_corpus(settings.corpus, lang, manifest, settings.text_field) for lang in languages}
 
     report = ComputeReport(ref.name, registry.root)
@@ -130,14 +134,17 @@ def compute(
 
     if pending:
         loaded = load_model(ref, dtype=settings.dtype, device=device, trust_remote_code=trust_remote_code, token=token,
-                            quiet=quiet)
+                            quiet=quiet, device_map=settings.device_map)
         _check_same_model(registry, ref.name, loaded.num_layers, loaded.intermediate_size, [l.code for l, _ in pending])
         num_parameters = sum(p.numel() for p in loaded.model.parameters())
         for lang, wanted in pending:
             report.languages.append(
-                _count_language(loaded, lang, sources[lang.code], wanted, settings, registry, num_parameters, quiet)
+                _count_language(loaded, lang, sources[lang.code], wanted, settings, registry, num_parameters, quiet,
+                                ranks)
             )
-    report.selection = select(ref.name, registry=registry, params=params, languages=select_languages)
+    if ranks.is_main:
+        report.selection = select(ref.name, registry=registry, params=params, languages=select_languages)
+    ranks.barrier()
     return report
 
 
@@ -155,21 +162,31 @@ def _check_same_model(registry: LocalRegistry, model: str, layers: int, inter: i
 
 
 def _count_language(loaded, lang: Language, source: CorpusSource, wanted: dict, settings: CountSettings,
-                    registry: LocalRegistry, num_parameters: int, quiet: bool) -> LanguageResult:
-    checkpoint = Checkpoint(registry.checkpoint_path(loaded.name, lang.code), fingerprint(wanted))
+                    registry: LocalRegistry, num_parameters: int, quiet: bool, ranks: Ranks) -> LanguageResult:
+    # Each rank checkpoints its own share; a checkpoint of another world size is not reused.
+    checkpoint = Checkpoint(registry.checkpoint_path(loaded.name, lang.code, ranks.checkpoint_suffix()),
+                            fingerprint({**wanted, "world": ranks.world, "rank": ranks.rank}))
     resumed = checkpoint.load() is not None
     if resumed:
         log.info("%s: resuming from a checkpoint", lang.code)
-    rows = pack_rows(iter_documents(source), loaded.tokenizer, settings.seq_len, settings.tokens)
-    counts = count_activations(
-        loaded.model, loaded.sites, rows, batch_size=settings.batch_size, device=loaded.device,
-        checkpoint=checkpoint, checkpoint_tokens=settings.checkpoint_tokens, total_tokens=settings.tokens,
-        desc=f"{loaded.name} {lang.code}", quiet=quiet,
-    )
+    rows = ranks.shard(pack_rows(iter_documents(source), loaded.tokenizer, settings.seq_len, settings.tokens))
+    counts, error = None, None
+    try:
+        counts = count_activations(
+            loaded.model, loaded.sites, rows, batch_size=settings.batch_size, device=loaded.device,
+            checkpoint=checkpoint, checkpoint_tokens=settings.checkpoint_tokens,
+            total_tokens=-(-settings.tokens // ranks.world), desc=f"{loaded.name} {lang.code}", quiet=quiet,
+        )
+    except BaseException as exc:  # every rank must hear of it before anyone waits on a sum
+        error = exc
+    ranks.check(error)
+    over_zero = ranks.sum(counts.over_zero)
+    tokens = int(ranks.sum(torch.tensor([counts.tokens], dtype=torch.int64)).item())
+    counts = ActivationCounts(over_zero, tokens)
     if counts.tokens == 0:
         checkpoint.remove()
         raise CorpusError(f"The corpus for {lang.code} ({source.location}) holds no text.")
-    if counts.tokens < settings.tokens:
+    if counts.tokens < settings.tokens and ranks.is_main:
         log.warning("%s: only %s tokens of text (asked for %s); counted all of them.", lang.code,
                     f"{counts.tokens:,}", f"{settings.tokens:,}")
     provenance = {
@@ -192,7 +209,9 @@ def _count_language(loaded, lang: Language, source: CorpusSource, wanted: dict, 
         "dtype": loaded.dtype,
         "settings": wanted,
     }
-    registry.write_counts(loaded.name, lang.code, counts.over_zero, provenance)
+    if ranks.is_main:
+        registry.write_counts(loaded.name, lang.code, counts.over_zero, provenance)
+    ranks.barrier()  # the file is in place before any rank drops its share's checkpoint
     checkpoint.remove()
     return LanguageResult(lang.code, counts.tokens, "resumed" if resumed else "counted")
 

@@ -75,7 +75,8 @@ def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterat
     def make_hook(layer: int):
         def hook(module, inputs, output):
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
-            counts[layer] += positive_counts(output.reshape(-1, output.shape[-1]))
+            # With a model split over devices (device_map), a layer's counts travel to one place.
+            counts[layer] += positive_counts(output.reshape(-1, output.shape[-1])).to(counts.device)
 
         return hook
 
@@ -172,6 +173,10 @@ def count_activations(
                 if checkpoint and since_save >= checkpoint_tokens:
                     checkpoint.save(total, done_tokens, done_rows)
                     since_save = 0
+            if checkpoint and since_save:
+                # Kept until the caller has stored the result: under torchrun, another rank may
+                # still fail, and this rank's finished share must then not be counted again.
+                checkpoint.save(total, done_tokens, done_rows)
             result = total.cpu()
     except BaseException:
         # Interrupted (Ctrl-C, out of memory, a killed job): keep what whole batches counted.

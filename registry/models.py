@@ -191,6 +191,7 @@ def load_model(
     trust_remote_code: bool = False,
     token: str | None = None,
     quiet: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer. Remote code runs only when the caller asks for it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -209,7 +210,8 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise UnknownModel(f"Cannot load model {ref.source!r}: {_first_line(exc)}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.source, config=config, dtype=torch_dtype, **kwargs)
+        extra = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(ref.source, config=config, dtype=torch_dtype, **kwargs, **extra)
         tokenizer = AutoTokenizer.from_pretrained(ref.source, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
@@ -219,7 +221,14 @@ def load_model(
         raise UnknownModel(f"Cannot load model {ref.source!r}: {_first_line(exc)}") from exc
     except OSError as exc:
         raise UnknownModel(f"Cannot load model {ref.source!r}: {_first_line(exc)}") from exc
-    model.eval().to(device)
+    except ImportError as exc:
+        raise UnknownModel(f"Loading {ref.source!r} needs another package: {_first_line(exc)}") from exc
+    if device_map:
+        # accelerate placed the layers; token ids go where the embeddings are.
+        device = str(model.get_input_embeddings().weight.device)
+        model.eval()
+    else:
+        model.eval().to(device)
     sites = find_mlp_sites(model)
     revision = local_fingerprint(Path(ref.source)) if ref.local else (
         getattr(config, "_commit_hash", None) or ref.revision or "main"

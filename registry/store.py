@@ -79,8 +79,8 @@ class LocalRegistry:
     def counts_path(self, model: str, lang: str) -> Path:
         return self.model_dir(model) / "counts" / f"{safe_name(lang, 'Language')}.parquet"
 
-    def checkpoint_path(self, model: str, lang: str) -> Path:
-        return self.model_dir(model) / ".partial" / f"{safe_name(lang, 'Language')}.safetensors"
+    def checkpoint_path(self, model: str, lang: str, suffix: str = "") -> Path:
+        return self.model_dir(model) / ".partial" / f"{safe_name(lang, 'Language')}{suffix}.safetensors"
 
     def ensure_writable(self) -> None:
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-select", action="store_true")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only the 1 vs 2 process comparison (torchrun, gloo on CPU); needs --model")
     parser.add_argument("--worker", choices=[*MODES, "select"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "select":
@@ -126,6 +129,9 @@ def main() -> None:
         return
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.scaling:
+        scaling(args)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +164,55 @@ def main() -> None:
         print(f"\nselect: 32 x 14336 neurons x 128 languages (random counts), top-rate 0.01: "
               f"{seconds:.2f} s median of {len(sel)} (min {min(r['seconds'] for r in sel):.2f} s), "
               f"peak {statistics.median(r['peak_mb'] for r in sel):.0f} MB, {sel[0]['selected']} neurons selected")
+
+
+def _corpus(folder: Path) -> Path:
+    """English text: NTREX from ../shared when present, else the project's demo texts, repeated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ntrex = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "ntrex" / "eng.txt"
+    source = ntrex if ntrex.exists() else Path(__file__).resolve().parents[1] / "examples" / "texts" / "en.txt"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    (folder / "en.txt").write_text("\n".join(lines * max(1, 4000 // len(lines))) + "\n", encoding="utf-8")
+    return folder
+
+
+def _timed_compute(model: str, corpus: Path, registry: Path, procs: int, tokens: int, seq_len: int) -> float:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // procs)  # the same cores, shared out
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", str(port),
+           "-m", "neuronreg", "compute", model, "en", "--corpus", str(corpus), "--tokens", str(tokens),
+           "--seq-len", str(seq_len), "--batch-size", str(4), "--registry", str(registry), "-q", "--force"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def scaling(args) -> None:
+    """Counting tokens/s with 1 and 2 processes; start-up and loading are measured and removed."""
+    if not args.model:
+        raise SystemExit("--scaling needs --model FOLDER (a model with its tokenizer)")
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = _corpus(Path(tmp) / "texts")
+        big, small = 16 * args.seq_len * 4, args.seq_len * 4
+        rates = {}
+        for procs in (1, 2):
+            runs = []
+            for _ in range(args.repeats):
+                t_small = _timed_compute(args.model, corpus, Path(tmp) / f"r{procs}", procs, small, args.seq_len)
+                t_big = _timed_compute(args.model, corpus, Path(tmp) / f"r{procs}", procs, big, args.seq_len)
+                runs.append((big - small) / max(t_big - t_small, 1e-9))
+            rates[procs] = statistics.median(runs)
+        print(f"Counting with torchrun, gloo on CPU ({os.cpu_count()} cores shared out), {args.model}, "
+              f"rows of {args.seq_len}, median of {args.repeats}")
+        print(f"{'processes':>9} {'tokens/s':>10} {'vs 1':>6}")
+        for procs, rate in rates.items():
+            print(f"{procs:>9} {rate:>10.0f} {rate / rates[1]:>5.2f}x")
 
 
 if __name__ == "__main__":
