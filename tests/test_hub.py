@@ -231,3 +231,31 @@ def test_load_mask_api_and_check(hub, registry_dir):
     local = load_mask("planted", "ru", registry=registry_dir)
     assert local.source == {"registry": str(registry_dir)} and local.neuron.tolist() == mask.neuron.tolist()
     assert tiny_model  # the same helpers build every model in these tests
+
+
+def test_compute_streams_a_hub_corpus(hub, registry_dir, tmp_path):
+    """--corpus hf:DATASET:CONFIG streams the text with `datasets` over HTTP; counts equal local text."""
+    import io
+
+    import pyarrow as pa
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    texts = registry_dir.parent / "texts"
+    lines = (texts / "ru.txt").read_text(encoding="utf-8").splitlines()
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": lines}), buffer)
+    card = "---\nconfigs:\n- config_name: rus\n  data_files:\n  - split: train\n    path: rus/train.parquet\n---\n"
+    api = HfApi()
+    api.create_repo(f"{TEST_USER}/texts", repo_type="dataset")
+    api.create_commit(f"{TEST_USER}/texts", [CommitOperationAdd("README.md", card.encode()),
+                                             CommitOperationAdd("rus/train.parquet", buffer.getvalue())],
+                      commit_message="text", repo_type="dataset")
+    reg = tmp_path / "reg"
+    result = run("compute", registry_dir.parent / "model", "ru", "--corpus", f"hf:{TEST_USER}/texts:{{iso639_3}}",
+                 "--tokens", "3k", "--seq-len", 64, "--name", "planted", "--registry", reg, "-q")
+    assert result.exit_code == 0, result.output
+    prov = json.loads(pq.read_schema(reg / "planted" / "counts" / "ru.parquet").metadata[b"neuronreg"])
+    assert prov["corpus"] == {"kind": "hub", "dataset": f"{TEST_USER}/texts", "config": "rus", "split": "train",
+                              "text_field": "content"}
+    assert pq.read_table(reg / "planted" / "counts" / "ru.parquet")["count"].to_pylist() == \
+        pq.read_table(registry_dir / "planted" / "counts" / "ru.parquet")["count"].to_pylist()
