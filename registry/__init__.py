@@ -10,9 +10,10 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from .errors import NeuronregError  # noqa: E402
 from .hub import load_mask  # noqa: E402
 from .mask import NeuronMask  # noqa: E402
+from .sparse import load_sparse_model  # noqa: E402
 from .manifest import load_manifest  # noqa: E402
 from .selection import SelectionParams, select_neurons  # noqa: E402
 from .store import LocalRegistry  # noqa: E402
 
 __all__ = ["__version__", "NeuronregError", "LocalRegistry", "NeuronMask", "SelectionParams", "load_manifest",
-           "load_mask", "select_neurons"]
+           "load_mask", "load_sparse_model", "select_neurons"]

@@ -488,3 +488,7 @@ def _language_code(manifest, language: str) -> str:
 
 def main() -> None:
     cli(prog_name="neuronreg")
+
+
+# Commands that live in their own modules register themselves on `cli` when imported.
+from . import cli_finetune  # noqa: E402,F401  finetune, evaluate, release

@@ -51,3 +51,7 @@ class HubError(NeuronregError):
 
 class HeldOutOverlap(CorpusError):
     """Held-out text that is the very text a mask was computed from."""
+
+
+class FinetuneError(NeuronregError):
+    """Fine-tuning settings or a run folder that cannot be used (bad values, a different unfinished run)."""

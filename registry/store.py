@@ -44,12 +44,24 @@ def default_registry() -> Path:
     return cache / "neuronreg" / "registry"
 
 
+def temp_beside(target: Path) -> str:
+    """A new empty file next to ``target``, readable like any file the user creates.
+
+    ``mkstemp`` makes files 0600; a registry is shared and served, so the umask decides instead.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """A temporary path beside ``target`` that replaces it only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = temp_beside(target)
     try:
         yield Path(tmp)
         os.replace(tmp, target)
@@ -184,8 +196,7 @@ class LocalRegistry:
             for lang, (table, provenance) in tables.items():
                 path = self.neuron_path(model, lang)
                 meta = {META_KEY: json.dumps(provenance, sort_keys=True).encode()}
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-                os.close(fd)
+                tmp = temp_beside(path)
                 tmp_paths.append((tmp, path))
                 write_parquet(table.replace_schema_metadata(meta), Path(tmp))
             # All files are written before any is renamed: a failure leaves the old selection whole.

@@ -298,3 +298,10 @@ def test_datasets_sees_a_new_selection_of_the_same_folder(planted, tmp_path):
     run("select", "model", "--top-rate", 0.5, "--registry", reg, "-q")
     fresh = pq.read_table(reg / "model" / "ru.parquet").num_rows
     assert fresh > 3 and datasets.load_dataset(str(reg), "model", split="ru").num_rows == fresh
+
+
+def test_registry_files_are_readable_by_others(planted, tmp_path):
+    reg = tmp_path / "reg"
+    compute(planted, reg)
+    for path in (reg / "model" / "ru.parquet", reg / "model" / "counts" / "ru.parquet", reg / "README.md"):
+        assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read (umask 022)

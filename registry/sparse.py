@@ -1,0 +1,370 @@
+"""Row-sparse deltas on a language's neurons: train, save, load and merge only that subnetwork.
+
+For neuron ``j`` of layer ``l`` the trainable weights are row ``j`` of the MLP's first projection(s)
+(``gate_proj`` and ``up_proj``; rows ``j`` and ``I + j`` of a fused ``gate_up_proj``; ``c_fc``/``fc1``/
+``dense_h_to_4h`` of plain MLPs, with its bias entry) and column ``j`` of the second projection
+(``down_proj``, ``c_proj``, ``fc2``, ``dense_4h_to_h``). They are never materialised as full matrices:
+each projection is wrapped so that its output gets the delta's contribution added,
+
+    first:  y = base(x), then y[..., idx] += x @ delta.T (+ bias_delta)      (index_add on the last dim)
+    second: y = base(h) + h[..., idx] @ delta.T
+
+so gradients and optimizer state exist only for ``[k_l, hidden]`` blocks, and the gradient of a
+delta equals the gradient of the dense weight restricted to those rows/columns. Merging adds the
+blocks into the base weights with ``index_add_``: only the selected rows/columns change.
+
+Deltas are float32 (a small master copy) whatever the model's dtype; they are cast to the
+activations' dtype in the forward pass.
+
+File format (``delta.safetensors``), per layer with at least one neuron, keyed by the MLP module's
+path in the model (``model.layers.{l}.mlp`` for Llama):
+``{mlp}.neurons [k]`` int64, gated: ``{mlp}.gate_delta [k, H]``, ``{mlp}.up_delta [k, H]``,
+``{mlp}.down_delta [H, k]``; plain: ``{mlp}.in_delta [k, H]``, ``{mlp}.in_bias_delta [k]`` (when the
+first projection has a bias), ``{mlp}.down_delta [H, k]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import MaskError
+from .models import MLP_LAYOUTS, MLPSite, find_mlp_sites
+
+log = logging.getLogger("neuronreg")
+
+DELTA_FILE = "delta.safetensors"
+CONFIG_FILE = "neuronreg_delta.json"
+FULL_MODEL_DIR = "model"  # dense baselines (ffn, full) save their trained weights here
+MERGED_DIR = "merged"
+GATED = ("gated", "fused-gated")
+SECOND_PROJECTION = {layout[0]: layout[4] for layout in MLP_LAYOUTS}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as [in, out], the transpose of nn.Linear."""
+    return not isinstance(module, nn.Linear) and hasattr(module, "nf")
+
+
+class RowDelta(nn.Module):
+    """A first projection whose output rows ``index`` get ``x @ delta.T`` (+ ``bias_delta``) added."""
+
+    def __init__(self, base: nn.Module, index: torch.Tensor, hidden: int, bias: bool):
+        super().__init__()
+        self.base = base
+        device = base.weight.device
+        self.register_buffer("index", index.to(device=device, dtype=torch.long), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(index.numel(), hidden, device=device, dtype=torch.float32))
+        self.bias_delta = nn.Parameter(torch.zeros(index.numel(), device=device)) if bias else None
+
+    # Read by code that inspects projections (models._out_features, mask.check).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def nf(self) -> int:
+        return self.base.out_features if isinstance(self.base, nn.Linear) else int(self.base.nf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        extra = x @ self.delta.to(x.dtype).T
+        if self.bias_delta is not None:
+            extra = extra + self.bias_delta.to(x.dtype)
+        return y.index_add(-1, self.index, extra.to(y.dtype))
+
+    def merge_into_base(self) -> nn.Module:
+        with torch.no_grad():
+            w = self.base.weight
+            delta = self.delta.to(w.dtype)
+            if _is_conv1d(self.base):
+                w.index_add_(1, self.index, delta.T)
+            else:
+                w.index_add_(0, self.index, delta)
+            if self.bias_delta is not None:
+                self.base.bias.index_add_(0, self.index, self.bias_delta.to(w.dtype))
+        return self.base
+
+
+class ColumnDelta(nn.Module):
+    """A second projection whose input columns ``index`` get ``delta [out, k]``: base(h) + h[..., idx] @ delta.T."""
+
+    def __init__(self, base: nn.Module, index: torch.Tensor, hidden: int):
+        super().__init__()
+        self.base = base
+        device = base.weight.device
+        self.register_buffer("index", index.to(device=device, dtype=torch.long), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(hidden, index.numel(), device=device, dtype=torch.float32))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def nf(self) -> int:
+        return self.base.out_features if isinstance(self.base, nn.Linear) else int(self.base.nf)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.base(h)
+        return y + (h.index_select(-1, self.index) @ self.delta.to(h.dtype).T).to(y.dtype)
+
+    def merge_into_base(self) -> nn.Module:
+        with torch.no_grad():
+            w = self.base.weight
+            delta = self.delta.to(w.dtype)
+            if _is_conv1d(self.base):
+                w.index_add_(0, self.index, delta.T)
+            else:
+                w.index_add_(1, self.index, delta)
+        return self.base
+
+
+@dataclass
+class LayerDelta:
+    """The wrappers of one layer's MLP and which delta blocks they hold."""
+
+    layer: int
+    prefix: str  # the MLP module's path in the model
+    mlp: nn.Module  # the module that holds the wrapped projections as attributes
+    layout: str
+    neurons: torch.Tensor  # int64 [k], sorted
+    first: list[tuple[str, RowDelta]]  # (attribute name on the MLP, wrapper)
+    second: tuple[str, ColumnDelta]
+
+    def blocks(self) -> dict[str, torch.Tensor]:
+        """This layer's tensors in the file format (detached, on CPU)."""
+        k = self.neurons.numel()
+        out = {f"{self.prefix}.neurons": self.neurons.cpu()}
+        if self.layout == "fused-gated":
+            delta = self.first[0][1].delta.detach().cpu()
+            out[f"{self.prefix}.gate_delta"], out[f"{self.prefix}.up_delta"] = delta[:k], delta[k:]
+        elif self.layout == "gated":
+            out[f"{self.prefix}.gate_delta"] = self.first[0][1].delta.detach().cpu()
+            out[f"{self.prefix}.up_delta"] = self.first[1][1].delta.detach().cpu()
+        else:
+            wrapper = self.first[0][1]
+            out[f"{self.prefix}.in_delta"] = wrapper.delta.detach().cpu()
+            if wrapper.bias_delta is not None:
+                out[f"{self.prefix}.in_bias_delta"] = wrapper.bias_delta.detach().cpu()
+        out[f"{self.prefix}.down_delta"] = self.second[1].delta.detach().cpu()
+        return {name: t.contiguous() for name, t in out.items()}
+
+    def load_blocks(self, tensors: dict[str, torch.Tensor]) -> None:
+        p = self.prefix
+        with torch.no_grad():
+            if self.layout == "fused-gated":
+                self.first[0][1].delta.copy_(torch.cat([tensors[f"{p}.gate_delta"], tensors[f"{p}.up_delta"]]))
+            elif self.layout == "gated":
+                self.first[0][1].delta.copy_(tensors[f"{p}.gate_delta"])
+                self.first[1][1].delta.copy_(tensors[f"{p}.up_delta"])
+            else:
+                wrapper = self.first[0][1]
+                wrapper.delta.copy_(tensors[f"{p}.in_delta"])
+                if wrapper.bias_delta is not None:
+                    wrapper.bias_delta.copy_(tensors[f"{p}.in_bias_delta"])
+            self.second[1].delta.copy_(tensors[f"{p}.down_delta"])
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = []
+        for _, wrapper in self.first:
+            params.append(wrapper.delta)
+            if wrapper.bias_delta is not None:
+                params.append(wrapper.bias_delta)
+        params.append(self.second[1].delta)
+        return params
+
+
+def module_paths(model: nn.Module) -> dict[int, str]:
+    return {id(module): name for name, module in model.named_modules()}
+
+
+def attach_deltas(model: nn.Module, per_layer: list[torch.Tensor], sites: list[MLPSite] | None = None
+                  ) -> list[LayerDelta]:
+    """Wrap the projections of every layer with neurons in ``per_layer``; freeze everything else.
+
+    Returns one :class:`LayerDelta` per layer that has at least one neuron. The deltas start at zero,
+    so the model computes exactly what it computed before.
+    """
+    sites = sites or find_mlp_sites(model)
+    if len(per_layer) != len(sites):
+        raise MaskError(f"The neuron lists have {len(per_layer)} layers, but the model has {len(sites)}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    paths = module_paths(model)
+    layers = []
+    for site, neurons in zip(sites, per_layer):
+        neurons = torch.as_tensor(neurons, dtype=torch.long).flatten()
+        if neurons.numel() == 0:
+            continue
+        if int(neurons.min()) < 0 or int(neurons.max()) >= site.intermediate_size:
+            raise MaskError(f"Layer {site.layer} has neuron ids outside 0..{site.intermediate_size - 1}.")
+        if neurons.unique().numel() != neurons.numel():
+            raise MaskError(f"Layer {site.layer} lists a neuron twice.")
+        neurons = neurons.sort().values
+        mlp = site.mlp
+        first_name = next(layout[1] for layout in MLP_LAYOUTS if layout[0] == site.layout)
+        second_name = SECOND_PROJECTION[site.layout]
+        base_first = getattr(mlp, first_name)
+        hidden = base_first.weight.shape[1] if isinstance(base_first, nn.Linear) else base_first.weight.shape[0]
+        first: list[tuple[str, RowDelta]] = []
+        if site.layout == "gated":
+            for name in ("gate_proj", "up_proj"):
+                first.append((name, RowDelta(getattr(mlp, name), neurons, hidden, bias=False)))
+        elif site.layout == "fused-gated":
+            index = torch.cat([neurons, neurons + site.intermediate_size])
+            first.append((first_name, RowDelta(base_first, index, hidden, bias=False)))
+        else:
+            first.append((first_name, RowDelta(base_first, neurons, hidden, bias=getattr(base_first, "bias", None)
+                                               is not None)))
+        second = (second_name, ColumnDelta(getattr(mlp, second_name), neurons, hidden))
+        for name, wrapper in [*first, second]:
+            setattr(mlp, name, wrapper)
+        layers.append(LayerDelta(site.layer, paths[id(mlp)], mlp, site.layout, neurons, first, second))
+    return layers
+
+
+def merge_deltas(layers: list[LayerDelta]) -> None:
+    """Add every delta into its base weight and put the plain projections back: a plain model again."""
+    for layer in layers:
+        mlp_wrappers = [*layer.first, layer.second]
+        for name, wrapper in mlp_wrappers:
+            setattr(layer.mlp, name, wrapper.merge_into_base())
+
+
+def delta_tensors(layers: list[LayerDelta]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        tensors.update(layer.blocks())
+    return tensors
+
+
+def per_layer_from_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, sites: list[MLPSite]
+                           ) -> list[torch.Tensor]:
+    """The neuron ids per layer that a delta file holds, checked against the model's module paths."""
+    paths = module_paths(model)
+    prefixes = {paths[id(site.mlp)]: site.layer for site in sites}
+    per_layer = [torch.zeros(0, dtype=torch.long) for _ in sites]
+    for name, tensor in tensors.items():
+        if not name.endswith(".neurons"):
+            continue
+        prefix = name[: -len(".neurons")]
+        if prefix not in prefixes:
+            raise MaskError(f"The delta holds {prefix}, which this model does not have; it is for another model.")
+        per_layer[prefixes[prefix]] = tensor.to(torch.long)
+    return per_layer
+
+
+def apply_delta_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], merge: bool = False) -> list[LayerDelta]:
+    """Put a saved delta on ``model``: as trainable wrappers, or merged into the weights (``merge``)."""
+    sites = find_mlp_sites(model)
+    per_layer = per_layer_from_tensors(tensors, model, sites)
+    layers = attach_deltas(model, per_layer, sites)
+    for layer in layers:
+        expected = layer.blocks()
+        for name, tensor in expected.items():
+            if name not in tensors:
+                raise MaskError(f"The delta file lacks {name}; it is damaged or from another layout.")
+            if tuple(tensors[name].shape) != tuple(tensor.shape):
+                raise MaskError(f"{name} has shape {tuple(tensors[name].shape)}, this model needs "
+                                f"{tuple(tensor.shape)}; the delta is for another model.")
+        layer.load_blocks(tensors)
+    if merge:
+        merge_deltas(layers)
+        return []
+    return layers
+
+
+def save_delta(layers: list[LayerDelta], path: Path, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from .store import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(delta_tensors(layers), str(tmp), metadata={"neuronreg": json.dumps(metadata or {})})
+    return path
+
+
+def load_sparse_model(folder: str | Path, *, merge: bool = False, dtype: str | None = None,
+                      device: str | None = None, token: str | None = None, trust_remote_code: bool = False):
+    """The base model of a ``neuronreg finetune`` run with the run's delta applied.
+
+    The base comes from the local folder recorded in ``neuronreg_delta.json`` when it still exists,
+    else from the Hub id at the recorded revision. Without ``merge`` the deltas stay separate
+    (trainable wrappers around the projections); with ``merge=True`` they are added into the weights
+    and the result is a plain ``transformers`` model (``save_pretrained`` works). Runs of the dense
+    baselines (``--subset ffn`` / ``full``) load their saved weights. ``folder`` may also be a Hub
+    repo made by ``neuronreg release`` (``org/name``): its delta and JSON are downloaded.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() and str(folder).count("/") == 1 and not str(folder).startswith("."):
+        from .release import download_run
+
+        folder = download_run(str(folder), token=token)
+    config = read_run_config(folder)
+    if config.get("subset") in ("ffn", "full"):
+        weights = folder / FULL_MODEL_DIR if (folder / FULL_MODEL_DIR).is_dir() else folder
+        return _from_pretrained(str(weights), None, config, dtype, device, token, trust_remote_code)
+    model = load_base_model(folder, dtype=dtype, device=device, token=token, trust_remote_code=trust_remote_code)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / DELTA_FILE))
+    apply_delta_tensors(model, tensors, merge=merge)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def read_run_config(folder: Path) -> dict:
+    from .errors import UnknownModel
+
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise UnknownModel(f"{folder} holds no {CONFIG_FILE}; it is not a finished 'neuronreg finetune' run.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def base_source(config: dict) -> tuple[str, str | None]:
+    """Where the run's base model is: its local folder when it still exists, else the Hub id and revision."""
+    from .errors import UnknownModel
+    from .models import local_fingerprint
+
+    base = config["base_model"]
+    local = base.get("path")
+    if local and Path(local).is_dir():
+        if base.get("revision", "").startswith("local-") and local_fingerprint(Path(local)) != base["revision"]:
+            log.warning("The base model folder %s changed since training (%s, now %s).", local, base["revision"],
+                        local_fingerprint(Path(local)))
+        return local, None
+    revision = base.get("revision")
+    if revision and revision.startswith("local-"):
+        raise UnknownModel(f"The base model of this run was the local folder {local}, which no longer exists.")
+    return base["id"], revision
+
+
+def load_base_model(folder: str | Path, *, dtype: str | None = None, device: str | None = None,
+                    token: str | None = None, trust_remote_code: bool = False):
+    """The run's base model, without its delta."""
+    config = read_run_config(Path(folder))
+    source, revision = base_source(config)
+    return _from_pretrained(source, revision, config, dtype, device, token, trust_remote_code)
+
+
+def _from_pretrained(source, revision, config, dtype, device, token, trust_remote_code):
+    from transformers import AutoModelForCausalLM
+
+    from .errors import UnknownModel
+    from .models import default_device, parse_dtype
+
+    device = device or default_device()
+    torch_dtype = parse_dtype(dtype or config.get("training", {}).get("dtype"), device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype, token=token,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UnknownModel(f"Cannot load the base model {source!r}: {str(exc).splitlines()[0]}") from exc
+    return model.to(device).eval()

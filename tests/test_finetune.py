@@ -1,0 +1,327 @@
+"""neuronreg finetune: training only a language's neurons, as row-sparse deltas, on tiny real models."""
+
+import json
+import math
+from pathlib import Path
+
+import neuronreg.cli_finetune  # noqa: F401  registers `finetune` on the root group
+import pytest
+import torch
+from click.testing import CliRunner
+from hubserver import TEST_USER, hub  # noqa: F401  (hub is a fixture)
+from neuronreg.cli import cli
+from neuronreg.errors import MaskError
+from neuronreg.finetune import FinetuneSettings, finetune, random_per_layer
+from neuronreg.manifest import load_manifest
+from neuronreg.mask import NeuronMask
+from neuronreg.models import find_mlp_sites
+from neuronreg.sparse import attach_deltas, load_sparse_model, merge_deltas
+from neuronreg.store import LocalRegistry
+from safetensors.torch import load_file
+from tiny import save_model, tiny_model, write_corpus
+
+EN = {0: [3, 7, 11, 20, 33], 1: [5, 6, 40]}  # the "English" neurons of the 2 x 48 tiny models
+
+
+def write_mask(registry: Path, model: str, lang: str, per_layer: dict[int, list[int]], layers=2, inter=48):
+    layers_ = sorted(per_layer)
+    layer = torch.tensor([i for i in layers_ for _ in per_layer[i]], dtype=torch.long)
+    neuron = torch.tensor([j for i in layers_ for j in sorted(per_layer[i])], dtype=torch.long)
+    provenance = {"num_layers": layers, "intermediate_size": inter, "hidden_size": 32,
+                  "language": {"code": lang}, "model": {"revision": None}}
+    mask = NeuronMask(model, lang, layers, inter, layer, neuron, provenance)
+    mask.save(registry / model / f"{lang}.parquet")
+    return mask
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ft")
+    for arch in ("llama", "gpt2", "phi3"):
+        save_model(tiny_model(arch), root / arch)
+        write_mask(root / "reg", arch, "en", EN)
+    write_mask(root / "reg", "llama", "ru", {})  # a language that got no neuron
+    write_mask(root / "reg", "gpt2", "el", {0: [1]}, inter=64)  # a mask of another model's shape
+    write_corpus(root / "texts", {"en": "en", "el": "el"}, docs=80)
+    (root / "empty").mkdir()
+    (root / "empty" / "en.txt").write_text("\n\n", encoding="utf-8")
+    return root
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def settings(setup, out, **kw):
+    base = dict(data=str(setup / "texts"), out=str(out), steps=4, batch_size=2, seq_len=32, eval_every=2, lr=1e-2)
+    return FinetuneSettings(**{**base, **kw})
+
+
+def train(setup, arch, out, lang="en", **kw):
+    return finetune(str(setup / arch), lang, manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
+                    settings=settings(setup, out, **kw), quiet=True)
+
+
+# -- the row-sparse parameters ------------------------------------------------------------------------
+def dense_rows(arch, model, layer, idx, inter):
+    """A dense model's gradient rows [k, H] per first-projection block, bias rows, and second-projection columns."""
+    site = find_mlp_sites(model)[layer]
+    if arch == "gpt2":  # Conv1D weights are [in, out]
+        return [site.mlp.c_fc.weight.grad[:, idx].T], site.mlp.c_fc.bias.grad[idx], site.mlp.c_proj.weight.grad[idx].T
+    if arch == "phi3":
+        g = site.mlp.gate_up_proj.weight.grad
+        return [g[idx], g[idx + inter]], None, site.mlp.down_proj.weight.grad[:, idx]
+    return [site.mlp.gate_proj.weight.grad[idx], site.mlp.up_proj.weight.grad[idx]], None, \
+        site.mlp.down_proj.weight.grad[:, idx]
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
+def test_gradients_of_row_sparse_deltas_equal_masked_dense_gradients(arch):
+    sparse, dense = tiny_model(arch).train(), tiny_model(arch).train()
+    for model in (sparse, dense):
+        model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+    per_layer = [torch.tensor(EN[0]), torch.tensor(EN[1])]
+    layers = attach_deltas(sparse, per_layer)
+    trainable = [n for n, p in sparse.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("delta", "bias_delta")) for n in trainable)
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(3, 80, (2, 12), generator=torch.Generator().manual_seed(0))
+    for model in (sparse.eval(), dense.eval()):
+        model(input_ids=ids, labels=ids).loss.backward()
+    inter = find_mlp_sites(dense)[0].intermediate_size
+    for layer, idx in zip(layers, per_layer):
+        firsts, bias, second = dense_rows(arch, dense, layer.layer, idx, inter)
+        k = idx.numel()
+        got = [w.delta.grad for _, w in layer.first]
+        got = [got[0][:k], got[0][k:]] if arch == "phi3" else got
+        for have, want in zip(got, firsts):
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-6)
+        if bias is not None:
+            torch.testing.assert_close(layer.first[0][1].bias_delta.grad, bias, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.second[1].delta.grad, second, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2", "opt", "bloom"])
+def test_merging_changes_only_the_selected_rows_and_columns_and_keeps_the_outputs(arch):
+    model, base = tiny_model(arch), tiny_model(arch)
+    per_layer = [torch.tensor([1, 5, 9]), torch.tensor([0, 47])]
+    layers = attach_deltas(model, per_layer)
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.normal_(0, 0.3)
+    ids = torch.randint(3, 80, (2, 10), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    merge_deltas(layers)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    changed = {n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert changed and all(("mlp" in n or "fc" in n) for n in changed)
+    for site, base_site, idx in zip(find_mlp_sites(model), find_mlp_sites(base), per_layer):
+        w, w0 = site.projection.weight, base_site.projection.weight
+        rows = (w != w0).any(0 if arch == "gpt2" else 1).nonzero().flatten()
+        expect = torch.cat([idx, idx + 48]) if arch == "phi3" else idx
+        assert rows.tolist() == expect.tolist()
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def test_finetune_trains_only_the_mask_and_loads_back(setup, tmp_path):
+    out = tmp_path / "run"
+    result = run("finetune", setup / "llama", "en", "--mask", setup / "reg", "--data", setup / "texts", "--steps", 6,
+                 "--seq-len", 32, "--eval-every", 3, "--lr", 1e-2, "--merged", "--out", out, "-q")
+    assert "val_loss" in result.output
+    config = json.loads((out / "neuronreg_delta.json").read_text())
+    assert config["neurons"] == {"total": 8, "per_layer": [5, 3]} and config["subset"] == "lape"
+    assert config["trainable_parameters"] == 8 * 3 * 32
+    assert config["trainable_share"] == pytest.approx(8 * 3 * 32 / config["base_model"]["num_parameters"])
+    assert config["base_model"]["revision"].startswith("local-") and config["language"]["code"] == "en"
+    assert [p["step"] for p in config["validation_curve"]] == [0, 3, 6]
+    assert config["training"]["lr"] == 1e-2 and config["mask"]["source"] == {"registry": str(setup / "reg")}
+    assert not (out / "checkpoint.pt").exists()
+
+    tensors = load_file(str(out / "delta.safetensors"))
+    assert tensors["model.layers.0.mlp.neurons"].tolist() == EN[0]
+    assert tensors["model.layers.1.mlp.gate_delta"].shape == (3, 32)
+    assert tensors["model.layers.1.mlp.down_delta"].shape == (32, 3)
+    assert tensors["model.layers.0.mlp.up_delta"].abs().sum() > 0
+
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(setup / "llama")
+    merged_saved = AutoModelForCausalLM.from_pretrained(out / "merged")
+    merged = load_sparse_model(out, merge=True)
+    unmerged = load_sparse_model(out)
+    for name, w in merged.state_dict().items():
+        assert torch.equal(w, merged_saved.state_dict()[name]), name
+        w0 = base.state_dict()[name]
+        if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+            layer = int(name.split(".")[2])
+            differs = (w != w0).any(0 if "down_proj" in name else 1).nonzero().flatten().tolist()
+            assert differs == EN[layer], name
+        else:
+            assert torch.equal(w, w0), name
+    ids = torch.randint(3, 80, (1, 16))
+    torch.testing.assert_close(unmerged(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_falls_on_the_target_text(setup, tmp_path):
+    result = train(setup, "llama", tmp_path / "run", steps=12, eval_every=4, lr=2e-2)
+    curve = [p["val_loss"] for p in result.curve]
+    assert curve[-1] < curve[0] - 0.05, curve
+    assert result.config["best_step"] in (4, 8, 12)
+
+
+def test_optimizer_state_is_twice_the_trainable_weights(setup, tmp_path):
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(setup / "llama"), "en", manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
+                 settings=settings(setup, tmp_path / "run", checkpoint_every=1), quiet=True, on_step=stop)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    state = saved["optimizer"]["state"]
+    moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in state.values())
+    trainable = sum(t.numel() for t in saved["trainable"].values())
+    assert trainable == 8 * 3 * 32 and moments == 2 * trainable
+
+
+@pytest.mark.parametrize("arch", ["gpt2"])  # GPT-2 has dropout: the RNG state must be restored too
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(setup, tmp_path, arch):
+    whole = train(setup, arch, tmp_path / "whole", steps=6, eval_every=2, grad_accum=2)
+
+    def stop(step):
+        if step == 5:
+            raise KeyboardInterrupt  # after the checkpoint of step 4: steps 5.. are redone
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(setup / arch), "en", manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
+                 settings=settings(setup, tmp_path / "parts", steps=6, eval_every=2, grad_accum=2), quiet=True,
+                 on_step=stop)
+    assert (tmp_path / "parts" / "checkpoint.pt").exists()
+    resumed = train(setup, arch, tmp_path / "parts", steps=6, eval_every=2, grad_accum=2)
+    assert resumed.resumed_from == 4
+    a = load_file(str(tmp_path / "whole" / "delta.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.curve == resumed.curve
+
+
+def test_random_subset_keeps_the_per_layer_counts(setup, tmp_path):
+    drawn = random_per_layer([5, 3], 48, seed=1)
+    assert [t.numel() for t in drawn] == [5, 3] and drawn[0].unique().numel() == 5
+    assert all(torch.equal(x, y) for x, y in zip(drawn, random_per_layer([5, 3], 48, seed=1)))
+    result = train(setup, "llama", tmp_path / "rand", subset="random", steps=2, seed=3)
+    assert result.config["subset"] == "random" and result.config["neurons"]["per_layer"] == [5, 3]
+    tensors = load_file(str(tmp_path / "rand" / "delta.safetensors"))
+    expect = random_per_layer([5, 3], 48, seed=3)
+    assert tensors["model.layers.0.mlp.neurons"].tolist() == expect[0].tolist()
+
+
+@pytest.mark.parametrize("subset", ["ffn", "full"])
+def test_dense_baselines_are_recorded_and_load(setup, tmp_path, subset):
+    result = train(setup, "llama", tmp_path / subset, subset=subset, steps=2, lr=1e-3)
+    model = load_sparse_model(tmp_path / subset)
+    total = result.config["base_model"]["num_parameters"]
+    mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    assert result.config["subset"] == subset
+    assert result.config["trainable_parameters"] == (mlp if subset == "ffn" else total)
+
+
+# -- clear errors ---------------------------------------------------------------------------------------
+def test_errors_are_one_line(setup, tmp_path):
+    common = ("--data", setup / "texts", "--steps", 2, "--seq-len", 32, "--mask", setup / "reg", "-q")
+    # A mask of another model's shape, under this model's name.
+    wrong = run("finetune", setup / "gpt2", "el", "--out", tmp_path / "a", *common, ok=False)
+    assert_one_line_error(wrong, "64 neurons", "Use the mask of this model")
+    assert_one_line_error(run("finetune", setup / "llama", "ru", "--out", tmp_path / "b", *common, ok=False),
+                          "no neurons")
+    assert_one_line_error(run("finetune", setup / "llama", "el", "--out", tmp_path / "c", *common, ok=False),
+                          "No el neurons", "available: en, ru")
+    empty = run("finetune", setup / "llama", "en", "--out", tmp_path / "d", "--mask", setup / "reg", "--data",
+                setup / "empty", "-q", ok=False)
+    assert_one_line_error(empty, "holds no text")
+    assert_one_line_error(run("finetune", setup / "phi3", "en", "--out", tmp_path / "e", *common[:-3], "--mask",
+                              tmp_path / "nothing", "-q", ok=False), "no neurons for phi3")
+    run("finetune", setup / "llama", "en", "--out", tmp_path / "f", *common)
+    assert_one_line_error(run("finetune", setup / "llama", "en", "--out", tmp_path / "f", *common, ok=False),
+                          "already holds a finished run", "--overwrite")
+
+
+def test_mask_check_raises_for_another_model():
+    mask = NeuronMask("x", "en", 3, 48, torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(MaskError, match="3 layers x 48"):
+        mask.check(tiny_model("llama"))
+
+
+def test_command_has_help_with_example():
+    assert "Example:" in run("finetune", "--help").output
+
+
+def test_gradient_checkpointing_gives_the_same_deltas_and_schedules_are_recorded(setup, tmp_path):
+    plain = train(setup, "llama", tmp_path / "plain", steps=3, eval_every=3, schedule="cosine", warmup_steps=1)
+    ckpt = train(setup, "llama", tmp_path / "ckpt", steps=3, eval_every=3, schedule="cosine", warmup_steps=1,
+                 gradient_checkpointing=True)
+    a = load_file(str(tmp_path / "plain" / "delta.safetensors"))
+    b = load_file(str(tmp_path / "ckpt" / "delta.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert plain.config["training"]["gradient_checkpointing"] is False
+    assert ckpt.config["training"]["schedule"] == "cosine"
+
+
+def test_bfloat16_model_keeps_float32_deltas_and_a_mask_file_works(setup, tmp_path):
+    mask_file = setup / "reg" / "llama" / "en.parquet"
+    result = finetune(str(setup / "llama"), "en", manifest=load_manifest(), registry=mask_file,
+                      settings=settings(setup, tmp_path / "bf16", steps=2, dtype="bfloat16"), quiet=True)
+    assert result.config["training"]["dtype"] == "bfloat16"
+    assert result.config["mask"]["source"] == {"file": str(mask_file)}
+    tensors = load_file(str(tmp_path / "bf16" / "delta.safetensors"))
+    assert tensors["model.layers.0.mlp.gate_delta"].dtype == torch.float32
+    model = load_sparse_model(tmp_path / "bf16", merge=True)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(p["val_loss"])) for p in result.curve)
+
+
+def test_evaluate_reports_perplexity_before_and_after(setup, tmp_path):
+    out = tmp_path / "run"
+    train(setup, "llama", out, steps=8, eval_every=4, lr=2e-2)
+    heldout = write_corpus(tmp_path / "heldout", {"en": "en", "el": "el"}, docs=10, seed=5)
+    data = json.loads(run("evaluate", out, "--data", heldout, "--languages", "en,Greek", "--seq-len", 32,
+                          "--json").output)
+    en, el = data["scores"]["en"], data["scores"]["el"]
+    assert data["trained_language"] == "en" and en["tokens"] > 0 and el["tokens"] > 0
+    assert en["tuned_perplexity"] < en["base_perplexity"]
+    assert en["base_perplexity"] == pytest.approx(math.exp(en["base_loss"]))
+    table = run("evaluate", out, "--data", heldout, "--seq-len", 32).output
+    assert "(trained)" in table and "el" not in table.split("\n", 1)[1]
+
+
+def test_release_uploads_delta_and_card_and_loads_from_the_hub(setup, tmp_path, hub):  # noqa: F811
+    out = tmp_path / "run"
+    train(setup, "llama", out, steps=2)
+    result = run("release", out, "--repo", f"{TEST_USER}/tiny-en-lape", "--merged", "-q")
+    files = set(hub.files("model", f"{TEST_USER}/tiny-en-lape"))
+    assert {"delta.safetensors", "neuronreg_delta.json", "README.md", "config.json", "model.safetensors"} <= files
+    assert len(hub.commits("model", f"{TEST_USER}/tiny-en-lape")) == 2  # initial + ONE release commit
+    card = hub.file_bytes("model", f"{TEST_USER}/tiny-en-lape", "README.md").decode()
+    assert "8 neurons" in card and "load_sparse_model" in card
+    assert result.output.strip()
+    from transformers import AutoModelForCausalLM
+
+    remote = load_sparse_model(f"{TEST_USER}/tiny-en-lape", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(f"{TEST_USER}/tiny-en-lape")
+    local = load_sparse_model(out, merge=True)
+    for name, w in local.state_dict().items():
+        assert torch.equal(w, remote.state_dict()[name]) and torch.equal(w, merged.state_dict()[name]), name
