@@ -491,4 +491,5 @@ def main() -> None:
 
 
 # Commands that live in their own modules register themselves on `cli` when imported.
+from . import cli_ablate  # noqa: E402,F401  ablate
 from . import cli_finetune  # noqa: E402,F401  finetune, evaluate, release

@@ -108,6 +108,16 @@ def compute(
 
         ref = ModelRef(ref.source, local_fingerprint(Path(ref.source)), ref.name, True)
     ranks = Ranks.from_env(settings.device)
+    try:
+        return _compute(languages, ref, ranks, manifest=manifest, registry=registry, settings=settings, params=params,
+                        select_languages=select_languages, force=force, quiet=quiet,
+                        trust_remote_code=trust_remote_code, token=token)
+    finally:
+        ranks.close()
+
+
+def _compute(languages, ref, ranks, *, manifest, registry, settings, params, select_languages, force, quiet,
+             trust_remote_code, token) -> ComputeReport:
     device = ranks.device(settings.device) or default_device()
     dtype = str(parse_dtype(settings.dtype, device)).removeprefix("torch.")
     registry.ensure_writable()

@@ -33,8 +33,9 @@ class RankFailed(NeuronregError):
 class Ranks:
     """One process (world 1) or one rank of a process group; the same calls either way."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, group: bool = False):
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, group: bool = False, owns: bool = False):
         self.rank, self.world, self.local_rank, self.group = rank, world, local_rank, group
+        self.owns = owns  # this object created the process group, so it also ends it
 
     @property
     def is_main(self) -> bool:
@@ -48,12 +49,13 @@ class Ranks:
         import torch.distributed as dist
 
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
             if cuda:
                 torch.cuda.set_device(local)
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-        return cls(rank, world, local, group=True)
+        return cls(rank, world, local, group=True, owns=owns)
 
     def device(self, requested: str | None) -> str | None:
         """Each rank of a node takes its own GPU."""
@@ -102,11 +104,14 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
-        if self.group:
+        """End a process group this object created (a gloo group left to the interpreter's exit
+        can abort the process while its threads are torn down)."""
+        if self.owns:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+            self.owns = False
 
     def checkpoint_suffix(self) -> str:
         return f".rank{self.rank}-of-{self.world}" if self.world > 1 else ""
