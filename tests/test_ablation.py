@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_one_line_error, run
 from tiny import SCRIPTS, make_tokenizer, planted_model, save_model, tiny_model, vocabulary, write_corpus
 
 import neuronreg.ablation as ablation
@@ -55,20 +56,8 @@ def predictive_planted_model():
     return model.eval()
 
 
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_one_line_error, run
 from tiny import planted_model, save_model, tiny_config, write_corpus
 
 from neuronreg.cli import cli
@@ -25,11 +26,6 @@ def planted(tmp_path_factory) -> Path:
     return root
 
 
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 def compute(planted, registry, *extra, langs=("en", "ru", "el"), ok=True):
@@ -41,13 +37,6 @@ def snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_planted_neurons_are_found_exactly_and_load_with_datasets(planted, tmp_path):

@@ -18,6 +18,7 @@ from neuronreg.models import find_mlp_sites
 from neuronreg.sparse import attach_deltas, load_sparse_model, merge_deltas
 from neuronreg.store import LocalRegistry
 from safetensors.torch import load_file
+from helpers import assert_one_line_error, run
 from tiny import save_model, tiny_model, write_corpus
 
 EN = {0: [3, 7, 11, 20, 33], 1: [5, 6, 40]}  # the "English" neurons of the 2 x 48 tiny models
@@ -48,20 +49,8 @@ def setup(tmp_path_factory) -> Path:
     return root
 
 
-def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def settings(setup, out, **kw):

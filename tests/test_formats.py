@@ -5,9 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import run
 
-from neuronreg.cli import cli
 
 REFERENCE = {
     "gurgurov/llama-3.1-5.pt": ("llama-3.1-8b", "mt,af,is,cy,mk,lv,lt,sl,sk,et,ka,ne", "0.05"),
@@ -20,9 +19,6 @@ REFERENCE = {
 }
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -82,7 +78,7 @@ def test_export_in_another_order(tmp_path):
 def test_bad_imports_are_one_line_errors(tmp_path, args, fragment):
     src = tmp_path / "m.pt"
     torch.save([[torch.tensor([1, 5]), torch.tensor([2])], [torch.tensor([0]), torch.tensor([2, 3])]], src)
-    result = run("import", src, *args, "--registry", tmp_path / "reg")
+    result = run("import", src, *args, "--registry", tmp_path / "reg", ok=False)
     assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
     assert not (tmp_path / "reg").exists() or not any((tmp_path / "reg").rglob("*.parquet"))
 
@@ -94,5 +90,6 @@ def test_a_pickle_with_code_is_refused(tmp_path):
 
     src = tmp_path / "evil.pt"
     torch.save([Evil()], src)
-    result = run("import", src, "--model", "llama-3.1-8b", "--languages", "sw", "--registry", tmp_path / "reg")
+    result = run("import", src, "--model", "llama-3.1-8b", "--languages", "sw", "--registry", tmp_path / "reg",
+                 ok=False)
     assert result.exit_code == 1 and "not a torch.save'd list" in result.output and "owned" not in result.output

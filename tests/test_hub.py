@@ -9,7 +9,8 @@ import torch
 import yaml
 from click.testing import CliRunner
 from hubserver import TEST_TOKEN, TEST_USER, hub, set_offline  # noqa: F401  (hub is a fixture)
-from test_cli import PLANTED, TOP_RATE, assert_one_line_error
+from helpers import assert_one_line_error, run
+from test_cli import PLANTED, TOP_RATE
 from tiny import planted_model, save_model, tiny_model, write_corpus
 
 from neuronreg.cli import cli
@@ -35,8 +36,6 @@ def registry_dir(tmp_path_factory):
     return reg
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_publish_fetch_load_dataset_round_trip(hub, registry_dir, tmp_path):
@@ -121,7 +120,7 @@ def test_a_stale_parent_fails_cleanly(hub, registry_dir, monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(registry_dir, tmp, dirs_exist_ok=True)
         run("select", "planted", "--top-rate", 0.5, "--registry", tmp, "-q")
-        result = run("publish", "--repo", REPO, "--registry", tmp)
+        result = run("publish", "--repo", REPO, "--registry", tmp, ok=False)
     assert_one_line_error(result, "changed while publishing", "run publish again")
     after = hub.commits("dataset", REPO)
     assert len(after) == len(before) + 1  # only the other writer's commit
@@ -136,7 +135,7 @@ def test_a_failed_upload_leaves_the_repo_as_it_was(hub, registry_dir, tmp_path):
     shutil.copytree(registry_dir, tmp_path / "reg")
     run("select", "planted", "--top-rate", 0.4, "--registry", tmp_path / "reg", "-q")
     hub.fail_next(50, status=503)
-    result = run("publish", "--repo", REPO, "--registry", tmp_path / "reg")
+    result = run("publish", "--repo", REPO, "--registry", tmp_path / "reg", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
     hub.fail_next(0)
     assert {p: hub.file_bytes("dataset", REPO, p) for p in hub.files("dataset", REPO)} == before
@@ -148,7 +147,7 @@ def test_private_repo_needs_a_token(hub, registry_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "")
     with pytest.raises(HubError, match="private and your token cannot see it"):
         fetch_mask("planted", "el", repo=REPO, token=False)
-    result = run("fetch", "planted", "el", "--repo", REPO, "--token", "hf_wrong")
+    result = run("fetch", "planted", "el", "--repo", REPO, "--token", "hf_wrong", ok=False)
     assert_one_line_error(result, "refused the token")
     assert "hf_wrong" not in result.output  # tokens are never printed
 
@@ -156,7 +155,7 @@ def test_private_repo_needs_a_token(hub, registry_dir, monkeypatch):
 def test_publish_without_login_is_a_clear_error(hub, registry_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "")
     monkeypatch.setattr("huggingface_hub.utils._auth.get_token", lambda: None, raising=False)
-    result = run("publish", "--repo", f"{TEST_USER}/fresh", "--registry", registry_dir)
+    result = run("publish", "--repo", f"{TEST_USER}/fresh", "--registry", registry_dir, ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "hf auth login" in result.output
 
@@ -171,11 +170,12 @@ def test_gated_repo(hub, registry_dir, monkeypatch):
 
 def test_missing_repo_model_and_language_say_what_exists(hub, registry_dir):
     publish(LocalRegistry(registry_dir), REPO)
-    assert_one_line_error(run("fetch", "planted", "sw", "--repo", REPO), "No sw neurons for planted",
+    assert_one_line_error(run("fetch", "planted", "sw", "--repo", REPO, ok=False), "No sw neurons for planted",
                           "available: el, en, ru")
-    assert_one_line_error(run("fetch", "nemo", "sw", "--repo", REPO), "has no model nemo", "planted, planted-b")
-    assert_one_line_error(run("fetch", "planted", "ru", "--repo", f"{TEST_USER}/nope"), "was not found")
-    assert_one_line_error(run("fetch", "planted", "swahilli", "--repo", REPO), "Did you mean")
+    assert_one_line_error(run("fetch", "nemo", "sw", "--repo", REPO, ok=False), "has no model nemo",
+                          "planted, planted-b")
+    assert_one_line_error(run("fetch", "planted", "ru", "--repo", f"{TEST_USER}/nope", ok=False), "was not found")
+    assert_one_line_error(run("fetch", "planted", "swahilli", "--repo", REPO, ok=False), "Did you mean")
 
 
 def test_fetch_formats_tags_and_offline_cache(hub, registry_dir, tmp_path):
