@@ -88,6 +88,25 @@ def token_option(f):
                         help="Hub token [default: HF_TOKEN or your Hub login]; never printed.")(f)
 
 
+def device_option(f):
+    return click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")(f)
+
+
+def text_field_option(f):
+    return click.option("--text-field", default=None,
+                        help="Field holding the text in .jsonl/.parquet/Hub corpora [default: text].")(f)
+
+
+def model_name_option(f):
+    return click.option("--name", default=None,
+                        help="Name of the model in the registry [default: its alias, Hub id or folder name].")(f)
+
+
+def trust_remote_code_option(f):
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="Run the model repository's own Python code (off by default).")(f)
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
 
@@ -149,17 +168,17 @@ def cli(ctx, manifest):
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per forward pass.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).")
-@click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
+@device_option
 @click.option("--device-map", default=None, type=click.Choice(["auto"]),
               help="Split one model too large for a GPU over all GPUs (needs accelerate).")
-@click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet/Hub corpora [default: text].")
-@click.option("--name", default=None, help="Name of the model in the registry [default: its alias or Hub id].")
+@text_field_option
+@model_name_option
 @click.option("--languages", "select_langs", multiple=True,
               help="Languages to select over (comma-separated) [default: all counted for the model].")
 @selection_options
 @click.option("--checkpoint-tokens", default="1M", show_default=True, help="Save progress every so many tokens.")
 @click.option("--force", is_flag=True, help="Recount languages already in the registry.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
+@trust_remote_code_option
 @token_option
 @registry_option
 @quiet_option

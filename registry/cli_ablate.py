@@ -8,6 +8,10 @@ from __future__ import annotations
 import click
 
 from .cli import (
+    device_option,
+    model_name_option,
+    text_field_option,
+    trust_remote_code_option,
     _manifest,
     _registry,
     _setup_logging,
@@ -40,10 +44,10 @@ from .cli import (
               help="Evaluate even on the very text a mask was computed from (with a warning).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).")
-@click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
-@click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet files [default: text].")
-@click.option("--name", default=None, help="Name of the model in the registry [default: its alias or folder name].")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
+@device_option
+@text_field_option
+@model_name_option
+@trust_remote_code_option
 @token_option
 @registry_option
 @quiet_option

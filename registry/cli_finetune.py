@@ -7,7 +7,19 @@ from __future__ import annotations
 
 import click
 
-from .cli import _manifest, _registry, _setup_logging, cli, quiet_option, registry_option, token_option
+from .cli import (
+    _manifest,
+    _registry,
+    _setup_logging,
+    cli,
+    device_option,
+    model_name_option,
+    quiet_option,
+    registry_option,
+    text_field_option,
+    token_option,
+    trust_remote_code_option,
+)
 
 
 @click.command(name="finetune")
@@ -46,13 +58,13 @@ from .cli import _manifest, _registry, _setup_logging, cli, quiet_option, regist
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order and random subset.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU); deltas are always float32.")
-@click.option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
+@device_option
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
 @click.option("--merged", is_flag=True, help="Also save the merged full model (save_pretrained) in OUT/merged.")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run.")
-@click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet files [default: text].")
-@click.option("--name", default=None, help="Name of the model in the registry [default: its alias or folder name].")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
+@text_field_option
+@model_name_option
+@trust_remote_code_option
 @token_option
 @registry_option
 @quiet_option
@@ -116,10 +128,10 @@ cli.add_command(finetune_cmd)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Rows per forward pass.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
               help="Weights' dtype [default: the run's].")
-@click.option("--device", default=None, help="cuda, cpu ... [default: cuda when present, else cpu].")
-@click.option("--text-field", default=None, help="Field holding the text in .jsonl/.parquet files [default: text].")
+@device_option
+@text_field_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
+@trust_remote_code_option
 @token_option
 @quiet_option
 @click.pass_context
