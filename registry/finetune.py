@@ -491,11 +491,13 @@ class RunEvaluation:
     scores: dict[str, dict]  # language -> {"tokens", "base_loss", "tuned_loss", "base_perplexity", ...}
 
     def lines(self) -> list[str]:
-        rows = [f"{'language':<10} {'tokens':>9} {'ppl before':>11} {'ppl after':>10} {'change':>8}"]
+        rows = [f"{'language':<10} {'tokens':>9} {'ppl before':>11} {'ppl after':>10} {'change':>8} "
+                f"{'bpc before':>11} {'bpc after':>10}"]
         for code, s in self.scores.items():
             mark = " (trained)" if code == self.language else ""
             rows.append(f"{code:<10} {s['tokens']:>9,} {s['base_perplexity']:>11.3f} {s['tuned_perplexity']:>10.3f} "
-                        f"{100 * (s['tuned_perplexity'] / s['base_perplexity'] - 1):>+7.2f}%{mark}")
+                        f"{100 * (s['tuned_perplexity'] / s['base_perplexity'] - 1):>+7.2f}% "
+                        f"{s['base_bits_per_character']:>11.4f} {s['tuned_bits_per_character']:>10.4f}{mark}")
         return rows
 
 
@@ -503,13 +505,13 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | None, *, 
                  tokens: int = 100_000, seq_len: int = 512, batch_size: int = 4, dtype: str | None = None,
                  device: str | None = None, text_field: str | None = None, token: str | None = None,
                  trust_remote_code: bool = False) -> RunEvaluation:
-    """Perplexity per language before (base model) and after (base + delta) a finetune run, on held-out text.
-
-    Text is packed as for training (``pack_rows``, rows of ``seq_len``); the loss is the mean next-token
-    cross-entropy over every position after the first of each row.
-    """
+    """Perplexity and bits per character per language, before (base model) and after (base + delta) a
+    finetune run, on held-out text, measured exactly as ``ablate`` measures them: every token of the
+    packed stream is predicted once, and bits per character divide by the characters of that text,
+    so they compare across tokenizers."""
     from transformers import AutoTokenizer
 
+    from .ablation import Score, heldout_text, negative_log_likelihood
     from .sparse import FULL_MODEL_DIR as DENSE_DIR
     from .sparse import base_source, load_base_model, load_sparse_model, read_run_config
 
@@ -520,22 +522,20 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | None, *, 
     sources = {code: resolve_corpus(data, manifest.language(code), manifest, text_field) for code in codes}
     tokenizer_source = str(folder / DENSE_DIR) if config["subset"] in ("ffn", "full") else base_source(config)[0]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-    rows = {}
-    for code, source in sources.items():
-        rows[code] = read_rows(source, tokenizer, seq_len, tokens)
-        if not rows[code]:
-            raise CorpusError(f"The held-out text for {code} ({Path(source.location).name}) holds no text.")
-    pad_id = tokenizer.pad_token_id if isinstance(tokenizer.pad_token_id, int) else 0
-    scores: dict[str, dict] = {code: {"tokens": sum(r.numel() for r in rows[code])} for code in codes}
+    heldout = {code: heldout_text(source, code, tokenizer, seq_len, tokens) for code, source in sources.items()}
+    scores: dict[str, dict] = {code: {"tokens": h.tokens, "characters": h.characters} for code, h in heldout.items()}
+
     def tuned(folder, **kw):
         return load_sparse_model(folder, merge=True, **kw)
 
     for label, loader in (("base", load_base_model), ("tuned", tuned)):
         model = loader(folder, dtype=dtype, device=device, token=token, trust_remote_code=trust_remote_code)
         model_device = next(model.parameters()).device
-        for code in codes:
-            loss = evaluate(model, rows[code], batch_size, pad_id, model_device)
-            scores[code][f"{label}_loss"] = loss
-            scores[code][f"{label}_perplexity"] = math.exp(loss)
+        for code, h in heldout.items():
+            nll, predicted = negative_log_likelihood(model, h.inputs, batch_size=batch_size, device=model_device)
+            score = Score(nll, predicted, h.characters)
+            scores[code][f"{label}_loss"] = score.loss
+            scores[code][f"{label}_perplexity"] = score.perplexity
+            scores[code][f"{label}_bits_per_character"] = score.bits_per_character
         del model
     return RunEvaluation(folder, trained, scores)

@@ -293,6 +293,10 @@ def test_evaluate_reports_perplexity_before_and_after(setup, tmp_path):
     assert data["trained_language"] == "en" and en["tokens"] > 0 and el["tokens"] > 0
     assert en["tuned_perplexity"] < en["base_perplexity"]
     assert en["base_perplexity"] == pytest.approx(math.exp(en["base_loss"]))
+    # Bits per character: the same nats over the characters of the text (comparable across tokenizers).
+    assert en["base_bits_per_character"] == pytest.approx(en["base_loss"] * en["tokens"] / math.log(2)
+                                                          / en["characters"])
+    assert en["tuned_bits_per_character"] < en["base_bits_per_character"]
     table = run("evaluate", out, "--data", heldout, "--seq-len", 32).output
     assert "(trained)" in table and "el" not in table.split("\n", 1)[1]
 
