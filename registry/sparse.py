@@ -51,7 +51,22 @@ def _is_conv1d(module: nn.Module) -> bool:
     return not isinstance(module, nn.Linear) and hasattr(module, "nf")
 
 
-class RowDelta(nn.Module):
+class _Wrapped(nn.Module):
+    """A projection wrapped with a delta still answers to what code reads off projections
+    (``models._out_features``, ``mask.check``): its base's weight and width."""
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def nf(self) -> int:
+        return self.base.out_features if isinstance(self.base, nn.Linear) else int(self.base.nf)
+
+
+class RowDelta(_Wrapped):
     """A first projection whose output rows ``index`` get ``x @ delta.T`` (+ ``bias_delta``) added."""
 
     def __init__(self, base: nn.Module, index: torch.Tensor, hidden: int, bias: bool):
@@ -61,15 +76,6 @@ class RowDelta(nn.Module):
         self.register_buffer("index", index.to(device=device, dtype=torch.long), persistent=False)
         self.delta = nn.Parameter(torch.zeros(index.numel(), hidden, device=device, dtype=torch.float32))
         self.bias_delta = nn.Parameter(torch.zeros(index.numel(), device=device)) if bias else None
-
-    # Read by code that inspects projections (models._out_features, mask.check).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def nf(self) -> int:
-        return self.base.out_features if isinstance(self.base, nn.Linear) else int(self.base.nf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -91,7 +97,7 @@ class RowDelta(nn.Module):
         return self.base
 
 
-class ColumnDelta(nn.Module):
+class ColumnDelta(_Wrapped):
     """A second projection whose input columns ``index`` get ``delta [out, k]``: base(h) + h[..., idx] @ delta.T."""
 
     def __init__(self, base: nn.Module, index: torch.Tensor, hidden: int):
@@ -100,14 +106,6 @@ class ColumnDelta(nn.Module):
         device = base.weight.device
         self.register_buffer("index", index.to(device=device, dtype=torch.long), persistent=False)
         self.delta = nn.Parameter(torch.zeros(hidden, index.numel(), device=device, dtype=torch.float32))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def nf(self) -> int:
-        return self.base.out_features if isinstance(self.base, nn.Linear) else int(self.base.nf)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.base(h)
