@@ -107,6 +107,13 @@ def trust_remote_code_option(f):
                         help="Run the model repository's own Python code (off by default).")(f)
 
 
+def model_source_options(f):
+    """How a model is found and loaded: its registry name, its text field, remote code, token."""
+    for option in (token_option, trust_remote_code_option, model_name_option, text_field_option):
+        f = option(f)
+    return f
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
 

@@ -9,17 +9,14 @@ import click
 
 from .cli import (
     device_option,
-    model_name_option,
-    text_field_option,
-    trust_remote_code_option,
     _manifest,
     _registry,
     _setup_logging,
     _split_languages,
     cli,
+    model_source_options,
     quiet_option,
     registry_option,
-    token_option,
 )
 
 
@@ -45,10 +42,7 @@ from .cli import (
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).")
 @device_option
-@text_field_option
-@model_name_option
-@trust_remote_code_option
-@token_option
+@model_source_options
 @registry_option
 @quiet_option
 @click.pass_context

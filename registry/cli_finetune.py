@@ -12,6 +12,7 @@ from .cli import (
     _registry,
     _setup_logging,
     cli,
+    model_source_options,
     device_option,
     model_name_option,
     quiet_option,
@@ -62,10 +63,7 @@ from .cli import (
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
 @click.option("--merged", is_flag=True, help="Also save the merged full model (save_pretrained) in OUT/merged.")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run.")
-@text_field_option
-@model_name_option
-@trust_remote_code_option
-@token_option
+@model_source_options
 @registry_option
 @quiet_option
 @click.pass_context
