@@ -1,5 +1,19 @@
-"""neuronreg: language-specific neurons (LAPE) as infrastructure: compute, store, share, fine-tune."""
+"""neuronreg: language-specific neurons (LAPE) as infrastructure: compute, store, share, fine-tune.
 
+Layers, lowest first (a module imports only from its own layer or lower ones):
+
+* root modules: ``errors``, ``files``, ``layouts``, ``manifest``, ``resolve``, ``provenance``, ``mask``,
+  ``progress``, ``hubcalls`` (no torch), then ``models``, ``hooks``, ``corpus``;
+* ``store``: the local registry, the Hub registry, the authors' file format, cards and figures;
+* ``lape``: counting, selection, distributed counting, and the compute job;
+* ``evaluation``: held-out loss (the one measurement) and ablation;
+* ``finetune``: settings and run config, row-sparse deltas, training, loading, evaluation, release;
+* ``cli``: thin Click commands over all of the above.
+
+The public names below are imported on first use, so ``import neuronreg`` stays cheap.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -7,13 +21,24 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
-from .errors import NeuronregError  # noqa: E402
-from .hub import load_mask  # noqa: E402
-from .mask import NeuronMask  # noqa: E402
-from .sparse import load_sparse_model  # noqa: E402
-from .manifest import load_manifest  # noqa: E402
-from .selection import SelectionParams, select_neurons  # noqa: E402
-from .store import LocalRegistry  # noqa: E402
+_EXPORTS = {
+    "NeuronregError": "errors",
+    "LocalRegistry": "store.local",
+    "NeuronMask": "mask",
+    "SelectionParams": "lape.selection",
+    "select_neurons": "lape.selection",
+    "load_manifest": "manifest",
+    "load_mask": "store.hub",
+    "load_sparse_model": "finetune.loading",
+    "resolve_model": "resolve",
+}
 
-__all__ = ["__version__", "NeuronregError", "LocalRegistry", "NeuronMask", "SelectionParams", "load_manifest",
-           "load_mask", "load_sparse_model", "select_neurons"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'neuronreg' has no attribute {name!r}")

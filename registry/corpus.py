@@ -2,24 +2,29 @@
 
 Packing follows the reference pipelines: every document is tokenized without special tokens and
 followed by the end-of-sequence token, the stream is cut into rows of exactly ``seq_len`` tokens
-(no padding anywhere), and only the final row may be shorter.
+(no padding anywhere), and only the final row may be shorter. Memory follows the token budget, not
+the longest document: of a document far longer than the tokens still wanted, only a prefix is
+tokenized (checked to give the same first tokens as a prefix twice as long).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .errors import CorpusError
+from .errors import CorpusError, SettingsError
+from .files import inside
 from .manifest import Language, Manifest
+from .provenance import CorpusInfo
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKENIZE_BATCH = 256  # documents per tokenizer call: fast tokenizers parallelise within a call
+LONG_DOCUMENT = 1 << 16  # characters; longer documents are cut to what the budget needs
+MAX_TOKENS = 10**15
 
 
 @dataclass(frozen=True)
@@ -32,19 +37,26 @@ class CorpusSource:
     split: str = "train"
     text_field: str = "text"
 
-    def describe(self) -> dict:
-        """Provenance of the text, precise enough to tell two corpora apart."""
+    def describe(self) -> CorpusInfo:
+        """Provenance of the text, precise enough to tell two corpora apart (a file by NAME and hash)."""
         if self.kind == "local":
-            return {"kind": "local", "file": Path(self.location).name, "sha256": _sha256(Path(self.location))}
-        return {"kind": "hub", "dataset": self.location, "config": self.config, "split": self.split,
-                "text_field": self.text_field}
+            return CorpusInfo(kind="local", file=Path(self.location).name, sha256=_sha256(Path(self.location)))
+        return CorpusInfo(kind="hub", dataset=self.location, config=self.config, split=self.split,
+                          text_field=self.text_field)
+
+    @property
+    def label(self) -> str:
+        return Path(self.location).name if self.kind == "local" else f"{self.location} ({self.config})"
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise CorpusError(f"Cannot read {path.name}: {exc.strerror or exc}.") from exc
     return digest.hexdigest()
 
 
@@ -54,24 +66,28 @@ def resolve_corpus(spec: str, language: Language, manifest: Manifest, text_field
         default = manifest.default_corpus
         _, _, rest = spec.partition(":")
         dataset, _, config = rest.partition(":")
-        return CorpusSource(
-            "hub",
-            dataset or default["dataset"],
-            (config or language.corpus_config).format(code=language.code, iso639_3=language.iso639_3,
-                                                     flores200=language.flores200 or "", script=language.script),
-            default.get("split", "train"),
-            text_field or default.get("text_field", "text"),
-        )
+        template = config or language.corpus_config
+        try:
+            config = template.format(code=language.code, iso639_3=language.iso639_3,
+                                     flores200=language.flores200 or "", script=language.script,
+                                     flores200_dash=(language.flores200 or "").replace("_", "-"))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise CorpusError(f"Corpus config {template!r} has a placeholder neuronreg does not know ({exc}); use "
+                              "{code}, {iso639_3}, {flores200}, {flores200_dash} or {script}.") from None
+        return CorpusSource("hub", dataset or default["dataset"], config, default.get("split", "train"),
+                            text_field or default.get("text_field", "text"))
     folder = Path(spec).expanduser()
     if not folder.is_dir():
-        raise CorpusError(f"Corpus folder {spec} does not exist. Give a folder of <language>.txt files, or 'hf'.")
+        raise CorpusError(f"Corpus folder {spec} does not exist.", fix="corpus",
+                          advice="Give a folder of <language>.txt files, or 'hf'.")
     root = folder.resolve()
     wanted = {key.lower() for key in language.keys()}
-    candidates = sorted(
-        p for p in root.iterdir() if p.suffix in SUFFIXES and p.stem.lower() in wanted and p.is_file()
-    )
+    try:
+        candidates = sorted(p for p in root.iterdir() if p.suffix in SUFFIXES and p.stem.lower() in wanted)
+    except OSError as exc:
+        raise CorpusError(f"Cannot list {spec}: {exc.strerror or exc}.") from exc
     # A symlink may point anywhere; only text that really lives in the folder is read.
-    candidates = [p for p in candidates if p.resolve().is_relative_to(root)]
+    candidates = [p for p in candidates if p.is_file() and inside(root, p)]
     if not candidates:
         raise CorpusError(
             f"No text for {language.name} ({language.code}) in {spec}: expected a file named "
@@ -108,21 +124,28 @@ def iter_documents(source: CorpusSource) -> Iterator[str]:
                     if isinstance(text, str) and text.strip():
                         yield text
         else:
-            import pyarrow.parquet as pq
-
-            table = pq.ParquetFile(path)
-            if source.text_field not in table.schema_arrow.names:
-                raise CorpusError(f"{path.name} has no {source.text_field!r} column; use --text-field.")
-            for batch in table.iter_batches(columns=[source.text_field]):
-                for text in batch.column(0).to_pylist():
-                    if isinstance(text, str) and text.strip():
-                        yield text
+            yield from _parquet_documents(path, source.text_field)
     except UnicodeDecodeError:
         raise CorpusError(f"{path.name} is not UTF-8 text; convert it first.") from None
     except OSError as exc:
-        if isinstance(exc, CorpusError):
-            raise
-        raise CorpusError(f"Cannot read {path}: {exc}") from None
+        raise CorpusError(f"Cannot read {path.name}: {exc.strerror or exc}.") from exc
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        if field not in table.schema_arrow.names:
+            raise CorpusError(f"{path.name} has no {field!r} column.", fix="text_field",
+                              advice="Pass text_field= to name the column that holds the text.")
+        for batch in table.iter_batches(columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and text.strip():
+                    yield text
+    except pa.ArrowException as exc:
+        raise CorpusError(f"{path.name} is not a readable Parquet file ({type(exc).__name__}).") from exc
 
 
 def _hub_documents(source: CorpusSource) -> Iterator[str]:
@@ -130,17 +153,21 @@ def _hub_documents(source: CorpusSource) -> Iterator[str]:
 
     try:
         stream = datasets.load_dataset(source.location, source.config, split=source.split, streaming=True)
+        for record in stream:
+            text = record.get(source.text_field)
+            if text is None and source.text_field != "text":
+                text = record.get("text")
+            if isinstance(text, str) and text.strip():
+                yield text
+    except CorpusError:
+        raise
     except Exception as exc:  # datasets raises many types; all mean "cannot stream this"
+        from .hubcalls import first_line
+
         raise CorpusError(
-            f"Cannot stream {source.location} ({source.config}) from the Hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
-            "Check the dataset id and config, your network, or use a local --corpus folder."
+            f"Cannot stream {source.location} ({source.config}) from the Hub: {first_line(exc)}. Check the dataset id "
+            "and config and your network, or use a local corpus folder."
         ) from exc
-    for record in stream:
-        text = record.get(source.text_field)
-        if text is None and source.text_field != "text":
-            text = record.get("text")
-        if isinstance(text, str) and text.strip():
-            yield text
 
 
 def separator_id(tokenizer) -> int | None:
@@ -152,25 +179,51 @@ def separator_id(tokenizer) -> int | None:
     return None
 
 
-def pack_rows(documents: Iterable[str], tokenizer, seq_len: int, max_tokens: int) -> Iterator[torch.Tensor]:
-    """Rows of ``seq_len`` token ids (the last may be shorter), ``max_tokens`` in all at most."""
+def token_ids(documents: list[str], tokenizer, budget: int) -> list[list[int]]:
+    """Each document's token ids (no special tokens); of a document far longer than ``budget`` tokens,
+    only its first ``budget + 1`` tokens (or more) are computed."""
+    short = [doc if len(doc) <= max(LONG_DOCUMENT, 16 * budget) else "" for doc in documents]
+    ids = tokenizer(short, add_special_tokens=False)["input_ids"]
+    for i, doc in enumerate(documents):
+        if len(doc) > max(LONG_DOCUMENT, 16 * budget):
+            ids[i] = _prefix_ids(doc, tokenizer, budget)
+    return ids
+
+
+def _prefix_ids(text: str, tokenizer, budget: int) -> list[int]:
+    """At least the first ``budget + 1`` tokens of ``text``, from the shortest prefix whose first tokens
+    agree with those of a prefix twice as long (so the cut changes none of the tokens kept)."""
+    chars = max(LONG_DOCUMENT, 8 * (budget + 1))
+    previous = None
+    while chars < len(text):
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if previous is not None and len(previous) > budget + 1 and previous[:budget + 1] == ids[:budget + 1]:
+            return ids[:budget + 1]
+        previous, chars = ids, chars * 2
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pack_rows(documents: Iterable[str], tokenizer, seq_len: int, max_tokens: int) -> Iterator:
+    """Rows of ``seq_len`` token ids (torch int64; the last may be shorter), ``max_tokens`` in all at most."""
+    import torch
+
     if seq_len <= 0 or max_tokens <= 0:
-        raise CorpusError("--seq-len and --tokens must be positive.")
+        raise SettingsError("seq_len and tokens must be positive.")
     sep = separator_id(tokenizer)
     buffer: list[int] = []
     emitted = 0
     for batch in _batched(documents, TOKENIZE_BATCH):
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids in token_ids(batch, tokenizer, max_tokens - emitted):
             buffer.extend(ids)
             if sep is not None:
                 buffer.append(sep)
-        while len(buffer) >= seq_len:
-            take = min(seq_len, max_tokens - emitted)
-            yield torch.tensor(buffer[:take], dtype=torch.long)
-            emitted += take
-            if emitted >= max_tokens:
-                return
-            del buffer[:seq_len]
+            while len(buffer) >= seq_len:
+                take = min(seq_len, max_tokens - emitted)
+                yield torch.tensor(buffer[:take], dtype=torch.long)
+                emitted += take
+                if emitted >= max_tokens:
+                    return
+                del buffer[:seq_len]
     take = min(len(buffer), max_tokens - emitted)
     if take > 0:
         yield torch.tensor(buffer[:take], dtype=torch.long)
@@ -187,17 +240,23 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def parse_tokens(text: str | int) -> int:
-    """'13M', '500k', '2.5M', '1B' or a plain integer."""
-    if isinstance(text, int):
-        return text
-    value = text.strip().lower().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(value[-1:], 1)
-    number = value[:-1] if scale != 1 else value
-    try:
-        tokens = int(float(number) * scale)
-    except ValueError:
-        raise CorpusError(f"Cannot read token count {text!r}; write it like 13M, 500k or 2000000.") from None
+def parse_tokens(text: str | int, what: str = "Token count") -> int:
+    """'13M', '500k', '2.5M', '1B' or a plain integer; a finite positive count below 10^15."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        tokens = text
+    else:
+        value = str(text).strip().lower().replace("_", "").replace(",", "")
+        scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(value[-1:], 1)
+        number = value[:-1] if scale != 1 else value
+        try:
+            amount = float(number) * scale
+        except ValueError:
+            raise SettingsError(f"Cannot read {what.lower()} {text!r}; write it like 13M, 500k or 2000000.") from None
+        if not math.isfinite(amount):
+            raise SettingsError(f"{what} {text!r} is not a finite number.")
+        tokens = int(amount)
     if tokens <= 0:
-        raise CorpusError(f"Token count {text!r} must be positive.")
+        raise SettingsError(f"{what} {text!r} must be positive.")
+    if tokens > MAX_TOKENS:
+        raise SettingsError(f"{what} {text!r} is larger than any corpus ({MAX_TOKENS:.0e}).")
     return tokens

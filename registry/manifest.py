@@ -1,4 +1,9 @@
-"""The catalogue of model aliases and languages (``manifest.json``), validated on load."""
+"""The catalogue of model aliases and languages (``manifest.json``), validated at every level on load.
+
+Every key of every entry is checked: an unknown key (a typo such as ``mlp_layuot``), a missing one
+or a value of the wrong type is a :class:`ManifestError` naming the file and the path of the key
+(``models[mistral-nemo].mlp_layuot: unknown key``), never a traceback. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,22 @@ import difflib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import ManifestError, UnknownLanguage
+from .layouts import BY_NAME as LAYOUTS
 
 MANIFEST_ENV = "NEURONREG_MANIFEST"
 # A language code becomes a `datasets` split name, which must match this.
 SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
 SCRIPT = re.compile(r"^[A-Z][a-z]{3}$")
 FLORES = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+ISO639_3 = re.compile(r"^[a-z]{3}$")
+ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,19 @@ class Manifest:
     _index: dict[str, list[Language]] = field(default_factory=dict, repr=False, compare=False)
 
     def language(self, name: str) -> Language:
-        """Resolve a language given by any of its codes or its name (case-insensitive)."""
-        found = self._index.get(_norm(name), [])
+        """Resolve a language given by any of its codes or its name (case-insensitive).
+
+        Prefer :func:`neuronreg.resolve.resolve_language`, which also accepts codes a registry holds.
+        """
+        found = self.lookup(name)
+        if found is not None:
+            return found
+        raise UnknownLanguage(f"Unknown language {name!r}.{self.suggest(name)}", fix="languages",
+                              advice="neuronreg.load_manifest().languages lists them; or add it to the manifest.")
+
+    def lookup(self, name: str) -> Language | None:
+        """The language ``name`` stands for, None when it stands for none; UnknownLanguage when ambiguous."""
+        found = self._index.get(_norm(name), []) if isinstance(name, str) else []
         if len(found) == 1:
             return found[0]
         if found:
@@ -75,11 +96,14 @@ class Manifest:
                 return base[0]
             codes = ", ".join(lang.code for lang in found)
             raise UnknownLanguage(f"Language {name!r} is ambiguous: it may be {codes}. Use one of those codes.")
-        close = difflib.get_close_matches(_norm(name), list(self._index), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(self._index[c][0].code for c in close)}?" if close else ""
-        raise UnknownLanguage(
-            f"Unknown language {name!r}.{hint} Run 'neuronreg languages' to list them, or add it to the manifest."
-        )
+        return None
+
+    def suggest(self, name: str, extra: list[str] = ()) -> str:
+        """' Did you mean x, y?' for a misspelt language, or ''."""
+        keys = {**{k: langs[0].code for k, langs in self._index.items()}, **{_norm(e): e for e in extra}}
+        close = difflib.get_close_matches(_norm(str(name)), list(keys), n=3, cutoff=0.6)
+        codes = list(dict.fromkeys(keys[c] for c in close))
+        return f" Did you mean {', '.join(codes)}?" if codes else ""
 
     def model_for_hub_id(self, hub_id: str) -> ModelEntry | None:
         for entry in self.models.values():
@@ -114,117 +138,160 @@ def _load(path: str) -> Manifest:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ManifestError(f"Manifest {path} does not exist. Check --manifest or ${MANIFEST_ENV}.") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"Manifest {path} is not valid JSON ({exc}). Fix the file.") from None
-    return _validate(raw, Path(path))
+        raise ManifestError(f"Manifest {path} does not exist.", fix="manifest") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"Manifest {path} is not valid JSON ({exc}). Fix the file.") from exc
+    return _Validator(Path(path)).manifest(raw)
 
 
-def _bad(path: Path, key: str, what: str) -> ManifestError:
-    return ManifestError(f"Manifest {path}: {key} {what}. Fix that entry.")
+# -- validation -------------------------------------------------------------------------------------
+# Each entry kind: key -> (check, required). A check takes (value, where) and returns the value to keep.
+Check = Callable[[object, str], object]
 
 
-def _require(entry: dict, key: str, kind: type, path: Path, where: str, optional: bool = False):
-    value = entry.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise _bad(path, f"{where}.{key}", f"must be {'a string' if kind is str else 'an integer' if kind is int else kind.__name__}")
-    if kind is str and not value.strip():
-        raise _bad(path, f"{where}.{key}", "must not be empty")
-    if kind is int and value <= 0:
-        raise _bad(path, f"{where}.{key}", "must be positive")
-    return value
+class _Validator:
+    def __init__(self, path: Path):
+        self.path = path
 
+    def bad(self, where: str, what: str) -> ManifestError:
+        return ManifestError(f"Manifest {self.path}: {where} {what}. Fix that entry.")
 
-def _layout(value: object, path: Path, where: str) -> str:
-    from .summary import WEIGHTS_PER_NEURON
+    # value checks
+    def string(self, pattern: re.Pattern | None = None, shape: str = "") -> Check:
+        def check(value, where):
+            if not isinstance(value, str) or not value.strip():
+                raise self.bad(where, "must be a non-empty string")
+            if pattern is not None and not pattern.match(value):
+                raise self.bad(where, f"must be {shape}")
+            return value
 
-    if value not in WEIGHTS_PER_NEURON:
-        raise _bad(path, f"{where}.mlp_layout", f"must be one of {', '.join(WEIGHTS_PER_NEURON)}")
-    return value
+        return check
 
+    def positive(self, value, where):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise self.bad(where, "must be a positive integer")
+        return value
 
-def _validate(raw: object, path: Path) -> Manifest:
-    if not isinstance(raw, dict):
-        raise _bad(path, "the top level", "must be a JSON object")
-    known = {"manifest_version", "registry_repo", "default_corpus", "models", "languages"}
-    for key in raw:
-        if key not in known:
-            raise _bad(path, repr(key), f"is not a manifest key (known: {', '.join(sorted(known))})")
-    registry_repo = _require(raw, "registry_repo", str, path, "manifest")
-    corpus = raw.get("default_corpus")
-    if not isinstance(corpus, dict) or not isinstance(corpus.get("dataset"), str):
-        raise _bad(path, "default_corpus.dataset", "must be a Hub dataset id")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, dict) or not models_raw:
-        raise _bad(path, "models", "must be a non-empty object of alias -> model")
-    models = {}
-    for alias, entry in models_raw.items():
-        where = f"models.{alias}"
-        if not isinstance(entry, dict):
-            raise _bad(path, where, "must be an object")
-        if not SPLIT_NAME.match(alias.replace("-", "_")) or "/" in alias:
-            raise _bad(path, where, "is not a valid alias (letters, digits, '-', '_', '.')")
-        models[alias] = ModelEntry(
-            alias=alias,
-            hub_id=_require(entry, "hub_id", str, path, where),
-            revision=_require(entry, "revision", str, path, where, optional=True),
-            num_layers=_require(entry, "num_layers", int, path, where),
-            hidden_size=_require(entry, "hidden_size", int, path, where),
-            intermediate_size=_require(entry, "intermediate_size", int, path, where),
-            license=_require(entry, "license", str, path, where, optional=True),
-            num_parameters=_require(entry, "num_parameters", int, path, where, optional=True),
-            mlp_layout=_layout(entry.get("mlp_layout", "gated"), path, where),
-        )
-    langs_raw = raw.get("languages")
-    if not isinstance(langs_raw, list) or not langs_raw:
-        raise _bad(path, "languages", "must be a non-empty list")
-    languages, codes = [], set()
-    for i, entry in enumerate(langs_raw):
-        where = f"languages[{i}]"
-        if not isinstance(entry, dict):
-            raise _bad(path, where, "must be an object")
-        code = _require(entry, "code", str, path, where)
-        where = f"languages[{code}]"
-        if not SPLIT_NAME.match(code):
-            raise _bad(path, f"{where}.code", "must be a valid split name (letters, digits, '_'; no '-')")
-        if code in codes:
-            raise _bad(path, f"{where}.code", "is listed twice")
-        codes.add(code)
-        script = _require(entry, "script", str, path, where)
-        if not SCRIPT.match(script):
-            raise _bad(path, f"{where}.script", "must be an ISO 15924 code such as 'Latn'")
-        flores = _require(entry, "flores200", str, path, where, optional=True)
-        if flores is not None and not FLORES.match(flores):
-            raise _bad(path, f"{where}.flores200", "must look like 'swh_Latn'")
-        iso3 = _require(entry, "iso639_3", str, path, where)
-        if not re.fullmatch(r"[a-z]{3}", iso3):
-            raise _bad(path, f"{where}.iso639_3", "must be three lower-case letters")
-        corpus_cfg = entry.get("corpus", {})
-        if not isinstance(corpus_cfg, dict) or not isinstance(corpus_cfg.get("config"), str):
-            raise _bad(path, f"{where}.corpus.config", "must name the default corpus config")
-        aliases = entry.get("aliases", [])
-        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-            raise _bad(path, f"{where}.aliases", "must be a list of strings")
-        languages.append(
-            Language(
-                code=code,
-                name=_require(entry, "name", str, path, where),
-                iso639_3=iso3,
-                script=script,
-                flores200=flores,
-                corpus_config=corpus_cfg["config"],
-                aliases=tuple(aliases),
-                variant_of=entry.get("variant_of"),
-                ntrex=entry.get("ntrex"),
-            )
-        )
-    manifest = Manifest(path, registry_repo, dict(corpus), models, tuple(languages))
-    for lang in languages:
-        for key in dict.fromkeys(_norm(k) for k in lang.keys()):
-            manifest._index.setdefault(key, []).append(lang)
-    # A canonical code always means its own language, even where it is another's alias.
-    for lang in languages:
-        manifest._index[_norm(lang.code)] = [lang]
-    return manifest
+    def optional(self, check: Check) -> Check:
+        return lambda value, where: None if value is None else check(value, where)
+
+    def choice(self, options) -> Check:
+        def check(value, where):
+            if value not in options:
+                raise self.bad(where, f"must be one of {', '.join(options)}")
+            return value
+
+        return check
+
+    def strings(self, value, where):
+        if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
+            raise self.bad(where, "must be a list of non-empty strings")
+        return tuple(value)
+
+    def entry(self, raw, where: str, spec: dict[str, tuple[Check, bool]]) -> dict:
+        if not isinstance(raw, dict):
+            raise self.bad(where, "must be a JSON object")
+        for key in raw:
+            if key not in spec:
+                close = difflib.get_close_matches(str(key), list(spec), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(spec)})"
+                raise self.bad(f"{where}.{key}", f"is an unknown key{hint}")
+        out = {}
+        for key, (check, required) in spec.items():
+            if key not in raw or raw[key] is None:
+                if required:
+                    raise self.bad(f"{where}.{key}", "is missing")
+                out[key] = None
+                continue
+            out[key] = check(raw[key], f"{where}.{key}")
+        return out
+
+    # entries
+    def manifest(self, raw) -> Manifest:
+        top = self.entry(raw, "the manifest", {
+            "manifest_version": (self.positive, False),
+            "registry_repo": (self.string(REPO_ID, "a Hub repo id like org/name"), True),
+            "default_corpus": (self.corpus, True),
+            "models": (self.object_of("models"), True),
+            "languages": (self.list_of("languages"), True),
+        })
+        if top["manifest_version"] not in (None, 1):
+            raise self.bad("manifest_version", f"is {top['manifest_version']}, and this neuronreg reads version 1")
+        models = {}
+        for alias, entry in top["models"].items():
+            where = f"models[{alias}]"
+            if not ALIAS.match(alias):
+                raise self.bad(where, "is not a valid alias (letters, digits, '-', '_', '.')")
+            models[alias] = ModelEntry(alias=alias, **self.entry(entry, where, {
+                "hub_id": (self.string(REPO_ID, "a Hub id like org/name"), True),
+                "revision": (self.optional(self.string()), False),
+                "num_layers": (self.positive, True),
+                "hidden_size": (self.positive, True),
+                "intermediate_size": (self.positive, True),
+                "license": (self.optional(self.string()), False),
+                "num_parameters": (self.optional(self.positive), False),
+                "mlp_layout": (self.choice(list(LAYOUTS)), False),
+            }))
+            if models[alias].mlp_layout is None:
+                models[alias] = ModelEntry(**{**models[alias].__dict__, "mlp_layout": "gated"})
+        languages, codes = [], set()
+        for i, raw_lang in enumerate(top["languages"]):
+            label = raw_lang.get("code") if isinstance(raw_lang, dict) and isinstance(raw_lang.get("code"), str) else i
+            where = f"languages[{label}]"
+            lang = self.entry(raw_lang, where, {
+                "code": (self.string(SPLIT_NAME, "a valid split name (letters, digits, '_'; no '-')"), True),
+                "name": (self.string(), True),
+                "iso639_3": (self.string(ISO639_3, "three lower-case letters"), True),
+                "script": (self.string(SCRIPT, "an ISO 15924 code such as 'Latn'"), True),
+                "flores200": (self.optional(self.string(FLORES, "like 'swh_Latn'")), False),
+                "corpus": (self.language_corpus, True),
+                "aliases": (self.strings, False),
+                "variant_of": (self.optional(self.string()), False),
+                "ntrex": (self.optional(self.string()), False),
+            })
+            if lang["code"] in codes:
+                raise self.bad(f"{where}.code", "is listed twice")
+            codes.add(lang["code"])
+            languages.append(Language(code=lang["code"], name=lang["name"], iso639_3=lang["iso639_3"],
+                                      script=lang["script"], flores200=lang["flores200"],
+                                      corpus_config=lang["corpus"], aliases=lang["aliases"] or (),
+                                      variant_of=lang["variant_of"], ntrex=lang["ntrex"]))
+        for lang in languages:
+            if lang.variant_of is not None and lang.variant_of not in codes:
+                raise self.bad(f"languages[{lang.code}].variant_of", f"names {lang.variant_of!r}, which is not a code "
+                                                                     "of this manifest")
+        manifest = Manifest(self.path, top["registry_repo"], top["default_corpus"], models, tuple(languages))
+        for lang in languages:
+            for key in dict.fromkeys(_norm(k) for k in lang.keys()):
+                manifest._index.setdefault(key, []).append(lang)
+        # A canonical code always means its own language, even where it is another's alias.
+        for lang in languages:
+            manifest._index[_norm(lang.code)] = [lang]
+        return manifest
+
+    def object_of(self, what: str) -> Check:
+        def check(value, where):
+            if not isinstance(value, dict) or not value:
+                raise self.bad(where, f"must be a non-empty object of {what}")
+            return value
+
+        return check
+
+    def list_of(self, what: str) -> Check:
+        def check(value, where):
+            if not isinstance(value, list) or not value:
+                raise self.bad(where, f"must be a non-empty list of {what}")
+            return value
+
+        return check
+
+    def corpus(self, value, where):
+        entry = self.entry(value, where, {
+            "dataset": (self.string(REPO_ID, "a Hub dataset id like org/name"), True),
+            "split": (self.string(), False),
+            "text_field": (self.string(), False),
+        })
+        return {key: val for key, val in entry.items() if val is not None}
+
+    def language_corpus(self, value, where):
+        return self.entry(value, where, {"config": (self.string(), True)})["config"]

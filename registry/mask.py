@@ -1,98 +1,352 @@
-"""A language's neuron mask as one object: per-layer indices, a boolean matrix, files, checks."""
+"""``NeuronMask``: THE type for a set of neurons of one model.
+
+Selection returns one per language, the registry stores and loads them, ``load_mask`` and ``fetch``
+give them, ``import`` makes them from the LAPE authors' files, ``ablate`` switches them off and
+``finetune`` trains them. The neurons are kept as two sorted int64 numpy arrays (``layer``,
+``neuron``), so reading and summarising a mask needs no torch; the views that torch code wants
+(``per_layer()``, ``boolean()``) import it when called.
+
+Files, each saved AND loaded here (round-trip tested):
+
+* ``parquet``: the registry's file: columns layer, neuron, entropy, activation_prob, with the
+  provenance (:class:`~neuronreg.provenance.NeuronsRecord`) in the schema metadata;
+* ``json``: the header (model, language, dimensions, provenance) and ``layers``: list[layer] -> ids;
+* ``pt``: the LAPE authors' format, ``list[layer] -> LongTensor`` (loading needs the MLP width,
+  which the format does not hold);
+* ``safetensors``: int32 ``layer`` and ``neuron`` tensors, the header as JSON metadata.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
+import numpy as np
 
-from .errors import MaskError
-from .store import META_KEY, NEURON_SCHEMA, atomic_path, write_parquet
+from .errors import MaskError, RecordError
+from .files import atomic_path, write_parquet
+from .layouts import weights_per_neuron
+from .provenance import NeuronsRecord
 
 FORMATS = ("parquet", "json", "pt", "safetensors")
+META_KEY = b"neuronreg"
+RANDOM = "random"
 
 
-@dataclass
+def _ids(values) -> np.ndarray:
+    if hasattr(values, "numpy") and hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+@dataclass(eq=False)
 class NeuronMask:
-    """The neurons of one language in one model, with where they came from."""
+    """The neurons of one language (or any named set) in one model, with where they came from."""
 
     model: str
     language: str
     num_layers: int
     intermediate_size: int
-    layer: torch.Tensor  # int64 [n], sorted by (layer, neuron)
-    neuron: torch.Tensor  # int64 [n]
-    provenance: dict = field(default_factory=dict)
-    source: dict = field(default_factory=dict)  # {"repo", "revision", "commit"} or {"registry": path}
-    table: pa.Table | None = None
+    layer: np.ndarray  # int64 [n], sorted by (layer, neuron), no repeats
+    neuron: np.ndarray  # int64 [n]
+    entropy: np.ndarray | None = None  # float64 [n]: the LAPE score (None: imported or derived)
+    activation_prob: np.ndarray | None = None  # float64 [n]: this language's activation probability
+    provenance: NeuronsRecord | None = None
+    source: dict = field(default_factory=dict)  # {"registry": path} | {"repo", "revision", "commit"} | {"file"}
 
+    def __post_init__(self):
+        self.layer, self.neuron = _ids(self.layer), _ids(self.neuron)
+        if self.entropy is not None:
+            self.entropy = np.asarray(self.entropy, dtype=np.float64).reshape(-1)
+        if self.activation_prob is not None:
+            self.activation_prob = np.asarray(self.activation_prob, dtype=np.float64).reshape(-1)
+        self.validate()
+
+    # -- construction -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """MaskError unless the ids are in range, sorted by (layer, neuron) and unique."""
+        where = f"The {self.language} mask of {self.model}"
+        if self.num_layers <= 0 or self.intermediate_size <= 0:
+            raise MaskError(f"{where} has no layers or no neurons per layer.")
+        n = self.layer.size
+        if self.neuron.size != n or any(a is not None and a.size != n for a in (self.entropy, self.activation_prob)):
+            raise MaskError(f"{where} has columns of different lengths.")
+        if n and (self.layer.min() < 0 or self.layer.max() >= self.num_layers or self.neuron.min() < 0
+                  or self.neuron.max() >= self.intermediate_size):
+            raise MaskError(f"{where} has indices outside {self.num_layers} layers x {self.intermediate_size} "
+                            "neurons.")
+        keys = self.keys()
+        if n > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise MaskError(f"{where} is not sorted by layer and neuron, or repeats a neuron.")
+
+    @classmethod
+    def from_keys(cls, model: str, language: str, num_layers: int, intermediate_size: int, keys, **kw) -> NeuronMask:
+        """From flat ids ``layer * intermediate_size + neuron`` (any order, repeats dropped)."""
+        keys = np.unique(_ids(keys))
+        return cls(model, language, num_layers, intermediate_size, keys // intermediate_size,
+                   keys % intermediate_size, **kw)
+
+    @classmethod
+    def from_per_layer(cls, per_layer, *, model: str = "", language: str = "", intermediate_size: int,
+                       **kw) -> NeuronMask:
+        """From the LAPE authors' ``list[layer] -> ids`` (each layer's ids sorted and unique)."""
+        layers, neurons = [], []
+        for index, ids in enumerate(per_layer):
+            ids = _ids(ids)
+            if ids.size > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                raise MaskError(f"Layer {index} of the {language or 'given'} mask is not sorted or repeats an index.")
+            layers.append(np.full(ids.size, index, dtype=np.int64))
+            neurons.append(ids)
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(model, language, len(per_layer), intermediate_size,
+                   np.concatenate(layers) if layers else empty, np.concatenate(neurons) if neurons else empty, **kw)
+
+    @classmethod
+    def random(cls, counts: list[int], intermediate_size: int, seed: int, *, model: str = "",
+               language: str = RANDOM) -> NeuronMask:
+        """``counts[l]`` neurons of layer ``l`` drawn uniformly without replacement; the same seed, the same mask.
+
+        This is the seed paper's control done right: the same count PER LAYER, not the same total.
+        """
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        per_layer = []
+        for index, count in enumerate(counts):
+            if not 0 <= count <= intermediate_size:
+                raise MaskError(f"Cannot draw {count} of {intermediate_size} neurons in layer {index}.")
+            per_layer.append(torch.randperm(intermediate_size, generator=generator)[:count].sort().values)
+        return cls.from_per_layer(per_layer, model=model, language=language, intermediate_size=intermediate_size,
+                                  source={"random": {"seed": seed, "per_layer": list(counts)}})
+
+    def random_like(self, seed: int) -> NeuronMask:
+        """A random mask with this mask's count in every layer."""
+        return NeuronMask.random(self.counts_per_layer(), self.intermediate_size, seed, model=self.model)
+
+    # -- views --------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.layer.numel())
+        return int(self.layer.size)
+
+    def __repr__(self) -> str:
+        return (f"NeuronMask({self.model!r}, {self.language!r}, {len(self)} neurons of {self.num_layers} x "
+                f"{self.intermediate_size})")
+
+    def __eq__(self, other) -> bool:
+        """Same model shape and same neurons (names, scores and provenance aside)."""
+        return (isinstance(other, NeuronMask) and self.shape == other.shape
+                and np.array_equal(self.layer, other.layer) and np.array_equal(self.neuron, other.neuron))
+
+    __hash__ = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.num_layers, self.intermediate_size
+
+    def keys(self) -> np.ndarray:
+        """Flat ids ``layer * intermediate_size + neuron``, ascending."""
+        return self.layer * self.intermediate_size + self.neuron
+
+    def counts_per_layer(self) -> list[int]:
+        return np.bincount(self.layer, minlength=self.num_layers).tolist()
+
+    def per_layer(self) -> list:
+        """The LAPE authors' format: ``list[layer] -> LongTensor`` of sorted neuron indices."""
+        import torch
+
+        bounds = np.searchsorted(self.layer, np.arange(self.num_layers + 1))
+        return [torch.from_numpy(self.neuron[bounds[i]:bounds[i + 1]].copy()) for i in range(self.num_layers)]
+
+    def boolean(self):
+        """``[layers, intermediate]`` bool tensor, True where a neuron belongs to the mask."""
+        import torch
+
+        mask = torch.zeros(self.num_layers, self.intermediate_size, dtype=torch.bool)
+        mask[torch.from_numpy(self.layer), torch.from_numpy(self.neuron)] = True
+        return mask
 
     @property
     def hidden_size(self) -> int | None:
-        return self.provenance.get("hidden_size")
+        return self.provenance.model.hidden_size if self.provenance else None
 
-    def per_layer(self) -> list[torch.Tensor]:
-        """The LAPE authors' format: ``list[layer] -> LongTensor`` of sorted neuron indices."""
-        return [self.neuron[self.layer == layer].clone() for layer in range(self.num_layers)]
+    def trainable_weights(self) -> int | None:
+        """Weights these neurons own (what sparse fine-tuning trains), when the hidden size is known."""
+        if self.provenance is None:
+            return None
+        per = weights_per_neuron(self.provenance.model.mlp_layout, self.provenance.model.hidden_size)
+        return None if per is None else len(self) * per
 
-    def boolean(self) -> torch.Tensor:
-        """``[layers, intermediate]``, True where a neuron belongs to the mask."""
-        mask = torch.zeros(self.num_layers, self.intermediate_size, dtype=torch.bool)
-        mask[self.layer, self.neuron] = True
-        return mask
+    def share_of_parameters(self) -> float | None:
+        weights = self.trainable_weights()
+        total = self.provenance.model.num_parameters if self.provenance else None
+        return weights / total if weights is not None and total else None
 
-    def counts_per_layer(self) -> list[int]:
-        return torch.bincount(self.layer, minlength=self.num_layers).tolist()
+    # -- set algebra --------------------------------------------------------------------------------
+    def _same_shape(self, other: NeuronMask) -> None:
+        if self.shape != other.shape:
+            raise MaskError(f"The {self.language} and {other.language} masks are of different models "
+                            f"({self.num_layers} x {self.intermediate_size} and {other.num_layers} x "
+                            f"{other.intermediate_size}).")
 
-    def check(self, model: torch.nn.Module) -> None:
-        """Raise MaskError unless ``model`` has this mask's layer count and intermediate size."""
+    def _combine(self, other: NeuronMask, keys: np.ndarray, label: str) -> NeuronMask:
+        return NeuronMask.from_keys(self.model, label, self.num_layers, self.intermediate_size, keys)
+
+    def union(self, other: NeuronMask) -> NeuronMask:
+        self._same_shape(other)
+        return self._combine(other, np.union1d(self.keys(), other.keys()), f"{self.language}|{other.language}")
+
+    def intersection(self, other: NeuronMask) -> NeuronMask:
+        self._same_shape(other)
+        return self._combine(other, np.intersect1d(self.keys(), other.keys()), f"{self.language}&{other.language}")
+
+    def difference(self, other: NeuronMask) -> NeuronMask:
+        self._same_shape(other)
+        keep = ~np.isin(self.keys(), other.keys())
+        return replace(self, layer=self.layer[keep], neuron=self.neuron[keep],
+                       entropy=None if self.entropy is None else self.entropy[keep],
+                       activation_prob=None if self.activation_prob is None else self.activation_prob[keep],
+                       language=f"{self.language}-{other.language}")
+
+    __or__, __and__, __sub__ = union, intersection, difference
+
+    def jaccard(self, other: NeuronMask) -> float:
+        self._same_shape(other)
+        union = np.union1d(self.keys(), other.keys()).size
+        return np.intersect1d(self.keys(), other.keys()).size / union if union else 0.0
+
+    # -- fitting a model ----------------------------------------------------------------------------
+    def check(self, model) -> None:
+        """MaskError unless ``model`` (a torch module) has this mask's layer count and MLP width."""
         from .models import find_mlp_sites
 
-        sites = find_mlp_sites(model)
-        got = (len(sites), sites[0].intermediate_size)
-        if got != (self.num_layers, self.intermediate_size):
-            raise MaskError(
-                f"The {self.language} mask of {self.model} is for {self.num_layers} layers x {self.intermediate_size} "
-                f"neurons, but this model has {got[0]} x {got[1]}. Use the mask of this model."
-            )
+        self.check_sites(find_mlp_sites(model))
 
-    # -- files -------------------------------------------------------------------------------------
-    def save(self, path: str | Path, fmt: str | None = None) -> Path:
-        path = Path(path)
-        fmt = fmt or format_from_suffix(path)
-        with atomic_path(path) as tmp:
-            if fmt == "parquet":
-                table = self.table if self.table is not None else pa.table(
-                    {"layer": self.layer.to(torch.int32).numpy(), "neuron": self.neuron.to(torch.int32).numpy(),
-                     "entropy": pa.nulls(len(self), pa.float64()), "activation_prob": pa.nulls(len(self), pa.float64())},
-                    schema=NEURON_SCHEMA)
-                write_parquet(table.replace_schema_metadata({META_KEY: json.dumps(self.provenance).encode()}), tmp)
-            elif fmt == "json":
-                tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-            elif fmt == "pt":
-                torch.save(self.per_layer(), tmp)
-            elif fmt == "safetensors":
-                from safetensors.torch import save_file
+    def check_sites(self, sites) -> None:
+        widths = {site.intermediate_size for site in sites}
+        if len(sites) != self.num_layers or widths != {self.intermediate_size}:
+            got = f"{len(sites)} x {'/'.join(map(str, sorted(widths)))}"
+            raise MaskError(f"The {self.language} mask of {self.model} is for {self.num_layers} layers x "
+                            f"{self.intermediate_size} neurons, but this model has {got}.", fix="mask_model",
+                            advice="Use the mask of this model.")
 
-                save_file({"layer": self.layer.to(torch.int32).contiguous(), "neuron": self.neuron.to(torch.int32).contiguous()},
-                          str(tmp), metadata={"neuronreg": json.dumps(self.header())})
-            else:
-                raise MaskError(f"Unknown mask format {fmt!r}; use one of {', '.join(FORMATS)}.")
-        return path
-
+    # -- files --------------------------------------------------------------------------------------
     def header(self) -> dict:
         return {"model": self.model, "language": self.language, "num_layers": self.num_layers,
                 "intermediate_size": self.intermediate_size, "num_neurons": len(self), "source": self.source,
-                "provenance": self.provenance}
+                "provenance": self.provenance.to_dict() if self.provenance else None}
 
     def to_json(self) -> dict:
-        return {**self.header(), "layers": [t.tolist() for t in self.per_layer()]}
+        return {**self.header(), "layers": [t.tolist() for t in self._per_layer_lists()]}
+
+    def _per_layer_lists(self) -> list[np.ndarray]:
+        bounds = np.searchsorted(self.layer, np.arange(self.num_layers + 1))
+        return [self.neuron[bounds[i]:bounds[i + 1]] for i in range(self.num_layers)]
+
+    def to_table(self):
+        """The registry's Parquet table, provenance in the schema metadata."""
+        import pyarrow as pa
+
+        n = len(self)
+        table = pa.table({
+            "layer": pa.array(self.layer.astype(np.int32)),
+            "neuron": pa.array(self.neuron.astype(np.int32)),
+            "entropy": pa.array(self.entropy) if self.entropy is not None else pa.nulls(n, pa.float64()),
+            "activation_prob": (pa.array(self.activation_prob) if self.activation_prob is not None
+                                else pa.nulls(n, pa.float64())),
+        }, schema=neuron_schema())
+        if self.provenance is not None:
+            table = table.replace_schema_metadata({META_KEY: json.dumps(self.provenance.to_dict(),
+                                                                        sort_keys=True).encode()})
+        return table
+
+    def save(self, path: str | Path, fmt: str | None = None) -> Path:
+        """Write the mask as parquet, json, pt or safetensors (default: from the suffix), atomically."""
+        path = Path(path)
+        fmt = fmt or format_from_suffix(path)
+        if fmt not in FORMATS:
+            raise MaskError(f"Unknown mask format {fmt!r}; use one of {', '.join(FORMATS)}.")
+        with atomic_path(path) as tmp:
+            if fmt == "parquet":
+                write_parquet(self.to_table(), tmp)
+            elif fmt == "json":
+                tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+            elif fmt == "pt":
+                import torch
+
+                torch.save(self.per_layer(), tmp)
+            else:
+                import torch
+                from safetensors.torch import save_file
+
+                save_file({"layer": torch.from_numpy(self.layer.astype(np.int32)),
+                           "neuron": torch.from_numpy(self.neuron.astype(np.int32))},
+                          str(tmp), metadata={"neuronreg": json.dumps(self.header())})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, fmt: str | None = None, *, model: str | None = None,
+             language: str | None = None, intermediate_size: int | None = None) -> NeuronMask:
+        """Read a mask file of any format :meth:`save` writes. ``pt`` files need ``intermediate_size``."""
+        path = Path(path)
+        fmt = fmt or format_from_suffix(path)
+        if not path.is_file():
+            raise MaskError(f"{path} does not exist.")
+        source = {"file": path.name}
+        try:
+            if fmt == "parquet":
+                return read_mask_file(path, model, language, source)
+            if fmt == "json":
+                data = json.loads(path.read_text(encoding="utf-8"))
+                return cls._from_header(data, data.get("layers"), source, model, language)
+            if fmt == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), "np") as f:
+                    header = json.loads((f.metadata() or {})["neuronreg"])
+                    layer, neuron = f.get_tensor("layer"), f.get_tensor("neuron")
+                return cls._from_header(header, None, source, model, language, layer, neuron)
+            if fmt == "pt":
+                import torch
+
+                if intermediate_size is None:
+                    raise MaskError(f"{path.name} is in the LAPE authors' format, which does not hold the MLP width.",
+                                    advice="Pass intermediate_size.")
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(data, (list, tuple)) or not all(_is_index_tensor(t) for t in data):
+                    raise MaskError(f"{path.name} does not hold list[layer] -> LongTensor.")
+                return cls.from_per_layer(list(data), model=model or "", language=language or "",
+                                          intermediate_size=intermediate_size, source=source)
+        except (MaskError, RecordError):
+            raise
+        except Exception as exc:  # json, safetensors, pickle and zip errors all mean "not a mask file"
+            raise MaskError(f"{path.name} is not a neuronreg mask in {fmt} format ({type(exc).__name__}).") from exc
+        raise MaskError(f"Unknown mask format {fmt!r}; use one of {', '.join(FORMATS)}.")
+
+    @classmethod
+    def _from_header(cls, header: dict, layers, source, model, language, layer=None, neuron=None) -> NeuronMask:
+        provenance = header.get("provenance")
+        record = NeuronsRecord.from_dict(provenance, f"{source['file']} provenance") if provenance else None
+        kw = dict(provenance=record, source=header.get("source") or source)
+        name, code = model or header["model"], language or header["language"]
+        if layers is not None:
+            return cls.from_per_layer(layers, model=name, language=code,
+                                      intermediate_size=int(header["intermediate_size"]), **kw)
+        return cls(name, code, int(header["num_layers"]), int(header["intermediate_size"]), layer, neuron, **kw)
+
+
+def _is_index_tensor(t) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex() \
+        and t.dtype != torch.bool
+
+
+def neuron_schema():
+    """The columns of a neuron file (a function: pyarrow is imported only when a file is written)."""
+    import pyarrow as pa
+
+    return pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("entropy", pa.float64()),
+                      ("activation_prob", pa.float64())])
 
 
 def format_from_suffix(path: Path) -> str:
@@ -100,36 +354,58 @@ def format_from_suffix(path: Path) -> str:
     return {"pth": "pt", "st": "safetensors"}.get(suffix, suffix) if suffix else "json"
 
 
-def mask_from_table(table: pa.Table, provenance: dict, model: str, language: str, source: dict) -> NeuronMask:
-    """A mask from a neuron Parquet table, validated: schema, sizes, ranges and order."""
-    where = source.get("repo") or source.get("registry") or "the file"
+def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str, source: dict) -> NeuronMask:
+    """A mask from a neuron Parquet table and its provenance, validated: schema, sizes, ranges, order."""
+    where = source.get("repo") or source.get("registry") or source.get("file") or "the file"
     missing = [name for name in ("layer", "neuron") if name not in table.column_names]
     if missing:
         raise MaskError(f"The {language} file of {model} in {where} has no {', '.join(missing)} column; it is not a "
                         "neuronreg mask.")
-    try:
-        layers, inter = int(provenance["num_layers"]), int(provenance["intermediate_size"])
-    except (KeyError, TypeError, ValueError):
-        raise MaskError(f"The {language} file of {model} in {where} has no layer count / intermediate size in its "
-                        "provenance; it is not a neuronreg mask.") from None
-    layer = torch.from_numpy(table.column("layer").to_numpy(zero_copy_only=False).astype("int64"))
-    neuron = torch.from_numpy(table.column("neuron").to_numpy(zero_copy_only=False).astype("int64"))
-    if layer.numel() and (int(layer.min()) < 0 or int(layer.max()) >= layers or int(neuron.min()) < 0
-                          or int(neuron.max()) >= inter):
-        raise MaskError(f"The {language} file of {model} in {where} has indices outside {layers} x {inter}.")
-    keys = layer * inter + neuron
-    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
-        raise MaskError(f"The {language} file of {model} in {where} is not sorted by layer and neuron, or repeats one.")
-    stored = provenance.get("language", {}).get("code")
-    if stored and stored != language:
+    stored = provenance.language.code
+    if stored != language:
         raise MaskError(f"The file for {language} of {model} in {where} says it holds {stored}.")
-    return NeuronMask(model, language, layers, inter, layer, neuron, provenance, source, table)
+    if provenance.num_neurons != table.num_rows:
+        raise MaskError(f"The {language} file of {model} in {where} has {table.num_rows} rows but its provenance "
+                        f"says {provenance.num_neurons}; it is damaged.")
+
+    def column(name, dtype):
+        if name not in table.column_names:
+            return None
+        values = table.column(name)
+        if len(values) == 0:
+            return np.zeros(0, dtype)
+        if values.null_count == len(values):
+            return None
+        if values.null_count:
+            raise MaskError(f"The {language} file of {model} in {where} has empty {name} values.")
+        return values.to_numpy().astype(dtype)
+
+    try:
+        return NeuronMask(model, language, provenance.model.num_layers, provenance.model.intermediate_size,
+                          column("layer", np.int64), column("neuron", np.int64), column("entropy", np.float64),
+                          column("activation_prob", np.float64), provenance, source)
+    except MaskError as exc:
+        raise MaskError(f"{exc.message} (in {where})") from exc
+    except (TypeError, ValueError) as exc:  # a column of another type
+        raise MaskError(f"The {language} file of {model} in {where} has columns of the wrong type.") from exc
 
 
-def read_mask_file(path: Path, model: str, language: str, source: dict) -> NeuronMask:
+def read_neuron_table(path: Path, where: str):
+    """A neuron Parquet file's table and typed provenance, or RegistryError/RecordError naming ``where``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         table = pq.read_table(path)
-        provenance = json.loads((table.schema.metadata or {})[META_KEY])
-    except (OSError, pa.ArrowException, KeyError, ValueError):
-        raise MaskError(f"{path.name} from {source.get('repo') or path.parent} is damaged or not a neuronreg file.") from None
-    return mask_from_table(table, provenance, model, language, source)
+        raw = json.loads((table.schema.metadata or {})[META_KEY])
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        raise MaskError(f"{where} is damaged or not a neuronreg file.", fix="recompute") from exc
+    return table, NeuronsRecord.from_dict(raw, f"{where} provenance")
+
+
+def read_mask_file(path: Path, model: str | None, language: str | None, source: dict) -> NeuronMask:
+    """A mask from one neuron Parquet file (the registry's, or one written by ``fetch -o x.parquet``)."""
+    where = source.get("repo") and f"{path.name} from {source['repo']}" or str(path)
+    table, provenance = read_neuron_table(path, where)
+    return mask_from_table(table, provenance, model or provenance.model.name, language or provenance.language.code,
+                           source)

@@ -1,32 +1,27 @@
-"""Loading a causal LM and finding, in each decoder layer, the activation whose sign LAPE counts."""
+"""Loading a causal LM (the one loader, with one error mapping), finding in each decoder layer the
+activation whose sign LAPE counts, and describing the model for provenance (``model_info``)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import UnknownModel, UnsupportedArchitecture
-from .manifest import Manifest
+from .errors import SettingsError, UnknownModel, UnsupportedArchitecture
+from .files import atomic_write_text
+from .layouts import LAYOUTS, SUPPORTED, Layout
+from .provenance import ModelInfo
+from .resolve import ModelRef
 
-# The MLP layouts neuronreg knows. Each names the attributes an MLP module holds: the projection
-# that makes the intermediate activations, the activation module whose OUTPUT is counted, and how
-# the intermediate size follows from the projection (the fused gate_up_proj holds gate then up).
-MLP_LAYOUTS = (
-    # name, first projection, activation module, projection rows per neuron, second projection
-    ("gated", "gate_proj", "act_fn", 1, "down_proj"),  # Llama, Mistral, Qwen2/3, Gemma 2/3, Cohere
-    ("fused-gated", "gate_up_proj", "activation_fn", 2, "down_proj"),  # Phi-3
-    ("gpt2", "c_fc", "act", 1, "c_proj"),  # GPT-2
-    ("fc", "fc1", "activation_fn", 1, "fc2"),  # OPT (on the decoder layer), Phi-1/2
-    ("bloom", "dense_h_to_4h", "gelu_impl", 1, "dense_4h_to_h"),  # BLOOM
-)
-SUPPORTED = (
-    "gated MLPs with gate_proj/up_proj/down_proj (Llama, Mistral, Qwen2/3, Gemma 2/3, Cohere/Aya), "
-    "Phi-3's fused gate_up_proj, GPT-2 (c_fc), OPT and Phi-2 (fc1), BLOOM (dense_h_to_4h)"
-)
+log = logging.getLogger("neuronreg")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
 
 @dataclass(frozen=True)
@@ -40,44 +35,49 @@ class MLPSite:
     activation: nn.Module
     intermediate_size: int
 
+    @property
+    def spec(self) -> Layout:
+        return next(layout for layout in LAYOUTS if layout.name == self.layout)
+
 
 def _out_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
-    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2)
+    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2), and neuronreg's wrapped projections
         return int(module.nf)
     raise UnsupportedArchitecture(f"Cannot read the width of {type(module).__name__}. Supported: {SUPPORTED}.")
 
 
 def find_mlp_sites(model: nn.Module) -> list[MLPSite]:
     """The MLP of every decoder layer, in layer order, or UnsupportedArchitecture."""
-    decoder = _decoder(model)
-    matches: list[tuple[str, nn.Module, tuple]] = []
+    decoder = body(model)
+    matches: list[tuple[str, nn.Module, Layout]] = []
     for name, module in decoder.named_modules():
-        for layout in MLP_LAYOUTS:
-            _, proj, act, _, out = layout
-            if all(isinstance(getattr(module, a, None), nn.Module) for a in (proj, act, out)):
+        for layout in LAYOUTS:
+            if all(isinstance(getattr(module, a, None), nn.Module) for a in (layout.first, layout.activation,
+                                                                            layout.second)):
                 matches.append((name, module, layout))
                 break
-    # Only the decoder's own stack counts: all matches must be children of one ModuleList.
-    parents = {name.rsplit(".", 2)[0] if name.count(".") >= 1 else "" for name, _, _ in matches}
     if not matches:
         raise UnsupportedArchitecture(
             f"{type(model).__name__} has no MLP layout that neuronreg can hook. Supported: {SUPPORTED}."
         )
-    if len(parents) > 1 or len({layout[0] for _, _, layout in matches}) > 1:
+    # Only the decoder's own stack counts: all matches must be children of one ModuleList.
+    parents = {name.rsplit(".", 2)[0] if name.count(".") >= 1 else "" for name, _, _ in matches}
+    if len(parents) > 1 or len({layout.name for _, _, layout in matches}) > 1:
         raise UnsupportedArchitecture(
             f"{type(model).__name__} mixes several MLP stacks ({', '.join(sorted(parents))}); neuronreg needs one "
             f"decoder stack. Supported: {SUPPORTED}."
         )
     sites = []
     for layer, (_, module, layout) in enumerate(matches):
-        name, proj, act, rows, _ = layout
-        projection = getattr(module, proj)
+        projection = getattr(module, layout.first)
         width = _out_features(projection)
-        if width % rows:
-            raise UnsupportedArchitecture(f"{proj} of layer {layer} has an odd width {width}; cannot split gate/up.")
-        sites.append(MLPSite(layer, name, module, projection, getattr(module, act), width // rows))
+        if width % layout.rows_per_neuron:
+            raise UnsupportedArchitecture(f"{layout.first} of layer {layer} has an odd width {width}; cannot split "
+                                          "gate/up.")
+        sites.append(MLPSite(layer, layout.name, module, projection, getattr(module, layout.activation),
+                             width // layout.rows_per_neuron))
     # A hook on an activation module shared between layers could not tell the layers apart.
     if len({id(site.activation) for site in sites}) != len(sites):
         raise UnsupportedArchitecture(
@@ -87,28 +87,34 @@ def find_mlp_sites(model: nn.Module) -> list[MLPSite]:
     return sites
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The transformer body without the LM head (the head is never needed for counting)."""
+def body(model: nn.Module) -> nn.Module:
+    """The transformer body without the LM head: what to call for a forward pass that skips the head."""
     base = getattr(model, "base_model", None)
     return base if isinstance(base, nn.Module) else model
 
 
-def body(model: nn.Module) -> nn.Module:
-    """What to call for a forward pass that skips the LM head."""
-    return _decoder(model)
+def hidden_size_of(config) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
     tokenizer: object
-    model_id: str  # Hub id, or the absolute path of a local folder
+    ref: ModelRef
     revision: str  # exact commit on the Hub, or a content fingerprint of a local folder
-    name: str  # the registry name: the manifest alias when there is one
     sites: list[MLPSite]
-    hidden_size: int
+    hidden_size: int | None
     dtype: str
     device: str
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
 
     @property
     def num_layers(self) -> int:
@@ -118,60 +124,100 @@ class LoadedModel:
     def intermediate_size(self) -> int:
         return self.sites[0].intermediate_size
 
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where a model comes from, resolved before any weights are loaded."""
-
-    source: str  # Hub id or local folder path
-    revision: str | None
-    name: str
-    local: bool
+    def info(self) -> ModelInfo:
+        return model_info(self.model, self.ref, self.revision, self.sites)
 
 
-def resolve_model(spec: str, manifest: Manifest, name: str | None = None) -> ModelRef:
-    """An alias, a Hub id (``org/name``) or a local folder."""
-    if spec in manifest.models:
-        entry = manifest.models[spec]
-        return ModelRef(entry.hub_id, entry.revision, name or entry.alias, local=False)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UnknownModel(f"Folder {spec} has no config.json; point to a saved transformers model.")
-        return ModelRef(str(path.resolve()), None, name or registry_name(path.resolve().name), local=True)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        entry = manifest.model_for_hub_id(spec)
-        return ModelRef(spec, entry.revision if entry else None, name or (entry.alias if entry else registry_name(spec)), False)
-    import difflib
+def model_info(model: nn.Module, ref: ModelRef, revision: str | None, sites: list[MLPSite] | None = None
+               ) -> ModelInfo:
+    """The one description of a model that provenance, runs and reports record.
 
-    close = difflib.get_close_matches(spec, list(manifest.models), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise UnknownModel(
-        f"Unknown model {spec!r}.{hint} Give a manifest alias ('neuronreg models' lists them), a Hub id like "
-        "org/name, or a local folder."
+    A local folder is named, not located: provenance travels to the Hub, the user's paths do not.
+    """
+    sites = sites or find_mlp_sites(model)
+    base_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("delta"))
+    return ModelInfo(
+        name=ref.name, id=Path(ref.source).name if ref.local and ref.source else ref.source, revision=revision,
+        num_layers=len(sites), intermediate_size=sites[0].intermediate_size,
+        hidden_size=hidden_size_of(getattr(model, "config", None)), architecture=type(model).__name__,
+        mlp_layout=sites[0].layout, num_parameters=int(base_params),
     )
 
 
-def registry_name(model_id: str) -> str:
-    """A Hub id made into one folder/config name: 'org/Name' -> 'org--Name'."""
-    return model_id.strip("/").replace("/", "--")
+# -- local folders: a content fingerprint --------------------------------------------------------------
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "neuronreg" / "file-hashes.json"
+
+
+def file_sha256(path: Path, cache: dict | None = None) -> str:
+    """The sha256 of a file's bytes; ``cache`` maps a file's (path, size, mtime, inode) to its hash, so a
+    16 GB checkpoint is hashed once, not on every run."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    if cache is not None and key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    if cache is not None:
+        cache[key] = digest.hexdigest()
+    return digest.hexdigest()
 
 
 def local_fingerprint(folder: Path) -> str:
-    """A cheap content id for a local model: config plus every weight file's name and size."""
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    """A content id for a local model: its config and every weight file's bytes (hashes cached by size,
+    mtime and inode). Other weights of the same size give another fingerprint."""
+    folder = Path(folder)
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    size = len(cache)
+    digest = hashlib.sha256()
+    digest.update(file_sha256(folder / "config.json", cache).encode())
     for path in sorted(folder.iterdir()):
-        if path.suffix in {".safetensors", ".bin", ".pt", ".gguf"} or path.name.endswith(".index.json"):
-            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")):
+            digest.update(f"{path.name}:{file_sha256(path, cache)}".encode())
+    if len(cache) != size:
+        try:
+            atomic_write_text(cache_path, json.dumps(dict(list(cache.items())[-2000:])))
+        except OSError:  # a read-only home only costs hashing again next time
+            pass
     return "local-" + digest.hexdigest()[:16]
 
 
+# -- devices and dtypes ------------------------------------------------------------------------------------
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> str:
+    """The device to use, checked BEFORE any weights are loaded."""
+    device = device or default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SettingsError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps ...", fix="device") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"Device {device!r} was asked for, but this machine has no CUDA GPU.", fix="device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SettingsError(f"Device {device!r} was asked for, but this machine has "
+                                f"{torch.cuda.device_count()} GPU(s).", fix="device")
+    elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SettingsError(f"Device {device!r} was asked for, but MPS is not available here.", fix="device")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise SettingsError(f"Device {device!r} is not supported; use cpu or cuda.", fix="device")
+    return device
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
@@ -180,9 +226,14 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise UnknownModel(f"Unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}.") from None
+        raise SettingsError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}.") from None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- loading -------------------------------------------------------------------------------------------
 def load_model(
     ref: ModelRef,
     *,
@@ -192,37 +243,33 @@ def load_model(
     token: str | None = None,
     quiet: bool = False,
     device_map: str | None = None,
+    revision: str | None = None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load weights and tokenizer. Remote code runs only when the caller asks for it."""
+    """Load weights (and the tokenizer). Remote code runs only when the caller asks for it.
+
+    ``revision`` pins a Hub commit (a run's recorded base); by default the manifest's pin or main.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .progress import bars_disabled
 
+    if ref.source is None:
+        raise UnknownModel(f"The registry knows {ref.name} only by name, not where its weights are.",
+                           fix="model_source", advice="Give its Hub id or local folder.")
     if bars_disabled(quiet):
         hf_logging.disable_progress_bar()
-
-    device = device or default_device()
+    device = check_device(device) if not device_map else (device or default_device())
     torch_dtype = parse_dtype(dtype, device)
-    kwargs = dict(revision=ref.revision, trust_remote_code=trust_remote_code, token=token)
+    kwargs = dict(revision=revision or ref.revision, trust_remote_code=trust_remote_code, token=token)
     try:
         config = AutoConfig.from_pretrained(ref.source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UnknownModel(f"Cannot load model {ref.source!r}: {_first_line(exc)}") from exc
-    try:
         extra = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(ref.source, config=config, dtype=torch_dtype, **kwargs, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(ref.source, **kwargs)
-    except ValueError as exc:
-        if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
-            raise UnsupportedArchitecture(
-                f"{type(config).__name__} is not a causal LM that transformers can load. Supported: {SUPPORTED}."
-            ) from exc
-        raise UnknownModel(f"Cannot load model {ref.source!r}: {_first_line(exc)}") from exc
-    except OSError as exc:
-        raise UnknownModel(f"Cannot load model {ref.source!r}: {_first_line(exc)}") from exc
-    except ImportError as exc:
-        raise UnknownModel(f"Loading {ref.source!r} needs another package: {_first_line(exc)}") from exc
+        tok = AutoTokenizer.from_pretrained(ref.source, **kwargs) if tokenizer else None
+    except Exception as exc:
+        raise load_error(ref, exc) from exc
     if device_map:
         # accelerate placed the layers; token ids go where the embeddings are.
         device = str(model.get_input_embeddings().weight.device)
@@ -230,14 +277,35 @@ def load_model(
     else:
         model.eval().to(device)
     sites = find_mlp_sites(model)
-    revision = local_fingerprint(Path(ref.source)) if ref.local else (
-        getattr(config, "_commit_hash", None) or ref.revision or "main"
-    )
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model")
-    return LoadedModel(model, tokenizer, ref.source, revision, ref.name, sites, int(hidden),
-                       str(torch_dtype).removeprefix("torch."), device)
+    if ref.local:
+        revision = local_fingerprint(Path(ref.source))
+    else:
+        revision = getattr(config, "_commit_hash", None) or revision or ref.revision or "main"
+    return LoadedModel(model, tok, ref, revision, sites, hidden_size_of(config), dtype_name(torch_dtype), device)
 
 
-def _first_line(exc: BaseException) -> str:
+def load_error(ref: ModelRef, exc: BaseException) -> Exception:
+    """The one mapping of what transformers and the Hub raise while loading to a neuronreg error."""
+    from .hubcalls import hub_error
+
+    mapped = hub_error(exc, ref.source or ref.name)
+    if mapped is not None:
+        return mapped
+    text = str(exc)
+    if isinstance(exc, ValueError) and ("Unrecognized configuration class" in text or "does not support" in text
+                                        or "Unrecognized model" in text):
+        return UnsupportedArchitecture(f"{ref.describe()} is not a causal LM that transformers can load. "
+                                       f"Supported: {SUPPORTED}.")
+    if isinstance(exc, ImportError):
+        return UnknownModel(f"Loading {ref.describe()} needs another package: {first_line(exc)}")
+    if isinstance(exc, (OSError, ValueError, KeyError, json.JSONDecodeError, EnvironmentError)):
+        return UnknownModel(f"Cannot load model {ref.describe()}: {first_line(exc)}")
+    if isinstance(exc, MemoryError):
+        return UnknownModel(f"Not enough memory to load {ref.describe()}.", fix="memory",
+                            advice="Use a smaller dtype or a machine with more memory.")
+    return UnknownModel(f"Cannot load model {ref.describe()}: {type(exc).__name__}: {first_line(exc)}")
+
+
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return text[0][:300] if text else type(exc).__name__

@@ -58,7 +58,7 @@ def _reset_peak() -> None:
 def worker(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from neuronreg.counting import activation_hooks, count_activations
+    from neuronreg.lape.counting import activation_hooks, count_activations
     from neuronreg.models import find_mlp_sites
 
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def worker(args) -> dict:
 
 
 def select_worker(args) -> dict:
-    from neuronreg.selection import SelectionParams, select_neurons
+    from neuronreg.lape.selection import SelectionParams, select_neurons
 
     g = torch.Generator().manual_seed(0)
     layers, inter, langs = 32, 14336, 128

@@ -10,7 +10,7 @@ built and "5" is written to /proc/self/clear_refs, so it is the peak while train
   masked  gate/up/down weights trainable as full matrices, gradients multiplied by the neuron mask
   seed    the seed paper's code: the selected slices are separate Parameters, and every forward
           clones the full matrix and writes the slices in
-  sparse  neuronreg: row-sparse deltas [k_l, H] added in the forward (neuronreg.sparse)
+  sparse  neuronreg: row-sparse deltas [k_l, H] added in the forward (neuronreg.finetune.deltas)
 
 All modes: float32, the same model (seeded), the same random token batches, AdamW lr 1e-4, weight
 decay 0.01, clip 1.0. A 5% mask (top_rate 0.05 of all neurons), drawn at random over all layers.
@@ -81,7 +81,7 @@ def prepare(mode: str, model, per_layer):
     if mode == "full":
         return list(model.parameters())
     if mode == "sparse":
-        from neuronreg.sparse import attach_deltas
+        from neuronreg.finetune.deltas import attach_deltas
 
         layers = attach_deltas(model, per_layer)
         model.neuronreg_layers = layers  # kept for writing the delta file
@@ -107,7 +107,7 @@ def prepare(mode: str, model, per_layer):
 
 
 def worker(args) -> dict:
-    import neuronreg.sparse  # noqa: F401  every mode imports the same libraries, so RSS baselines match
+    import neuronreg.finetune.deltas  # noqa: F401  every mode imports the same libraries, so RSS baselines match
 
     torch.set_num_threads(args.threads)
     model, per_layer = build(args)
@@ -137,8 +137,9 @@ def worker(args) -> dict:
               "params": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(("delta", "trainable"))),
               "neurons": int(sum(t.numel() for t in per_layer)), "loss": float(loss)}
     if args.mode == "sparse":  # the release: neuronreg's delta file, as `finetune` writes it
-        from neuronreg.sparse import delta_tensors, save_delta
         from safetensors.torch import save_file
+
+        from neuronreg.finetune.deltas import delta_tensors, save_delta
 
         with tempfile.TemporaryDirectory() as tmp:
             save_delta(model.neuronreg_layers, Path(tmp) / "delta.safetensors")

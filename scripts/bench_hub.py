@@ -22,15 +22,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from neuronreg.lape.compute import select  # noqa: E402
+from neuronreg.lape.selection import SelectionParams  # noqa: E402
+from neuronreg.provenance import CorpusInfo, CountKey, CountsRecord, LanguageInfo, ModelInfo  # noqa: E402
+from neuronreg.store.local import LocalRegistry  # noqa: E402
+
 LANGS = "mt af is cy mk lv lt sl sk et ka ne".split()
 LAYERS, INTER, HIDDEN, TOKENS = 32, 14336, 4096, 13_000_000
 
 
-def synthetic_registry(root: Path) -> "LocalRegistry":
-    from neuronreg.compute import select
-    from neuronreg.selection import SelectionParams
-    from neuronreg.store import LocalRegistry
+def synthetic_record(lang: str) -> CountsRecord:
+    model = ModelInfo(name="llama-3.1-8b", id="meta-llama/Llama-3.1-8B", revision="synthetic", num_layers=LAYERS,
+                      intermediate_size=INTER, hidden_size=HIDDEN, mlp_layout="gated", num_parameters=8030261248)
+    corpus = CorpusInfo(kind="synthetic")
+    return CountsRecord(model=model, language=LanguageInfo(code=lang, name=lang), corpus=corpus, tokens=TOKENS,
+                        seq_len=1024, dtype="bfloat16",
+                        settings=CountKey(model_id=model.id, revision="synthetic", corpus=corpus,
+                                          tokens_requested=TOKENS, seq_len=1024, dtype="bfloat16"))
 
+
+def synthetic_registry(root: Path) -> LocalRegistry:
     registry = LocalRegistry(root)
     g = torch.Generator().manual_seed(0)
     base = torch.rand(LAYERS, INTER, generator=g) * 0.5
@@ -39,14 +50,7 @@ def synthetic_registry(root: Path) -> "LocalRegistry":
         special = torch.randint(0, LAYERS * INTER, (3000,), generator=g)
         p.view(-1)[special] = 0.9  # neurons that fire mostly for this language
         counts = (p.double() * TOKENS).long()
-        provenance = {"kind": "counts", "tool": "neuronreg", "version": "bench", "created": "bench",
-                      "model": {"name": "llama-3.1-8b", "id": "meta-llama/Llama-3.1-8B", "revision": "synthetic",
-                                "mlp_layout": "gated", "num_parameters": 8030261248},
-                      "num_layers": LAYERS, "intermediate_size": INTER, "hidden_size": HIDDEN,
-                      "language": {"code": lang, "name": lang, "iso639_3": lang, "script": "Latn", "flores200": None},
-                      "corpus": {"kind": "synthetic"}, "tokens": TOKENS, "seq_len": 1024, "dtype": "bfloat16",
-                      "settings": {}}
-        registry.write_counts("llama-3.1-8b", lang, counts, provenance)
+        registry.write_counts("llama-3.1-8b", lang, counts, synthetic_record(lang))
     select("llama-3.1-8b", registry=registry, params=SelectionParams(top_rate=0.05))
     return registry
 
@@ -55,12 +59,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         registry = synthetic_registry(tmp / "reg")
-        neuron_sizes = [registry.neuron_path("llama-3.1-8b", l).stat().st_size for l in LANGS]
-        rows = [registry.read_neurons("llama-3.1-8b", l)[0].num_rows for l in LANGS]
-        count_sizes = [registry.counts_path("llama-3.1-8b", l).stat().st_size for l in LANGS]
-        print(f"Sizes, Llama-3.1-8B shape ({LAYERS} x {INTER}), {len(LANGS)} languages, top rate 0.05 (synthetic counts)")
+        neuron_sizes = [registry.neuron_path("llama-3.1-8b", lang).stat().st_size for lang in LANGS]
+        rows = [len(registry.read_mask("llama-3.1-8b", lang)) for lang in LANGS]
+        count_sizes = [registry.counts_path("llama-3.1-8b", lang).stat().st_size for lang in LANGS]
+        print(f"Sizes, Llama-3.1-8B shape ({LAYERS} x {INTER}), {len(LANGS)} languages, top rate 0.05 "
+              "(synthetic counts)")
         print(f"  one language's neuron file: median {statistics.median(neuron_sizes) / 1024:.0f} KiB "
-              f"({statistics.median(rows):.0f} neurons; min {min(neuron_sizes) / 1024:.0f}, max {max(neuron_sizes) / 1024:.0f} KiB)")
+              f"({statistics.median(rows):.0f} neurons; min {min(neuron_sizes) / 1024:.0f}, "
+              f"max {max(neuron_sizes) / 1024:.0f} KiB)")
         print(f"  one language's counts file: {statistics.median(count_sizes) / 2**20:.2f} MiB "
               f"({LAYERS * INTER:,} neurons)")
         print(f"  the model's counts ({len(LANGS)} languages): {sum(count_sizes) / 2**20:.1f} MiB; "
@@ -71,14 +77,14 @@ def main() -> None:
 def fetch_benchmark(registry, tmp: Path, repeats: int = 5) -> None:
     import pytest
 
-    from hubserver import HubServer, point_clients_at
+    from support.hubserver import HubServer, point_clients_at
 
     with HubServer(tokens={"hf_bench_token": "bench"}) as server, pytest.MonkeyPatch.context() as mp:
         point_clients_at(server.url, mp, tmp / "clients")
         mp.setenv("HF_TOKEN", "hf_bench_token")
         import huggingface_hub.constants as c
 
-        from neuronreg.hub import fetch_mask, publish
+        from neuronreg.store.hub import fetch_mask, publish
 
         publish(registry, "bench/lape-neurons", token="hf_bench_token")
         cold, warm, requests = [], [], []

@@ -9,17 +9,28 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_one_line_error, run
-from tiny import SCRIPTS, make_tokenizer, planted_model, save_model, tiny_model, vocabulary, write_corpus
 
-import neuronreg.ablation as ablation
-import neuronreg.cli_ablate  # noqa: F401  registers `ablate` on the root group
+import neuronreg.evaluation.ablation as ablation
+import neuronreg.evaluation.heldout as heldout
 from neuronreg.cli import cli
 from neuronreg.errors import MaskError
+from neuronreg.hooks import zeroed_neurons
+from neuronreg.mask import NeuronMask
 from neuronreg.models import find_mlp_sites
 
-PLANTED = {0: {"en": [3, 7], "ru": [10], "el": [20]}, 1: {"en": [5], "ru": [30, 31], "el": [40, 41]}}
-TOP_RATE = str(9 / 96)  # exactly the 9 planted neurons of 2 x 48
+from support.cli import assert_one_line_error, run
+from support.tiny import (
+    PLANTED,
+    SCRIPTS,
+    TOP_RATE,
+    make_tokenizer,
+    planted_model,
+    save_model,
+    tiny_model,
+    vocabulary,
+    write_corpus,
+)
+
 BOOST = {"en": 29, "ru": 30, "el": 31}  # residual dimension each script's planted neurons write
 LANGS = ("en", "ru", "el")
 
@@ -130,17 +141,16 @@ def test_random_control_keeps_per_layer_counts(planted, tmp_path):
     assert [report["masks"][lang]["per_layer"] for lang in LANGS] == [[2, 1], [1, 2], [1, 2]]
 
     counts = [5, 0, 17, 48]
-    mask = ablation.random_mask("m", counts, 48, seed=3)
+    mask = NeuronMask.random(counts, 48, seed=3, model="m")
     assert mask.counts_per_layer() == counts
     for indices in mask.per_layer():
         assert indices.tolist() == sorted(set(indices.tolist())) and all(0 <= i < 48 for i in indices.tolist())
-    assert torch.equal(ablation.random_mask("m", counts, 48, seed=3).neuron, mask.neuron)
-    assert not torch.equal(ablation.random_mask("m", counts, 48, seed=4).neuron, mask.neuron)
+    assert NeuronMask.random(counts, 48, seed=3) == mask
+    assert NeuronMask.random(counts, 48, seed=4) != mask
+    assert mask.random_like(seed=5).counts_per_layer() == counts
 
 
 def test_exclusive_masks_drop_the_neurons_other_languages_share(planted, tmp_path):
-    from neuronreg.mask import NeuronMask
-
     def mask(lang, pairs):
         layer, neuron = zip(*pairs) if pairs else ((), ())
         return NeuronMask("m", lang, 2, 48, torch.tensor(layer, dtype=torch.long),
@@ -176,14 +186,14 @@ def test_hooks_are_gone_after_the_run_and_after_an_error(planted, tmp_path, monk
         return held["loaded"]
 
     monkeypatch.setattr(ablation, "load_model", keep)
-    real_nll = ablation.negative_log_likelihood
+    real_score = ablation.score
     seen = []
 
     def watching(model, *args, **kwargs):
         seen.append(_hooks(model))
-        return real_nll(model, *args, **kwargs)
+        return real_score(model, *args, **kwargs)
 
-    monkeypatch.setattr(ablation, "negative_log_likelihood", watching)
+    monkeypatch.setattr(ablation, "score", watching)
     ablate(planted, tmp_path / "out")
     model = held["loaded"].model
     assert _hooks(model) == 0
@@ -193,9 +203,9 @@ def test_hooks_are_gone_after_the_run_and_after_an_error(planted, tmp_path, monk
     def failing(model, *args, **kwargs):
         if _hooks(model):
             raise RuntimeError("out of memory in the middle of an ablation")
-        return real_nll(model, *args, **kwargs)
+        return real_score(model, *args, **kwargs)
 
-    monkeypatch.setattr(ablation, "negative_log_likelihood", failing)
+    monkeypatch.setattr(ablation, "score", failing)
     result = ablate(planted, tmp_path / "out2", ok=False)
     assert result.exit_code != 0 and "out of memory" in str(result.exception)
     assert held["loaded"].model is not model and _hooks(held["loaded"].model) == 0
@@ -206,7 +216,7 @@ def test_zeroed_neurons_zero_exactly_those_and_leave_the_weights():
     model = predictive_planted_model()
     sites = find_mlp_sites(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    mask = ablation.random_mask("m", [4, 7], 48, seed=0)
+    mask = NeuronMask.random([4, 7], 48, seed=0, model="m")
     ids = torch.tensor([[5, 6, 7, 40, 41, 70, 71, 2, 8]])
     seen = {}
 
@@ -216,7 +226,7 @@ def test_zeroed_neurons_zero_exactly_those_and_leave_the_weights():
     with torch.no_grad():
         handle = sites[0].activation.register_forward_hook(capture)
         before = model(input_ids=ids).logits
-        with ablation.zeroed_neurons(sites, mask):
+        with zeroed_neurons(sites, mask):
             # Registered after the ablation's hook, so it sees what the layer passes on.
             late = sites[0].activation.register_forward_hook(capture)
             ablated = model(input_ids=ids).logits
@@ -238,7 +248,7 @@ def test_loss_equals_transformers_own_loss():
     model = predictive_planted_model()
     tok = make_tokenizer()
     ids = torch.tensor([2] + tok("привет", add_special_tokens=False)["input_ids"] + [2, 5, 6, 7])
-    nll, predicted = ablation.negative_log_likelihood(model, [ids], batch_size=1, device="cpu")
+    nll, predicted = heldout.negative_log_likelihood(model, [ids], batch_size=1, device="cpu")
     assert predicted == ids.numel() - 1
     with torch.no_grad():
         reference = model(input_ids=ids[None], labels=ids[None]).loss
@@ -253,16 +263,16 @@ def test_characters_of_a_stream_cut_inside_a_document(tmp_path):
     source = CorpusSource("local", str(text))
     tok = make_tokenizer()
     # Stream: a b c </s> d e ' ' f g </s> h i j </s>; each separator counts one character.
-    assert [ablation.stream_characters(source, tok, n, 2) for n in (1, 3, 4, 6, 10, 12, 14, 99)] == \
+    assert [heldout.stream_characters(source, tok, n, 2) for n in (1, 3, 4, 6, 10, 12, 14, 99)] == \
         [1, 3, 4, 6, 10, 12, 14, 14]
-    held = ablation.heldout_text(source, "en", tok, seq_len=5, max_tokens=12)
+    held = heldout.heldout_text(source, "en", tok, seq_len=5, max_tokens=12)
     assert held.tokens == 12 and held.characters == 12
     assert [row.tolist()[0] for row in held.inputs] == [2, int(held.inputs[0][-1]), int(held.inputs[1][-1])]
     assert sum(row.numel() - 1 for row in held.inputs) == 12
 
 
 def test_heatmap_is_a_png_of_the_expected_size(planted, tmp_path):
-    from neuronreg.plots import ablation_heatmap, heatmap_pixels
+    from neuronreg.store.figures import ablation_heatmap, heatmap_pixels
 
     ablate(planted, tmp_path / "out")
     for path, shape in [(tmp_path / "out" / "ablation.png", (4, 3)), (None, (7, 6))]:
@@ -336,9 +346,9 @@ def test_mask_of_another_model_is_refused(planted, tmp_path):
     ok = run("ablate", tmp_path / "other", "--data", planted / "heldout", "--out", tmp_path / "out", "--tokens", 300,
              "--seq-len", 64, "--registry", tmp_path / "registry")
     assert "revision" in ok.stderr
-    mask = ablation.random_mask("m", [1, 1, 1], 48, seed=0)
+    mask = NeuronMask.random([1, 1, 1], 48, seed=0, model="m")
     with pytest.raises(MaskError, match="3 layers x 48"):
-        ablation.check_fits(find_mlp_sites(predictive_planted_model()), mask)
+        mask.check_sites(find_mlp_sites(predictive_planted_model()))
 
 
 def test_ablate_has_help_with_an_example():

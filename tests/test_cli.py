@@ -7,25 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from click.testing import CliRunner
-from helpers import assert_one_line_error, run
-from tiny import planted_model, save_model, tiny_config, write_corpus
 
 from neuronreg.cli import cli
 
-PLANTED = {0: {"en": [3, 7], "ru": [10], "el": [20]}, 1: {"en": [5], "ru": [30, 31], "el": [40, 41]}}
-TOP_RATE = str(9 / 96)  # exactly the 9 planted neurons of 2 x 48
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("planted")
-    save_model(planted_model(PLANTED), root / "model")
-    # Files named by other codes of the same languages: eng, Russian, el.
-    write_corpus(root / "texts", {"en": "eng", "ru": "Russian", "el": "el"})
-    return root
-
-
+from support.cli import assert_one_line_error, run
+from support.tiny import PLANTED, TOP_RATE, save_model, tiny_config, write_corpus
 
 
 def compute(planted, registry, *extra, langs=("en", "ru", "el"), ok=True):
@@ -61,11 +47,12 @@ def test_provenance_and_counts_file(planted, tmp_path):
     counts = pq.read_table(reg / "model" / "counts" / "ru.parquet")
     assert counts.num_rows == 2 * 48 and counts.column_names == ["layer", "neuron", "count"]
     prov = json.loads(counts.schema.metadata[b"neuronreg"])
-    assert prov["tokens"] == 3000 and prov["num_layers"] == 2 and prov["intermediate_size"] == 48
-    assert prov["hidden_size"] == 32 and prov["seq_len"] == 64 and prov["dtype"] == "float32"
+    assert prov["schema_version"] == "1.0" and prov["kind"] == "counts"
+    assert prov["tokens"] == 3000 and prov["model"]["num_layers"] == 2 and prov["model"]["intermediate_size"] == 48
+    assert prov["model"]["hidden_size"] == 32 and prov["seq_len"] == 64 and prov["dtype"] == "float32"
     assert prov["model"]["revision"].startswith("local-") and prov["corpus"]["file"] == "Russian.txt"
     # The planted Cyrillic neurons fire on every Cyrillic token: all but the document separators.
-    by_key = {(l, n): c for l, n, c in zip(*(counts[c].to_pylist() for c in ("layer", "neuron", "count")))}
+    by_key = {(layer, n): c for layer, n, c in zip(*(counts[c].to_pylist() for c in ("layer", "neuron", "count")))}
     assert 2900 < by_key[(0, 10)] < 3000 and by_key[(0, 3)] == 0
     neurons = json.loads(pq.read_schema(reg / "model" / "ru.parquet").metadata[b"neuronreg"])
     sel = neurons["selection"]
@@ -116,7 +103,7 @@ def test_select_show_ls(planted, tmp_path):
 
 
 def test_resume_after_interrupt_gives_the_same_counts(planted, tmp_path, monkeypatch):
-    import neuronreg.compute as compute_module
+    import neuronreg.lape.compute as compute_module
 
     reg_a, reg_b = tmp_path / "a", tmp_path / "b"
     compute(planted, reg_a, "--checkpoint-tokens", 64, langs=("ru",))
@@ -275,7 +262,7 @@ def test_a_language_with_no_neuron_is_an_empty_split_that_loads(planted, tmp_pat
     en = datasets.load_dataset(str(reg), "model", split="en")
     assert list(zip(en["layer"], en["neuron"])) == [(0, 3), (0, 7)]
     card = (reg / "README.md").read_text()
-    assert "| Greek | `el` | 3,000 | 0 |" in card and "No neuron passed the selection for el" in card
+    assert "| Greek | el | 3,000 | 0 |" in card and "No neuron passed the selection for el" in card
 
 
 def test_datasets_sees_a_new_selection_of_the_same_folder(planted, tmp_path):

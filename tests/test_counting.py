@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import ARCHS, tiny_model
 
-from neuronreg.counting import Checkpoint, activation_hooks, batches, count_activations
+from neuronreg.lape.counting import Checkpoint, activation_hooks, batches, count_activations
 from neuronreg.models import find_mlp_sites
+
+from support.tiny import ARCHS, tiny_model
 
 # The activation each family applies, written out here rather than taken from the model.
 ACTIVATIONS = {
@@ -41,7 +42,8 @@ def independent_counts(model, rows):
     handles = []
     for site in layout_sites:
         proj = getattr(site.mlp, FIRST_PROJECTION[site.layout])
-        handles.append(proj.register_forward_pre_hook(lambda m, args, layer=site.layer: captured.__setitem__(layer, args[0])))
+        handles.append(proj.register_forward_pre_hook(
+            lambda m, args, layer=site.layer: captured.__setitem__(layer, args[0])))
     try:
         with torch.no_grad():
             for row in rows:
@@ -131,7 +133,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_positive_counts_is_exactly_greater_than_zero(dtype):
-    from neuronreg.counting import positive_counts
+    from neuronreg.lape.counting import positive_counts
 
     x = torch.randn(300, 7).to(dtype)
     x[0, 0], x[1, 0], x[2, 0], x[3, 0] = float("nan"), float("inf"), float("-inf"), -0.0

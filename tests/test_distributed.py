@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch.multiprocessing as mp
 from click.testing import CliRunner
-from test_cli import PLANTED
-from tiny import planted_model, save_model, write_corpus
 
 from neuronreg.cli import cli
+
+from support.tiny import PLANTED, planted_model, save_model, write_corpus
 
 ARGS = ["--tokens", "3k", "--seq-len", "64", "--batch-size", "2", "--checkpoint-tokens", "128", "-q"]
 
@@ -59,9 +59,9 @@ def _worker(rank, world, port, root, reg, fail_rank, out):
     """One rank, as torchrun would start it; records what it raised."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    import neuronreg.compute as compute_module
+    import neuronreg.lape.compute as compute_module
     from neuronreg import LocalRegistry, load_manifest
-    from neuronreg.compute import CountSettings
+    from neuronreg.lape.compute import CountSettings
 
     if rank == fail_rank:
         real = compute_module.pack_rows

@@ -4,33 +4,35 @@ import json
 import math
 from pathlib import Path
 
-import neuronreg.cli_finetune  # noqa: F401  registers `finetune` on the root group
 import pytest
 import torch
-from click.testing import CliRunner
-from hubserver import TEST_USER, hub  # noqa: F401  (hub is a fixture)
-from neuronreg.cli import cli
+from safetensors.torch import load_file
+
 from neuronreg.errors import MaskError
-from neuronreg.finetune import FinetuneSettings, finetune, random_per_layer
+from neuronreg.finetune.deltas import attach_deltas, merge_deltas
+from neuronreg.finetune.loading import load_sparse_model
+from neuronreg.finetune.training import FinetuneSettings, finetune
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
 from neuronreg.models import find_mlp_sites
-from neuronreg.sparse import attach_deltas, load_sparse_model, merge_deltas
-from neuronreg.store import LocalRegistry
-from safetensors.torch import load_file
-from helpers import assert_one_line_error, run
-from tiny import save_model, tiny_model, write_corpus
+from neuronreg.provenance import LanguageInfo, ModelInfo, NeuronsRecord, SelectionInfo
+from neuronreg.store.local import LocalRegistry
+
+from support.cli import assert_one_line_error, run
+from support.hubserver import TEST_USER
+from support.tiny import save_model, tiny_model, write_corpus
 
 EN = {0: [3, 7, 11, 20, 33], 1: [5, 6, 40]}  # the "English" neurons of the 2 x 48 tiny models
 
 
 def write_mask(registry: Path, model: str, lang: str, per_layer: dict[int, list[int]], layers=2, inter=48):
-    layers_ = sorted(per_layer)
-    layer = torch.tensor([i for i in layers_ for _ in per_layer[i]], dtype=torch.long)
-    neuron = torch.tensor([j for i in layers_ for j in sorted(per_layer[i])], dtype=torch.long)
-    provenance = {"num_layers": layers, "intermediate_size": inter, "hidden_size": 32,
-                  "language": {"code": lang}, "model": {"revision": None}}
-    mask = NeuronMask(model, lang, layers, inter, layer, neuron, provenance)
+    mask = NeuronMask.from_per_layer([sorted(per_layer.get(i, [])) for i in range(layers)], model=model, language=lang,
+                                     intermediate_size=inter)
+    mask.provenance = NeuronsRecord(
+        model=ModelInfo(name=model, id=model, revision=None, num_layers=layers, intermediate_size=inter,
+                        hidden_size=32),
+        language=LanguageInfo(code=lang), selection=SelectionInfo(method="lape", languages=[lang], top_rate=0.1),
+        num_neurons=len(mask))
     mask.save(registry / model / f"{lang}.parquet")
     return mask
 
@@ -169,7 +171,7 @@ def test_loss_falls_on_the_target_text(setup, tmp_path):
     result = train(setup, "llama", tmp_path / "run", steps=12, eval_every=4, lr=2e-2)
     curve = [p["val_loss"] for p in result.curve]
     assert curve[-1] < curve[0] - 0.05, curve
-    assert result.config["best_step"] in (4, 8, 12)
+    assert result.config.best_step in (4, 8, 12)
 
 
 def test_optimizer_state_is_twice_the_trainable_weights(setup, tmp_path):
@@ -208,13 +210,13 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(setup, tmp_path, a
 
 
 def test_random_subset_keeps_the_per_layer_counts(setup, tmp_path):
-    drawn = random_per_layer([5, 3], 48, seed=1)
+    drawn = NeuronMask.random([5, 3], 48, seed=1).per_layer()
     assert [t.numel() for t in drawn] == [5, 3] and drawn[0].unique().numel() == 5
-    assert all(torch.equal(x, y) for x, y in zip(drawn, random_per_layer([5, 3], 48, seed=1)))
+    assert all(torch.equal(x, y) for x, y in zip(drawn, NeuronMask.random([5, 3], 48, seed=1).per_layer()))
     result = train(setup, "llama", tmp_path / "rand", subset="random", steps=2, seed=3)
-    assert result.config["subset"] == "random" and result.config["neurons"]["per_layer"] == [5, 3]
+    assert result.config.subset == "random" and result.config.neurons.per_layer == [5, 3]
     tensors = load_file(str(tmp_path / "rand" / "delta.safetensors"))
-    expect = random_per_layer([5, 3], 48, seed=3)
+    expect = NeuronMask.random([5, 3], 48, seed=3).per_layer()
     assert tensors["model.layers.0.mlp.neurons"].tolist() == expect[0].tolist()
 
 
@@ -222,10 +224,10 @@ def test_random_subset_keeps_the_per_layer_counts(setup, tmp_path):
 def test_dense_baselines_are_recorded_and_load(setup, tmp_path, subset):
     result = train(setup, "llama", tmp_path / subset, subset=subset, steps=2, lr=1e-3)
     model = load_sparse_model(tmp_path / subset)
-    total = result.config["base_model"]["num_parameters"]
+    total = result.config.base_model.num_parameters
     mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
-    assert result.config["subset"] == subset
-    assert result.config["trainable_parameters"] == (mlp if subset == "ffn" else total)
+    assert result.config.subset == subset
+    assert result.config.trainable_parameters == (mlp if subset == "ffn" else total)
 
 
 # -- clear errors ---------------------------------------------------------------------------------------
@@ -266,16 +268,16 @@ def test_gradient_checkpointing_gives_the_same_deltas_and_schedules_are_recorded
     b = load_file(str(tmp_path / "ckpt" / "delta.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    assert plain.config["training"]["gradient_checkpointing"] is False
-    assert ckpt.config["training"]["schedule"] == "cosine"
+    assert plain.config.training.gradient_checkpointing is False
+    assert ckpt.config.training.schedule == "cosine"
 
 
 def test_bfloat16_model_keeps_float32_deltas_and_a_mask_file_works(setup, tmp_path):
     mask_file = setup / "reg" / "llama" / "en.parquet"
     result = finetune(str(setup / "llama"), "en", manifest=load_manifest(), registry=mask_file,
                       settings=settings(setup, tmp_path / "bf16", steps=2, dtype="bfloat16"), quiet=True)
-    assert result.config["training"]["dtype"] == "bfloat16"
-    assert result.config["mask"]["source"] == {"file": str(mask_file)}
+    assert result.config.training.dtype == "bfloat16"
+    assert result.config.mask.source == {"file": "en.parquet"}  # a name, never a local path
     tensors = load_file(str(tmp_path / "bf16" / "delta.safetensors"))
     assert tensors["model.layers.0.mlp.gate_delta"].dtype == torch.float32
     model = load_sparse_model(tmp_path / "bf16", merge=True)
@@ -313,7 +315,11 @@ def test_release_uploads_delta_and_card_and_loads_from_the_hub(setup, tmp_path, 
     assert result.output.strip()
     from transformers import AutoModelForCausalLM
 
-    remote = load_sparse_model(f"{TEST_USER}/tiny-en-lape", merge=True)
+    published = json.loads(hub.file_bytes("model", f"{TEST_USER}/tiny-en-lape", "neuronreg_delta.json"))
+    assert "base_path" not in published and str(tmp_path) not in json.dumps(published)  # no local path
+    with pytest.raises(Exception, match="local folder"):
+        load_sparse_model(f"{TEST_USER}/tiny-en-lape")
+    remote = load_sparse_model(f"{TEST_USER}/tiny-en-lape", merge=True, base=setup / "llama")
     merged = AutoModelForCausalLM.from_pretrained(f"{TEST_USER}/tiny-en-lape")
     local = load_sparse_model(out, merge=True)
     for name, w in local.state_dict().items():

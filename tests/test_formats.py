@@ -5,8 +5,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import run
 
+from support.cli import run
 
 REFERENCE = {
     "gurgurov/llama-3.1-5.pt": ("llama-3.1-8b", "mt,af,is,cy,mk,lv,lt,sl,sk,et,ka,ne", "0.05"),
@@ -41,7 +41,8 @@ def test_import_then_export_gives_back_the_same_lists(shared, tmp_path, name):
     first = languages.split(",")[0]
     prov = json.loads(pq.read_schema(reg / model / f"{first}.parquet").metadata[b"neuronreg"])
     assert prov["imported"]["file"] == source.name and prov["imported"]["format"] == "lape-pt"
-    assert prov["selection"]["imported"] is True and prov["tokens"] is None
+    assert prov["selection"]["method"] == "imported" and prov["selection"]["top_rate"] == float(top_rate)
+    assert prov["imported"]["index"] == 0 and not prov.get("counts")
 
 
 def test_seed_paper_numbers(shared, tmp_path):
@@ -73,7 +74,7 @@ def test_export_in_another_order(tmp_path):
     (("--model", "llama-3.1-8b", "--languages", "sw,en,fr"), "holds 2 languages but 3 were named"),
     (("--model", "acme/unknown", "--languages", "sw,en"), "--layers"),
     (("--model", "llama-3.1-8b", "--languages", "sw,en"), "has 2 layers"),
-    (("--model", "acme/x", "--layers", 2, "--intermediate-size", 4, "--languages", "sw,en"), "outside 0..3"),
+    (("--model", "acme/x", "--layers", 2, "--intermediate-size", 4, "--languages", "sw,en"), "outside 2 layers x 4"),
 ])
 def test_bad_imports_are_one_line_errors(tmp_path, args, fragment):
     src = tmp_path / "m.pt"

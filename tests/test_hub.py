@@ -8,15 +8,15 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from hubserver import TEST_TOKEN, TEST_USER, hub, set_offline  # noqa: F401  (hub is a fixture)
-from helpers import assert_one_line_error, run
-from test_cli import PLANTED, TOP_RATE
-from tiny import planted_model, save_model, tiny_model, write_corpus
 
 from neuronreg.cli import cli
 from neuronreg.errors import HubError, MaskError
-from neuronreg.hub import fetch_mask, load_mask, publish
-from neuronreg.store import LocalRegistry
+from neuronreg.store.hub import fetch_mask, load_mask, publish
+from neuronreg.store.local import LocalRegistry
+
+from support.cli import assert_one_line_error, run
+from support.hubserver import TEST_USER, set_offline
+from support.tiny import PLANTED, TOP_RATE, planted_model, save_model, tiny_model, write_corpus
 
 REPO = f"{TEST_USER}/lape-neurons"
 
@@ -50,7 +50,8 @@ def test_publish_fetch_load_dataset_round_trip(hub, registry_dir, tmp_path):
     local = LocalRegistry(registry_dir)
     for model in ("planted", "planted-b"):
         for lang in local.selected_languages(model):
-            assert hub.file_bytes("dataset", REPO, f"{model}/{lang}.parquet") == local.neuron_path(model, lang).read_bytes()
+            published = hub.file_bytes("dataset", REPO, f"{model}/{lang}.parquet")
+            assert published == local.neuron_path(model, lang).read_bytes()
             rows = datasets.load_dataset(REPO, model, split=lang)
             table = pq.read_table(local.neuron_path(model, lang))
             assert rows["layer"] == table["layer"].to_pylist() and rows["neuron"] == table["neuron"].to_pylist()
@@ -73,7 +74,7 @@ def test_the_card_parses_and_its_configs_load(hub, registry_dir):
         for item in config["data_files"]:
             assert datasets.load_dataset(REPO, config["config_name"], split=item["split"]).num_rows > 0
     for text in ("## planted", "## planted-b", "![Neurons per layer", "neuronreg fetch", "@inproceedings{tang",
-                 "| Russian | `ru` | 3,000 | 3 |", "top rate 0.09375"):
+                 "| Russian | ru | 3,000 | 3 |", "top rate 0.09375"):
         assert text in card, text
 
 
@@ -115,13 +116,14 @@ def test_a_stale_parent_fails_cleanly(hub, registry_dir, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(HfApi, "create_commit", someone_pushes_first)
-    import shutil, tempfile  # noqa: E401
+    import shutil  # noqa: E401
+    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(registry_dir, tmp, dirs_exist_ok=True)
         run("select", "planted", "--top-rate", 0.5, "--registry", tmp, "-q")
         result = run("publish", "--repo", REPO, "--registry", tmp, ok=False)
-    assert_one_line_error(result, "changed while publishing", "run publish again")
+    assert_one_line_error(result, "changed while publishing", "Run publish again")
     after = hub.commits("dataset", REPO)
     assert len(after) == len(before) + 1  # only the other writer's commit
     assert "other.txt" in hub.files("dataset", REPO)
@@ -181,8 +183,8 @@ def test_missing_repo_model_and_language_say_what_exists(hub, registry_dir):
 def test_fetch_formats_tags_and_offline_cache(hub, registry_dir, tmp_path):
     reg = LocalRegistry(registry_dir)
     assert run("publish", "planted", "--repo", REPO, "--tag", "v1.0", "--registry", registry_dir).exit_code == 0
-    expected = [torch.tensor(sorted(j for layer, langs in PLANTED.items() if layer == l for j in langs["ru"]))
-                for l in range(2)]
+    expected = [torch.tensor(sorted(j for layer, langs in PLANTED.items() if layer == index for j in langs["ru"]))
+                for index in range(2)]
     hub.clear_requests()
     pt = tmp_path / "ru.pt"
     result = run("fetch", "planted", "Russian", "--repo", REPO, "--revision", "v1.0", "--format", "pt", "-o", pt)
@@ -211,7 +213,7 @@ def test_fetch_formats_tags_and_offline_cache(hub, registry_dir, tmp_path):
         set_offline(mp, True)
         mask = fetch_mask("planted", "ru", repo=REPO, revision="v1.0")
         assert mask.neuron.tolist() == [10, 30, 31]
-        with pytest.raises(HubError, match="offline"):
+        with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
             fetch_mask("planted", "el", repo=REPO, revision="v1.0")
     assert hub.requests == []
 

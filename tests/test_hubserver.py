@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hubserver import TEST_USER, HubServer, hub, set_offline  # noqa: F401  (hub is a fixture)
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -29,6 +28,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+from support.hubserver import TEST_USER, HubServer, set_offline
 
 REPO = f"{TEST_USER}/neurons"
 README = """---

@@ -4,7 +4,7 @@ import pytest
 
 from neuronreg.errors import ManifestError, UnknownLanguage
 from neuronreg.manifest import SPLIT_NAME, default_manifest_path, load_manifest
-from neuronreg.models import resolve_model
+from neuronreg.resolve import resolve_model
 
 SEED_LANGUAGES = "mt af is cy mk lv lt sl sk et ka ne".split()
 HIGH_RESOURCE = "en de fr es it pt ru zh ja ko ar hi tr pl nl vi id sw".split()
@@ -51,12 +51,25 @@ def test_the_packaged_manifest_is_the_repository_manifest():
 
 
 @pytest.mark.parametrize("mutate,key", [
-    (lambda d: d["models"]["mistral-nemo"].pop("hub_id"), "models.mistral-nemo.hub_id"),
-    (lambda d: d["models"]["mistral-nemo"].update(num_layers="forty"), "models.mistral-nemo.num_layers"),
+    (lambda d: d["models"]["mistral-nemo"].pop("hub_id"), "models[mistral-nemo].hub_id is missing"),
+    (lambda d: d["models"]["mistral-nemo"].update(num_layers="forty"), "models[mistral-nemo].num_layers must be"),
+    (lambda d: d["models"]["mistral-nemo"].update(num_layers=True), "models[mistral-nemo].num_layers must be"),
+    (lambda d: d["models"]["mistral-nemo"].update(mlp_layuot="gated"),
+     "models[mistral-nemo].mlp_layuot is an unknown key; did you mean 'mlp_layout'?"),
+    (lambda d: d["models"]["mistral-nemo"].update(mlp_layout="moe"), "models[mistral-nemo].mlp_layout must be one"),
+    (lambda d: d["models"]["mistral-nemo"].update(hub_id="no slash"), "models[mistral-nemo].hub_id must be"),
+    (lambda d: d["models"].update(x=[1]), "models[x] must be a JSON object"),
     (lambda d: d["languages"][0].update(code="af-ZA"), "languages[af-ZA].code"),
-    (lambda d: d["languages"].append(dict(d["languages"][0])), "languages[af].code"),
+    (lambda d: d["languages"].append(dict(d["languages"][0])), "languages[af].code is listed twice"),
     (lambda d: d["languages"][0].update(flores200="afr"), "languages[af].flores200"),
-    (lambda d: d.update(extra=1), "'extra'"),
+    (lambda d: d["languages"][0].update(ntrex=42), "languages[af].ntrex must be a non-empty string"),
+    (lambda d: d["languages"][0].update(aliases="afr"), "languages[af].aliases must be a list"),
+    (lambda d: d["languages"][0].update(corpus={"confg": "x"}), "languages[af].corpus.confg is an unknown key"),
+    (lambda d: d["languages"][0].update(variant_of="xx"), "languages[af].variant_of names 'xx'"),
+    (lambda d: d["languages"].append(7), "languages[1"),
+    (lambda d: d["default_corpus"].update(dataset=3), "default_corpus.dataset must be"),
+    (lambda d: d.update(extra=1), "the manifest.extra is an unknown key"),
+    (lambda d: d.update(manifest_version=2), "manifest_version is 2"),
 ])
 def test_bad_entries_name_the_key(tmp_path, mutate, key):
     data = json.loads(default_manifest_path().read_text())
@@ -66,6 +79,22 @@ def test_bad_entries_name_the_key(tmp_path, mutate, key):
     with pytest.raises(ManifestError) as err:
         load_manifest(path)
     assert key in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_bad_manifest_is_one_line_on_the_command_line(tmp_path):
+    from support.cli import assert_one_line_error, run
+
+    data = json.loads(default_manifest_path().read_text())
+    data["languages"][3]["ntrex"] = 42
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    for command in (["languages"], ["models"], ["show", "x", "sw"]):
+        assert_one_line_error(run("--manifest", path, *command, ok=False), f"languages[{data['languages'][3]['code']}]"
+                              ".ntrex must be a non-empty string")
+    path.write_text("{not json")
+    assert_one_line_error(run("--manifest", path, "languages", ok=False), "is not valid JSON")
+    assert_one_line_error(run("--manifest", tmp_path / "missing.json", "languages", ok=False), "does not exist",
+                          "--manifest")
 
 
 def test_models_resolve_by_alias_hub_id_and_folder(tmp_path):

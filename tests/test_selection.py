@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuronreg.errors import SelectionError
-from neuronreg.selection import SelectionParams, select_neurons
+from neuronreg.lape.selection import SelectionParams, select_neurons
 
 
 def reference_selection(over_zero, tokens, top_rate=0.01, filter_rate=0.95, bar_ratio=0.95):

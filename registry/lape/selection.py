@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import SelectionError
+from ..errors import SelectionError
+from ..mask import NeuronMask
 
 
 @dataclass(frozen=True)
@@ -29,25 +30,11 @@ class SelectionParams:
     def __post_init__(self):
         for name in ("top_rate", "filter_rate", "activation_bar_ratio"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0 and not math.isnan(value)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+                                               and not math.isnan(value)):
                 raise SelectionError(f"{name} must be a number between 0 and 1, got {value!r}.")
-
-
-@dataclass
-class LanguageNeurons:
-    """One language's neurons, sorted by layer then neuron."""
-
-    layer: torch.Tensor  # int64 [n]
-    neuron: torch.Tensor  # int64 [n]
-    entropy: torch.Tensor  # float64 [n], the LAPE score
-    activation_prob: torch.Tensor  # float64 [n], this language's activation probability
-
-    def __len__(self) -> int:
-        return int(self.layer.numel())
-
-    def per_layer(self, num_layers: int) -> list[torch.Tensor]:
-        """The authors' format: ``list[layer] -> LongTensor`` of sorted neuron indices."""
-        return [self.neuron[self.layer == layer].clone() for layer in range(num_layers)]
+        if self.top_rate <= 0:
+            raise SelectionError(f"top_rate must be above 0, got {self.top_rate!r}.")
 
 
 @dataclass
@@ -59,7 +46,7 @@ class Selection:
     filter_threshold: float  # t: kthvalue(p, round(N * filter_rate))
     activation_bar: float  # bar: kthvalue(p, round(N * activation_bar_ratio))
     selected: int  # neurons taken over all layers, before assignment to languages
-    neurons: dict[str, LanguageNeurons] = field(default_factory=dict)
+    neurons: dict[str, NeuronMask] = field(default_factory=dict)  # per language, with entropy and probability
 
 
 def _kth(values: torch.Tensor, rate: float) -> float:
@@ -90,14 +77,16 @@ def smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_neurons(
-    over_zero: torch.Tensor, tokens: torch.Tensor, languages: list[str], params: SelectionParams = SelectionParams()
+    over_zero: torch.Tensor, tokens: torch.Tensor, languages: list[str], params: SelectionParams = SelectionParams(),
+    model: str = "",
 ) -> Selection:
     """Select language-specific neurons from ``over_zero [L, I, K]`` and ``tokens [K]``."""
     if over_zero.dim() != 3:
         raise SelectionError(f"counts must be [layers, neurons, languages], got shape {tuple(over_zero.shape)}.")
     num_layers, inter, num_langs = over_zero.shape
     if num_langs != len(languages) or tokens.numel() != num_langs:
-        raise SelectionError(f"{num_langs} count columns, {tokens.numel()} token totals and {len(languages)} languages.")
+        raise SelectionError(f"{num_langs} count columns, {tokens.numel()} token totals and {len(languages)} "
+                             "languages.")
     if num_langs == 0:
         raise SelectionError("No languages to select from; compute counts first.")
     if bool((tokens <= 0).any()):
@@ -124,6 +113,6 @@ def select_neurons(
     selection = Selection(list(languages), params, num_layers, inter, threshold, bar, int(chosen.numel()))
     for k, lang in enumerate(languages):
         keep = chosen_probs[:, k] > bar
-        selection.neurons[lang] = LanguageNeurons(layer[keep], neuron[keep], chosen_entropy[keep],
-                                                  chosen_probs[keep, k])
+        selection.neurons[lang] = NeuronMask(model, lang, num_layers, inter, layer[keep], neuron[keep],
+                                             chosen_entropy[keep], chosen_probs[keep, k])
     return selection

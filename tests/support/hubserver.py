@@ -11,9 +11,9 @@ commit is a full snapshot `path -> Blob`; blob bytes live in one content-address
 or under `root/blobs` when a root is given). Commit ids are 40-hex sha1s salted per server run, so a
 client cache from another run can never mistake an old snapshot for a new one.
 
-Usage in a test module::
+Usage in a test module (the `hub` fixture lives in conftest.py)::
 
-    from hubserver import TEST_TOKEN, TEST_USER, hub  # noqa: F401  (hub is a pytest fixture)
+    from support.hubserver import TEST_USER
 
     def test_upload(hub):
         HfApi().create_repo(f"{TEST_USER}/r", repo_type="dataset")
@@ -40,10 +40,6 @@ try:  # optional: PyYAML (a `datasets` dependency) parses README front matter fo
     import yaml
 except ImportError:  # pragma: no cover
     yaml = None
-try:  # optional: only needed for the `hub` fixture
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
 
 TEST_TOKEN = "hf_test_token"
 TEST_USER = "acme"
@@ -852,24 +848,3 @@ def set_offline(monkeypatch, offline: bool = True) -> None:
         return
     monkeypatch.setattr(dconfig, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(dconfig, "HF_DATASETS_OFFLINE", offline)
-
-
-if pytest is not None:
-
-    @pytest.fixture
-    def hub(monkeypatch, tmp_path):
-        """A running HubServer (token TEST_TOKEN -> user TEST_USER), clients pointed at it and signed in
-        via HF_TOKEN. For anonymous calls pass `token=False` to the client or setenv HF_TOKEN to ""."""
-        from huggingface_hub import HfFileSystem
-        from huggingface_hub.utils import close_session
-
-        server = HubServer(tokens={TEST_TOKEN: TEST_USER})
-        url = server.start()
-        point_clients_at(url, monkeypatch, tmp_path, token=TEST_TOKEN)
-        try:
-            yield server
-        finally:
-            # Drop the client's pooled keep-alive connections and cached filesystems before the server goes.
-            close_session()
-            HfFileSystem.clear_instance_cache()
-            server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models import MLPSite, body
-from .progress import progress
-from .store import atomic_path
+from ..files import atomic_path
+from ..hooks import site_hooks
+from ..models import MLPSite, body
+from ..progress import progress
+
+log = logging.getLogger("neuronreg")
 
 
 @dataclass
@@ -68,24 +72,20 @@ def positive_counts(flat: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterator[torch.Tensor]:
     """Yields an int64 ``[layers, intermediate]`` tensor that every forward pass adds its counts to."""
-    counts = torch.zeros(len(sites), sites[0].intermediate_size, dtype=torch.int64, device=device)
     if len({site.intermediate_size for site in sites}) != 1:
         raise ValueError("layers of different intermediate sizes are not supported")
+    counts = torch.zeros(len(sites), sites[0].intermediate_size, dtype=torch.int64, device=device)
 
-    def make_hook(layer: int):
+    def make_hook(site: MLPSite):
         def hook(module, inputs, output):
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
             # With a model split over devices (device_map), a layer's counts travel to one place.
-            counts[layer] += positive_counts(output.reshape(-1, output.shape[-1])).to(counts.device)
+            counts[site.layer] += positive_counts(output.reshape(-1, output.shape[-1])).to(counts.device)
 
         return hook
 
-    handles = [site.activation.register_forward_hook(make_hook(site.layer)) for site in sites]
-    try:
+    with site_hooks(sites, make_hook):
         yield counts
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def batches(rows: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -105,25 +105,49 @@ def batches(rows: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Ten
 
 @dataclass
 class Checkpoint:
-    """Counts so far for one language, saved atomically so an interrupted run resumes."""
+    """Counts so far for one language, saved atomically so an interrupted run resumes.
+
+    A checkpoint is used only when everything about it checks out (the settings' fingerprint, the
+    shape and dtype of the counts, counts between 0 and the tokens, rows no more than tokens);
+    anything else is discarded with a warning, so a damaged file costs the work since the last
+    checkpoint, never a wrong count.
+    """
 
     path: Path
     fingerprint: str  # the settings; a checkpoint made with other settings is ignored
 
-    def load(self) -> tuple[torch.Tensor, int, int] | None:
+    def load(self, shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int] | None:
         if not self.path.exists():
             return None
         try:
-            tensors = load_file(str(self.path))
             from safetensors import safe_open
 
+            tensors = load_file(str(self.path))
             with safe_open(str(self.path), "pt") as f:
                 meta = f.metadata() or {}
-            if meta.get("fingerprint") != self.fingerprint:
-                return None
-            return tensors["over_zero"], int(meta["tokens"]), int(meta["rows"])
-        except Exception:  # a damaged checkpoint only costs the work since the last one
-            return None
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            return self._discard(f"it cannot be read ({type(exc).__name__})")
+        if meta.get("fingerprint") != self.fingerprint:
+            return self._discard("it was made with other settings")
+        over_zero = tensors.get("over_zero")
+        try:
+            tokens, rows = int(meta["tokens"]), int(meta["rows"])
+        except (KeyError, ValueError):
+            return self._discard("its token and row totals are missing")
+        if set(tensors) != {"over_zero"} or over_zero.dtype != torch.int64 or over_zero.dim() != 2:
+            return self._discard("it does not hold one int64 count matrix")
+        if shape is not None and tuple(over_zero.shape) != tuple(shape):
+            return self._discard(f"its counts are {tuple(over_zero.shape)}, the model has {tuple(shape)}")
+        if rows <= 0 or tokens < rows:
+            return self._discard(f"it claims {tokens} tokens in {rows} rows")
+        if over_zero.numel() and (int(over_zero.min()) < 0 or int(over_zero.max()) > tokens):
+            return self._discard("it holds counts outside [0, tokens]")
+        return over_zero, tokens, rows
+
+    def _discard(self, why: str) -> None:
+        log.warning("Discarding the checkpoint %s: %s. Counting starts again for this language.", self.path.name, why)
+        self.path.unlink(missing_ok=True)
+        return None
 
     def save(self, over_zero: torch.Tensor, tokens: int, rows: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +173,10 @@ def count_activations(
     quiet: bool = False,
 ) -> ActivationCounts:
     """Run ``rows`` through the model body and count positive activations per layer and neuron."""
-    start = checkpoint.load() if checkpoint else None
+    shape = (len(sites), sites[0].intermediate_size)
+    start = checkpoint.load(shape) if checkpoint else None
     done_tokens, done_rows = (start[1], start[2]) if start else (0, 0)
+    loaded_rows = done_rows
     rows = itertools.islice(iter(rows), done_rows, None)  # rows are deterministic: skip the counted ones
     forward = body(model)
     bar = progress(total_tokens, desc, quiet=quiet, initial=done_tokens)
@@ -179,8 +205,9 @@ def count_activations(
                 checkpoint.save(total, done_tokens, done_rows)
             result = total.cpu()
     except BaseException:
-        # Interrupted (Ctrl-C, out of memory, a killed job): keep what whole batches counted.
-        if checkpoint and total is not None and done_rows:
+        # Interrupted (Ctrl-C, out of memory, a killed job): keep what whole batches counted. Only
+        # when this run counted something: ``total`` then holds the checkpoint plus those batches.
+        if checkpoint and total is not None and done_rows > loaded_rows:
             checkpoint.save(total, done_tokens, done_rows)
         raise
     finally:

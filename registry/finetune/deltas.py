@@ -26,24 +26,16 @@ first projection has a bias), ``{mlp}.down_delta [H, k]``.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import MaskError
-from .models import MLP_LAYOUTS, MLPSite, find_mlp_sites
-
-log = logging.getLogger("neuronreg")
-
-DELTA_FILE = "delta.safetensors"
-CONFIG_FILE = "neuronreg_delta.json"
-FULL_MODEL_DIR = "model"  # dense baselines (ffn, full) save their trained weights here
-MERGED_DIR = "merged"
-GATED = ("gated", "fused-gated")
-SECOND_PROJECTION = {layout[0]: layout[4] for layout in MLP_LAYOUTS}
+from ..errors import MaskError
+from ..files import atomic_path
+from ..layouts import BY_NAME as LAYOUTS
+from ..models import MLPSite, find_mlp_sites
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -205,8 +197,7 @@ def attach_deltas(model: nn.Module, per_layer: list[torch.Tensor], sites: list[M
             raise MaskError(f"Layer {site.layer} lists a neuron twice.")
         neurons = neurons.sort().values
         mlp = site.mlp
-        first_name = next(layout[1] for layout in MLP_LAYOUTS if layout[0] == site.layout)
-        second_name = SECOND_PROJECTION[site.layout]
+        first_name, second_name = LAYOUTS[site.layout].first, LAYOUTS[site.layout].second
         base_first = getattr(mlp, first_name)
         hidden = base_first.weight.shape[1] if isinstance(base_first, nn.Linear) else base_first.weight.shape[0]
         first: list[tuple[str, RowDelta]] = []
@@ -280,89 +271,6 @@ def apply_delta_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], merg
 def save_delta(layers: list[LayerDelta], path: Path, metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from .store import atomic_path
-
     with atomic_path(path) as tmp:
         save_file(delta_tensors(layers), str(tmp), metadata={"neuronreg": json.dumps(metadata or {})})
     return path
-
-
-def load_sparse_model(folder: str | Path, *, merge: bool = False, dtype: str | None = None,
-                      device: str | None = None, token: str | None = None, trust_remote_code: bool = False):
-    """The base model of a ``neuronreg finetune`` run with the run's delta applied.
-
-    The base comes from the local folder recorded in ``neuronreg_delta.json`` when it still exists,
-    else from the Hub id at the recorded revision. Without ``merge`` the deltas stay separate
-    (trainable wrappers around the projections); with ``merge=True`` they are added into the weights
-    and the result is a plain ``transformers`` model (``save_pretrained`` works). Runs of the dense
-    baselines (``--subset ffn`` / ``full``) load their saved weights. ``folder`` may also be a Hub
-    repo made by ``neuronreg release`` (``org/name``): its delta and JSON are downloaded.
-    """
-    folder = Path(folder)
-    if not folder.is_dir() and str(folder).count("/") == 1 and not str(folder).startswith("."):
-        from .release import download_run
-
-        folder = download_run(str(folder), token=token)
-    config = read_run_config(folder)
-    if config.get("subset") in ("ffn", "full"):
-        weights = folder / FULL_MODEL_DIR if (folder / FULL_MODEL_DIR).is_dir() else folder
-        return _from_pretrained(str(weights), None, config, dtype, device, token, trust_remote_code)
-    model = load_base_model(folder, dtype=dtype, device=device, token=token, trust_remote_code=trust_remote_code)
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / DELTA_FILE))
-    apply_delta_tensors(model, tensors, merge=merge)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def read_run_config(folder: Path) -> dict:
-    from .errors import UnknownModel
-
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise UnknownModel(f"{folder} holds no {CONFIG_FILE}; it is not a finished 'neuronreg finetune' run.")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def base_source(config: dict) -> tuple[str, str | None]:
-    """Where the run's base model is: its local folder when it still exists, else the Hub id and revision."""
-    from .errors import UnknownModel
-    from .models import local_fingerprint
-
-    base = config["base_model"]
-    local = base.get("path")
-    if local and Path(local).is_dir():
-        if base.get("revision", "").startswith("local-") and local_fingerprint(Path(local)) != base["revision"]:
-            log.warning("The base model folder %s changed since training (%s, now %s).", local, base["revision"],
-                        local_fingerprint(Path(local)))
-        return local, None
-    revision = base.get("revision")
-    if revision and revision.startswith("local-"):
-        raise UnknownModel(f"The base model of this run was the local folder {local}, which no longer exists.")
-    return base["id"], revision
-
-
-def load_base_model(folder: str | Path, *, dtype: str | None = None, device: str | None = None,
-                    token: str | None = None, trust_remote_code: bool = False):
-    """The run's base model, without its delta."""
-    config = read_run_config(Path(folder))
-    source, revision = base_source(config)
-    return _from_pretrained(source, revision, config, dtype, device, token, trust_remote_code)
-
-
-def _from_pretrained(source, revision, config, dtype, device, token, trust_remote_code):
-    from transformers import AutoModelForCausalLM
-
-    from .errors import UnknownModel
-    from .models import default_device, parse_dtype
-
-    device = device or default_device()
-    torch_dtype = parse_dtype(dtype or config.get("training", {}).get("dtype"), device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype, token=token,
-                                                     trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UnknownModel(f"Cannot load the base model {source!r}: {str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval()

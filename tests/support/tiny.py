@@ -30,6 +30,9 @@ def make_tokenizer():
 
 
 HIDDEN, INTER, LAYERS, HEADS = 32, 48, 2, 4
+# The neurons planted_model() makes fire on exactly one script, per layer and language.
+PLANTED = {0: {"en": [3, 7], "ru": [10], "el": [20]}, 1: {"en": [5], "ru": [30, 31], "el": [40, 41]}}
+TOP_RATE = str(9 / 96)  # selects exactly the 9 planted neurons of 2 x 48
 
 
 def tiny_config(arch: str):
@@ -117,8 +120,8 @@ def planted_model(per_layer: dict[int, dict[str, list[int]]], seed: int = 0):
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight[:3].zero_()
             layer.mlp.gate_proj.weight[:, :3] = 0.0
-        for l, langs in per_layer.items():
-            gate = model.model.layers[l].mlp.gate_proj.weight
+        for index, langs in per_layer.items():
+            gate = model.model.layers[index].mlp.gate_proj.weight
             for lang, neurons in langs.items():
                 for j in neurons:
                     gate[j] = 0.0

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .cards import PLOT_NAME, dataset_card, model_card_entry, neurons_per_layer_png
-from .errors import HubError, RegistryError
-from .mask import NeuronMask, read_mask_file
-from .store import LocalRegistry
+from .. import __version__
+from ..errors import HubError, RegistryError
+from ..hubcalls import hub_error, hub_errors, retrying
+from ..mask import NeuronMask, read_mask_file
+from .cards import PLOT_NAME, dataset_card, model_card_entry
+from .figures import neurons_per_layer_png
+from .local import LocalRegistry
 
 REPO_TYPE = "dataset"
-LOGIN_HINT = "Log in with 'hf auth login', set HF_TOKEN, or pass --token."
 
 
 @dataclass
@@ -36,69 +35,6 @@ class PublishResult:
     pull_request: str | None = None
     uploaded: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-
-
-@contextmanager
-def hub_errors(repo_id: str, what: str = "the Hub"):
-    """Turn huggingface_hub's exceptions into one-line messages that say what to do."""
-    from huggingface_hub import errors as e
-
-    try:
-        yield
-    except e.GatedRepoError:
-        raise HubError(f"{repo_id} is gated: request access on its Hub page, then use a token with access. "
-                       f"{LOGIN_HINT}") from None
-    except e.RepositoryNotFoundError:
-        raise HubError(f"{repo_id} was not found on {what}, or it is private and your token cannot see it. Check "
-                       f"the name. {LOGIN_HINT}") from None
-    except e.RevisionNotFoundError:
-        raise HubError(f"{repo_id} has no such revision (branch, tag or commit). Check --revision.") from None
-    except e.LocalEntryNotFoundError:
-        raise HubError(f"Not in the local Hub cache and the Hub cannot be reached (offline?) for {repo_id}. Fetch it "
-                       "once online, or unset HF_HUB_OFFLINE.") from None
-    except e.EntryNotFoundError:
-        raise  # the caller knows which file was missing and what to list
-    except e.OfflineModeIsEnabled:
-        raise HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be reached. Unset it to use the Hub.") from None
-    except e.LocalTokenNotFoundError:
-        raise HubError(f"Not logged in. {LOGIN_HINT}") from None
-    except e.HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status == 401:
-            raise HubError(f"The Hub refused the token for {repo_id} (401). {LOGIN_HINT}") from None
-        if status == 403:
-            raise HubError(f"Your token may not write to {repo_id} (403). Use a token with write access.") from None
-        if status == 412:
-            raise HubError(f"{repo_id} changed while publishing (someone pushed). Nothing was committed; run publish "
-                           "again.") from None
-        raise HubError(f"The Hub answered {status} for {repo_id}: {_first_line(exc)}. Try again later.") from None
-    except (ConnectionError, TimeoutError, OSError) as exc:
-        if isinstance(exc, (HubError, RegistryError)):
-            raise
-        raise HubError(f"Cannot reach the Hub for {repo_id} ({type(exc).__name__}). Check your network, or set "
-                       "HF_HUB_OFFLINE=1 to use cached files.") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def retrying(call, attempts: int = 3, delay: float = 0.5):
-    """Run an idempotent Hub call again on transient failures (5xx, dropped connections)."""
-    from huggingface_hub import errors as e
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except e.HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else None
-            if status is None or status < 500 or attempt == attempts - 1:
-                raise
-        except (ConnectionError, TimeoutError) as exc:
-            if isinstance(exc, e.OfflineModeIsEnabled) or attempt == attempts - 1:
-                raise
-        time.sleep(delay * 2**attempt)
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -131,17 +67,27 @@ def publish(
     create_pr: bool = False,
     token: str | None = None,
     message: str | None = None,
+    manifest=None,
 ) -> PublishResult:
-    """Push the chosen models (default: all) of a local registry to a dataset repo in one commit."""
+    """Push the chosen models (default: all) of a local registry to a dataset repo in one commit.
+
+    ``models`` are anything the resolver accepts (alias, Hub id, folder, registry name).
+    """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
+
+    from ..manifest import load_manifest
+    from ..resolve import resolve_model
 
     available = [m for m in registry.models() if registry.selected_languages(m)]
     if not available:
-        raise RegistryError(f"The registry at {registry.root} has no neurons to publish. Run 'neuronreg compute' first.")
+        raise RegistryError(f"The registry at {registry.root} has no neurons to publish.", fix="compute")
+    manifest = manifest or load_manifest()
+    models = [resolve_model(m, manifest, registry=registry).name for m in models or []]
     models = list(dict.fromkeys(models or available))
     missing = [m for m in models if m not in available]
     if missing:
-        raise RegistryError(f"No neurons for {', '.join(missing)} in {registry.root} (available: {', '.join(available)}).")
+        raise RegistryError(f"No neurons for {', '.join(missing)} in {registry.root} (available: "
+                            f"{', '.join(available)}).")
 
     api = HfApi(token=token)
     with hub_errors(repo_id):
@@ -182,14 +128,16 @@ def publish(
         card.write_text(dataset_card(sorted(entries, key=lambda e: e["name"]), repo_id), encoding="utf-8")
         files["README.md"] = card
 
-        uploads = {path: local for path, local in files.items() if not _unchanged(remote.get(path), local.read_bytes())}
+        uploads = {path: local for path, local in files.items()
+                   if not _unchanged(remote.get(path), local.read_bytes())}
         # Files of a published model that the local registry no longer has (a language dropped
         # from the selection) go, so the repo shows one consistent selection per model.
         deletions = sorted(p for p in remote if p.split("/")[0] in models and p not in files)
         if not uploads and not deletions:
             result = PublishResult(repo_id, False, head)
         else:
-            operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(uploads.items())]
+            operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+                          for p, f in sorted(uploads.items())]
             operations += [CommitOperationDelete(path_in_repo=p) for p in deletions]
             with hub_errors(repo_id):
                 commit = api.create_commit(
@@ -213,11 +161,11 @@ def fetch_mask(model: str, language: str, *, repo: str, revision: str | None = N
 
     filename = f"{model}/{language}.parquet"
     try:
-        with hub_errors(repo):
-            path = retrying(lambda: hf_hub_download(repo, filename, repo_type=REPO_TYPE, revision=revision,
-                                                    token=token))
-    except e.EntryNotFoundError:
-        raise HubError(_missing_entry(repo, model, language, revision, token)) from None
+        path = retrying(lambda: hf_hub_download(repo, filename, repo_type=REPO_TYPE, revision=revision, token=token))
+    except Exception as exc:
+        if isinstance(exc, e.EntryNotFoundError) and not isinstance(exc, e.LocalEntryNotFoundError):
+            raise HubError(_missing_entry(repo, model, language, revision, token)) from exc
+        raise hub_error(exc, repo) or exc
     # The cache keeps files under .../snapshots/<commit>/<path>: the commit this mask came from.
     commit = Path(path).parents[filename.count("/")].name
     source = {"repo": repo, "revision": revision or "main", "commit": commit}
@@ -242,20 +190,20 @@ def _missing_entry(repo: str, model: str, language: str, revision: str | None, t
 def load_mask(model: str, language: str, *, repo: str | None = None, revision: str | None = None,
               registry: LocalRegistry | str | None = None, token: str | None = None, manifest=None) -> NeuronMask:
     """A language's mask: from ``repo`` on the Hub when given, else from the local registry when it
-    holds it, else from the manifest's default registry repo. ``language`` may be any of its codes."""
-    from .manifest import load_manifest
+    holds it, else from the manifest's default registry repo.
+
+    ``model`` is anything the resolver accepts (alias, Hub id, folder, registry name); ``language``
+    any of its codes or its name.
+    """
+    from ..manifest import load_manifest
+    from ..resolve import language_code, resolve_model
 
     manifest = manifest or load_manifest()
-    try:
-        code = manifest.language(language).code
-    except Exception:  # a code the manifest does not know may still be in a registry
-        code = language
+    local = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
+    name = resolve_model(model, manifest, registry=local, any_name=True).name
+    code = language_code(language, manifest, local.selected_languages(name))
     if repo is None:
-        local = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
-        if local.neuron_path(model, code).is_file():
-            table, provenance = local.read_neurons(model, code)
-            from .mask import mask_from_table
-
-            return mask_from_table(table, provenance, model, code, {"registry": str(local.root)})
+        if code in local.selected_languages(name):
+            return local.read_mask(name, code)
         repo = manifest.registry_repo
-    return fetch_mask(model, code, repo=repo, revision=revision, token=token)
+    return fetch_mask(name, code, repo=repo, revision=revision, token=token)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .store import atomic_path
+from ..files import atomic_path
 
 DPI = 100
 
@@ -40,9 +40,7 @@ def ablation_heatmap(values: list[list[float]], row_labels: list[str], column_la
     blue. ``outline`` cells (by default the diagonal) get a black frame.
     """
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import Normalize, SymLogNorm
-    from matplotlib.figure import Figure
 
     data = np.array(values, dtype=float)
     finite = np.abs(data[np.isfinite(data)])
@@ -51,8 +49,7 @@ def ablation_heatmap(values: list[list[float]], row_labels: list[str], column_la
         norm = SymLogNorm(linthresh=top / 1000, linscale=0.5, vmin=-top, vmax=top, base=10)
     else:
         norm = Normalize(vmin=-1, vmax=1)
-    figure = Figure(figsize=heatmap_inches(*data.shape), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = _figure(*heatmap_inches(*data.shape))
     axes = figure.add_subplot()
     image = axes.imshow(data, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
     axes.set_xticks(range(data.shape[1]), column_labels, fontsize=9)
@@ -80,14 +77,44 @@ def ablation_heatmap(values: list[list[float]], row_labels: list[str], column_la
             f"{-d:g}" for d in reversed(decades)] + ["0"] + [f"+{d:g}" for d in decades])
     colorbar.set_label(colorbar_label, fontsize=9)
     colorbar.ax.tick_params(labelsize=8)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        # No timestamp or software version in the file: the same numbers give the same bytes.
-        figure.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    return path
+    return _save(figure, path)
 
 
 def _frame(row: int, column: int):
     from matplotlib.patches import Rectangle
 
     return Rectangle((column - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        # No timestamp or software version in the file: the same numbers give the same bytes, so an
+        # unchanged registry publishes as "no change".
+        figure.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def neurons_per_layer_png(entry: dict, path: str | Path) -> Path:
+    """Heatmap of neurons per layer (x) and language (y) for one model of the dataset card."""
+    import numpy as np
+
+    rows = entry["languages"]
+    data = np.array([row["per_layer"] for row in rows], dtype=float)
+    figure = _figure(max(6, 0.22 * entry["num_layers"] + 2), min(2 + 0.28 * len(rows), 40))
+    axes = figure.add_subplot()
+    image = axes.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_yticks(range(len(rows)), [f"{row['code']} ({row['neurons']})" for row in rows])
+    axes.set_xlabel("layer")
+    axes.set_title(f"{entry['name']}: language-specific neurons per layer")
+    figure.colorbar(image, ax=axes, label="neurons")
+    return _save(figure, path)

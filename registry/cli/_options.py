@@ -1,0 +1,102 @@
+"""Options shared by several commands, each declared once, and the helpers every command uses to
+turn them into library objects. Only click and torch-free library modules are imported here."""
+
+from __future__ import annotations
+
+import click
+
+from ..resolve import split_names
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _option(*names, **kw):
+    return lambda f: click.option(*names, **kw)(f)
+
+
+registry_option = _option(
+    "--registry", type=click.Path(file_okay=False), envvar="NEURONREG_REGISTRY", default=None,
+    help="Local registry folder [env NEURONREG_REGISTRY; default ~/.cache/neuronreg/registry].")
+quiet_option = _option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (stderr).")
+json_option = _option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+revision_option = _option("--revision", default=None, help="Branch, tag or commit on the Hub [default: main].")
+token_option = _option("--token", default=None, help="Hub token [default: HF_TOKEN or your Hub login]; never printed.")
+device_option = _option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
+dtype_option = _option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                       help="Weights' dtype (auto: bfloat16 on CUDA, float32 on CPU).")
+text_field_option = _option("--text-field", default=None,
+                            help="Field holding the text in .jsonl/.parquet/Hub corpora [default: text].")
+name_option = _option("--name", default=None,
+                      help="Name of the model in the registry [default: its alias, Hub id as org--name, or folder "
+                           "name].")
+trust_remote_code_option = _option("--trust-remote-code", is_flag=True,
+                                   help="Run the model repository's own Python code (off by default).")
+
+
+def repo_option(required: bool = False, help: str = "Dataset repo on the Hub (org/name)."):
+    return _option("--repo", required=required, default=None, help=help)
+
+
+def seq_len_option(default: int, minimum: int = 1):
+    return _option("--seq-len", type=click.IntRange(min=minimum), default=default, show_default=True,
+                   help="Length of the packed token rows.")
+
+
+def batch_size_option(default: int, help: str = "Rows per forward pass."):
+    return _option("--batch-size", type=click.IntRange(min=1), default=default, show_default=True, help=help)
+
+
+def tokens_option(default: str, help: str):
+    return _option("--tokens", default=default, show_default=True, help=help)
+
+
+def languages_option(help: str, name: str = "languages"):
+    return _option("--languages", name, multiple=True, help=f"{help} Comma-separated or repeated; codes or names.")
+
+
+def model_source_options(f):
+    """How a model is found and loaded: its registry name, its text field, remote code, token."""
+    for option in (token_option, trust_remote_code_option, name_option, text_field_option):
+        f = option(f)
+    return f
+
+
+def selection_options(f):
+    f = _option("--bar-ratio", type=float, default=0.95, show_default=True,
+                help="Quantile of all activation probabilities above which a selected neuron belongs to a "
+                     "language.")(f)
+    f = _option("--filter-rate", type=float, default=0.95, show_default=True,
+                help="Quantile a neuron's activation probability must exceed for some language.")(f)
+    f = _option("--top-rate", type=float, default=0.01, show_default=True,
+                help="Share of all neurons to select (the seed paper released 0.05).")(f)
+    return f
+
+
+# -- from options to library objects --------------------------------------------------------------------
+def manifest(ctx: click.Context):
+    from ..manifest import load_manifest
+
+    return load_manifest(ctx.find_root().obj.get("manifest"))
+
+
+def registry(path):
+    from ..store.local import LocalRegistry
+
+    return LocalRegistry(path)
+
+
+def params(top_rate, filter_rate, bar_ratio):
+    from ..lape.selection import SelectionParams
+
+    return SelectionParams(top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=bar_ratio)
+
+
+def names(values) -> list[str] | None:
+    """Comma-separated or repeated option values as one list (None when none was given)."""
+    return split_names(values) or None
+
+
+def tokens(text: str, what: str = "Token count") -> int:
+    from ..corpus import parse_tokens
+
+    return parse_tokens(text, what)

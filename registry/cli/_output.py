@@ -1,0 +1,27 @@
+"""Where the CLI writes: results to stdout, everything else (status, warnings, progress) to stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+
+def result(text: str = "") -> None:
+    click.echo(text)
+
+
+def status(quiet: bool, text: str) -> None:
+    if not quiet:
+        click.echo(text, err=True)
+
+
+def setup_logging(quiet: bool) -> None:
+    """The library's log (warnings, and info unless quiet) on stderr, one plain line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("neuronreg")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False

@@ -1,0 +1,208 @@
+"""Commands over the local registry: compute, select, ls, show; and the manifest's languages, models."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import _options as o
+from ._output import result, setup_logging, status
+
+
+@click.command(name="compute")
+@click.argument("model")
+@click.argument("languages", nargs=-1, required=True)
+@click.option("--corpus", default="hf", show_default=True,
+              help="A folder with one <language>.txt/.jsonl/.parquet per language, 'hf' for the manifest's Hub "
+                   "corpus (GlotCC-V1), or hf:DATASET[:CONFIG].")
+@o.tokens_option("13M", "Tokens to count per language (e.g. 500k, 2M, 100M).")
+@o.seq_len_option(1024)
+@o.batch_size_option(8)
+@o.dtype_option
+@o.device_option
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Split one model too large for a GPU over all GPUs (needs accelerate).")
+@o.model_source_options
+@o.languages_option("Languages to select over [default: all counted for the model].", name="select_langs")
+@o.selection_options
+@click.option("--checkpoint-tokens", default="1M", show_default=True, help="Save progress every so many tokens.")
+@click.option("--force", is_flag=True, help="Recount languages already in the registry.")
+@o.registry_option
+@o.quiet_option
+@click.pass_context
+def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtype, device, device_map, token,
+                trust_remote_code, name, text_field, select_langs, top_rate, filter_rate, bar_ratio,
+                checkpoint_tokens, force, registry, quiet):
+    """Count how often each MLP neuron fires on each language's text, then select LAPE neurons.
+
+    MODEL is a manifest alias (neuronreg models), a Hub id, a local folder or a registry name.
+    LANGUAGES are codes or names (sw, swa, Swahili). Counts are stored per language and reused: a
+    language already counted with the same settings is skipped, and an interrupted run resumes from
+    its last checkpoint.
+
+    Under torchrun, every process counts a share of the rows and the counts are summed exactly.
+
+    \b
+    Example:
+        neuronreg compute ./my-model en de sw --corpus ./texts --tokens 2M --registry ./reg
+        neuronreg compute mistral-nemo sw mt is --corpus hf
+        torchrun --nproc-per-node 8 -m neuronreg compute mistral-nemo sw mt is --corpus hf
+    """
+    from ..lape.compute import CountSettings, compute
+
+    setup_logging(quiet)
+    settings = CountSettings(corpus=corpus, tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size,
+                             dtype=dtype, device=device, text_field=text_field,
+                             checkpoint_tokens=o.tokens(checkpoint_tokens, "Checkpoint interval"),
+                             device_map=device_map)
+    report = compute(model, list(languages), manifest=o.manifest(ctx), registry=o.registry(registry),
+                     settings=settings, params=o.params(top_rate, filter_rate, bar_ratio),
+                     select_languages=o.names(select_langs), name=name, force=force, quiet=quiet,
+                     trust_remote_code=trust_remote_code, token=token)
+    selection = report.selection
+    if selection is None:
+        return  # a rank other than 0 under torchrun: rank 0 reports
+    result(f"{'language':<10} {'status':<10} {'tokens':>12} {'neurons':>8}")
+    for row in report.languages:
+        neurons = len(selection.neurons[row.code]) if row.code in selection.neurons else "-"
+        result(f"{row.code:<10} {row.status:<10} {row.tokens:>12,} {neurons:>8}")
+    status(quiet, f"Selected {selection.selected} neurons over {len(selection.languages)} languages of "
+                  f"{report.model.describe()}; registry: {report.registry}")
+
+
+@click.command(name="select")
+@click.argument("model")
+@o.languages_option("Languages to select over [default: all counted for the model].", name="select_langs")
+@o.selection_options
+@o.registry_option
+@o.quiet_option
+@click.pass_context
+def select_cmd(ctx, model, select_langs, top_rate, filter_rate, bar_ratio, registry, quiet):
+    """Select neurons again from stored counts, with other parameters or languages. No model needed.
+
+    The model's neuron files are replaced by the new selection (counts are kept).
+
+    \b
+    Example:
+        neuronreg select mistral-nemo --top-rate 0.05
+        neuronreg select mistral-nemo --languages sw,mt,is
+    """
+    from ..lape.compute import select
+
+    setup_logging(quiet)
+    selection = select(model, registry=o.registry(registry), params=o.params(top_rate, filter_rate, bar_ratio),
+                       languages=o.names(select_langs), manifest=o.manifest(ctx))
+    result(f"{'language':<10} {'neurons':>8}")
+    for lang in selection.languages:
+        result(f"{lang:<10} {len(selection.neurons[lang]):>8}")
+    status(quiet, f"Selected {selection.selected} neurons (threshold {selection.filter_threshold:.6g}, "
+                  f"bar {selection.activation_bar:.6g}).")
+
+
+@click.command(name="ls")
+@o.registry_option
+@o.json_option
+def ls_cmd(registry, as_json):
+    """List what the registry holds: models, counted and selected languages.
+
+    \b
+    Example:
+        neuronreg ls
+        neuronreg ls --registry ./reg --json
+    """
+    reg = o.registry(registry)
+    rows = [{"model": model, "counted": reg.counted_languages(model), "selected": reg.selected_languages(model)}
+            for model in reg.models()]
+    if as_json:
+        result(json.dumps({"registry": str(reg.root), "models": rows}, indent=2))
+        return
+    if not rows:
+        status(False, f"The registry at {reg.root} is empty. Run 'neuronreg compute' to fill it.")
+        return
+    result(f"{'model':<28} {'counted':>7} {'selected':>8}  languages")
+    for row in rows:
+        result(f"{row['model']:<28} {len(row['counted']):>7} {len(row['selected']):>8}  {' '.join(row['counted'])}")
+
+
+@click.command(name="show")
+@click.argument("model")
+@click.argument("language")
+@o.registry_option
+@o.json_option
+@click.pass_context
+def show_cmd(ctx, model, language, registry, as_json):
+    """Show one language's neurons: per layer, in total, and the share of parameters they train.
+
+    \b
+    Example:
+        neuronreg show mistral-nemo sw
+        neuronreg show facebook/opt-6.7b Swahili --json
+    """
+    from ..resolve import language_code, resolve_model
+
+    reg, manifest = o.registry(registry), o.manifest(ctx)
+    name = resolve_model(model, manifest, registry=reg).name
+    code = language_code(language, manifest, reg.selected_languages(name))
+    mask = reg.read_mask(name, code)
+    share = mask.share_of_parameters()
+    per_layer = mask.counts_per_layer()
+    if as_json:
+        result(json.dumps({"model": name, "language": code, "neurons": len(mask), "per_layer": per_layer,
+                           "trainable_weights": mask.trainable_weights(), "share_of_parameters": share,
+                           "provenance": mask.provenance.to_dict()}, indent=2))
+        return
+    weights = mask.trainable_weights()
+    result(f"{name} {code} ({mask.provenance.language.name}): {len(mask)} neurons, "
+           f"{'n/a' if weights is None else f'{weights:,}'} weights, {format_share(share)} of parameters")
+    result(f"{'layer':>5} {'neurons':>8}")
+    for layer, count in enumerate(per_layer):
+        result(f"{layer:>5} {count:>8}")
+
+
+def format_share(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.3f}%"
+
+
+@click.command(name="languages")
+@o.json_option
+@click.pass_context
+def languages_cmd(ctx, as_json):
+    """List the manifest's languages with their codes, script and default corpus.
+
+    \b
+    Example:
+        neuronreg languages | grep -i swahili
+    """
+    manifest = o.manifest(ctx)
+    if as_json:
+        result(json.dumps([{"code": lang.code, "name": lang.name, "iso639_3": lang.iso639_3,
+                            "flores200": lang.flores200, "script": lang.script, "corpus_config": lang.corpus_config}
+                           for lang in manifest.languages], indent=2, ensure_ascii=False))
+        return
+    for lang in manifest.languages:
+        result(f"{lang.code:<8} {lang.iso639_3:<4} {lang.flores200 or '-':<9} {lang.script:<5} {lang.name}")
+
+
+@click.command(name="models")
+@o.json_option
+@click.pass_context
+def models_cmd(ctx, as_json):
+    """List the manifest's model aliases with their Hub ids and sizes.
+
+    \b
+    Example:
+        neuronreg models
+    """
+    models = o.manifest(ctx).models
+    if as_json:
+        result(json.dumps({alias: {"hub_id": e.hub_id, "num_layers": e.num_layers,
+                                   "intermediate_size": e.intermediate_size, "hidden_size": e.hidden_size,
+                                   "mlp_layout": e.mlp_layout, "license": e.license} for alias, e in models.items()},
+                          indent=2))
+        return
+    for alias, entry in models.items():
+        result(f"{alias:<16} {entry.hub_id:<36} {entry.num_layers:>3} x {entry.intermediate_size}")
+
+
+COMMANDS = [compute_cmd, select_cmd, ls_cmd, show_cmd, languages_cmd, models_cmd]

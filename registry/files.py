@@ -1,0 +1,110 @@
+"""Writing files so that nothing is ever half-written, and names that cannot escape their folder.
+
+Every file neuronreg writes goes to a temporary name in the target's folder and is renamed into
+place (``os.replace`` is atomic on one filesystem), so a reader sees the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import RegistryError
+
+# A model or language name used as one path part: no separators, no '..', no leading dot.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+TEMP_SUFFIX = ".tmp"
+
+
+def safe_name(name: str, what: str) -> str:
+    """``name`` itself when it can be one folder or file name inside a registry, else RegistryError."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name or len(name) > 200:
+        raise RegistryError(f"{what} name {name!r} cannot be a registry path: use letters, digits, '-', '_' and '.' "
+                            "(not '..'), starting with a letter or digit.")
+    return name
+
+
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def temp_beside(target: Path, private: bool = False) -> str:
+    """A new empty file next to ``target``.
+
+    ``mkstemp`` makes files 0600; a registry is shared and served, so the user's umask decides, as
+    for any file they create (``private`` keeps 0600, for files that hold secrets).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    if not private:
+        os.chmod(tmp, 0o666 & ~umask())
+    return tmp
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``target`` that replaces it only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(target)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``target`` that replaces it (and whatever it held) only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old{TEMP_SUFFIX}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, with every link followed, lies inside ``root`` (also with links followed)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def write_parquet(table, path: Path) -> None:
+    """Write a Parquet file; an empty table gets no row group at all, which `datasets` reads as 0 rows
+    (a zero-row group makes it fail on the whole config, not only on that split)."""
+    import pyarrow.parquet as pq
+
+    if table.num_rows == 0:
+        pq.ParquetWriter(path, table.schema, compression="zstd").close()
+    else:
+        pq.write_table(table, path, compression="zstd")

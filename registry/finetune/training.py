@@ -1,0 +1,420 @@
+"""Sparse fine-tuning of one language's neurons (the seed paper's method), and its baselines.
+
+``finetune`` trains, on a language's text, only what ``subset`` names:
+
+* ``lape`` (default): the language's LAPE neurons from a registry, as row-sparse deltas
+  (:mod:`neuronreg.finetune.deltas`): optimizer state and gradients scale with the neurons;
+* ``random``: the same number of neurons in every layer, drawn with the seed (the paper's control);
+* ``ffn``: every weight of every MLP (dense ``requires_grad``); ``full``: every weight.
+
+Text is packed as ``compute`` packs it (``pack_rows``); the last 2% of the rows (or ``eval_data``)
+are the validation split, evaluated before training, every ``eval_every`` steps and at the end; the
+deltas (or weights) of the best evaluation are what the run keeps. Batches follow a fixed order that
+depends only on the seed and the step, and checkpoints (written to a temporary file, then renamed)
+hold the trainable weights, the AdamW and schedule state and the RNG state, so an interrupted run
+resumes to exactly the result of an uninterrupted one. A loss that stops being finite ends the run
+with an error; the last checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..corpus import iter_documents, pack_rows, resolve_corpus
+from ..errors import CorpusError, FinetuneError, MaskError
+from ..evaluation.heldout import IGNORE, token_nll
+from ..files import atomic_folder, atomic_path, atomic_write_text
+from ..layouts import BY_NAME as LAYOUTS
+from ..manifest import Manifest
+from ..mask import NeuronMask
+from ..models import load_model
+from ..progress import progress
+from ..provenance import LanguageInfo
+from ..resolve import language_code, resolve_model
+from ..store.local import LocalRegistry
+from .config import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    DELTA_FILE,
+    FULL_MODEL_DIR,
+    MERGED_DIR,
+    FinetuneSettings,
+    MaskRef,
+    NeuronCounts,
+    RunConfig,
+    TrainingInfo,
+)
+from .deltas import LayerDelta, attach_deltas, merge_deltas, save_delta
+
+log = logging.getLogger("neuronreg")
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    config: RunConfig
+    curve: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+# -- what to train ------------------------------------------------------------------------------------
+def read_mask(source: LocalRegistry | Path, model: str, language: str, manifest: Manifest) -> NeuronMask:
+    """The language's mask from a LOCAL registry folder or a mask file (any format ``fetch -o`` writes),
+    never the Hub; or one error saying what is there."""
+    if isinstance(source, Path):
+        return NeuronMask.load(source, model=model, language=language)
+    code = language_code(language, manifest, source.selected_languages(model))
+    return source.read_mask(model, code)
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def read_rows(source, tokenizer, seq_len: int, tokens: int) -> list[torch.Tensor]:
+    """Packed rows, kept as int32 (half the memory of the int64 ids; 100M tokens take 400 MB)."""
+    dtype = torch.int32 if len(tokenizer) < 2**31 else torch.long
+    return [row.to(dtype) for row in pack_rows(iter_documents(source), tokenizer, seq_len, tokens)]
+
+
+def batch_tensors(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and labels; a short row is padded on the right and its pads get no loss."""
+    length = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : row.numel()] = row
+        attention[i, : row.numel()] = 1
+    labels = ids.masked_fill(attention == 0, IGNORE)
+    return ids, attention, labels
+
+
+def sample_order(step: int, micro: int, settings: FinetuneSettings, num_rows: int) -> list[int]:
+    """Row indices of one micro-batch: a seeded permutation per epoch, a function of the step alone."""
+    start = (step * settings.grad_accum + micro) * settings.batch_size
+    picks = []
+    cache: dict[int, torch.Tensor] = {}
+    for position in range(start, start + settings.batch_size):
+        epoch, offset = divmod(position, num_rows)
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+            cache[epoch] = torch.randperm(num_rows, generator=generator)
+        picks.append(int(cache[epoch][offset]))
+    return picks
+
+
+def evaluate(model, rows: list[torch.Tensor], batch_size: int, pad_id: int, device) -> float:
+    """Mean next-token loss (nats) over the validation rows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, attention, labels = (t.to(device) for t in batch_tensors(rows[start:start + batch_size], pad_id))
+            loss, n = token_nll(model, ids, attention, labels)
+            total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def schedule_factor(step: int, settings: FinetuneSettings) -> float:
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.schedule == "constant":
+        return 1.0
+    progress_ = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    if settings.schedule == "linear":
+        return max(0.0, 1.0 - progress_)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+# -- the job ------------------------------------------------------------------------------------------
+def finetune(
+    model_spec: str,
+    language: str,
+    *,
+    manifest: Manifest,
+    registry: LocalRegistry | Path,
+    settings: FinetuneSettings,
+    name: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+    on_step=None,  # called with the finished step number; tests use it to interrupt a run
+) -> FinetuneResult:
+    """Train the language's subnetwork (or a baseline) and write the run folder.
+
+    ``registry`` is where the mask comes from: a local registry, or the Path of one mask file.
+    """
+    settings.check()
+    lang = manifest.language(language)
+    out = Path(settings.out)
+    _check_out(out, overwrite)
+
+    ref = resolve_model(model_spec, manifest, name=name,
+                        registry=registry if isinstance(registry, LocalRegistry) else None)
+    mask = None
+    if settings.subset in ("lape", "random"):
+        mask = read_mask(registry, ref.name, lang.code, manifest)
+        if len(mask) == 0:
+            raise MaskError(f"The {lang.code} mask of {ref.name} in {_where(registry)} has no neurons, so there is "
+                            "nothing to train.", fix="empty_mask",
+                            advice="Select with a higher top_rate, or train subset='ffn'.")
+    source = resolve_corpus(settings.data, lang, manifest, settings.text_field)
+    eval_source = (resolve_corpus(settings.eval_data, lang, manifest, settings.text_field) if settings.eval_data
+                   else None)
+
+    loaded = load_model(ref, dtype=settings.dtype, device=settings.device, trust_remote_code=trust_remote_code,
+                        token=token, quiet=quiet)
+    model, device = loaded.model, loaded.device
+    info = loaded.info()
+    if mask is not None:
+        mask.check_sites(loaded.sites)
+        mask_revision = mask.provenance.model.revision if mask.provenance else None
+        if mask_revision and mask_revision != loaded.revision:
+            log.warning("The mask was computed on revision %s of %s; this model is %s.", mask_revision, ref.name,
+                        loaded.revision)
+
+    train_rows, eval_rows = _split_rows(source, eval_source, loaded.tokenizer, settings, lang.code)
+    pad_id = loaded.tokenizer.pad_token_id
+    pad_id = pad_id if isinstance(pad_id, int) else 0
+
+    # What is trainable.
+    torch.manual_seed(settings.seed)
+    layers: list[LayerDelta] = []
+    per_layer = None
+    if settings.subset == "lape":
+        per_layer = mask.per_layer()
+    elif settings.subset == "random":
+        per_layer = mask.random_like(settings.seed).per_layer()
+    if per_layer is not None:
+        layers = attach_deltas(model, per_layer, loaded.sites)
+        named = {f"{layer.prefix}.{i}": p for layer in layers for i, p in enumerate(layer.parameters())}
+    else:
+        named = _dense_trainable(model, settings.subset, loaded.sites)
+    params = list(named.values())
+    trainable = sum(p.numel() for p in params)
+
+    model.train()
+    if settings.gradient_checkpointing:
+        model.config.use_cache = False
+        # transformers 5 renamed it; older versions (>= 4.46, the floor) only have the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, settings))
+
+    # Resume.
+    state = {"step": 0, "curve": [], "best": None, "best_step": None, "best_loss": math.inf}
+    checkpoint = out / CHECKPOINT_FILE
+    resumed_from = 0
+    if checkpoint.is_file():
+        saved = _load_checkpoint(checkpoint, named)
+        if saved["settings"] != settings.result_settings() or saved["model_revision"] != loaded.revision:
+            raise FinetuneError(f"{out} holds an unfinished run with other settings or another model.",
+                                fix="overwrite", advice="Use another output folder, or overwrite=True.")
+        with torch.no_grad():
+            for key, p in named.items():
+                p.copy_(saved["trainable"][key])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        state = {k: saved[k] for k in state}
+        resumed_from = state["step"]
+        log.info("Resuming %s from step %d.", out, resumed_from)
+
+    eval_every = settings.eval_every
+    checkpoint_every = settings.checkpoint_every or eval_every
+    if state["step"] == 0 and not state["curve"]:
+        state["curve"].append({"step": 0, "val_loss": evaluate(model, eval_rows, settings.batch_size, pad_id, device)})
+    bar = progress(settings.steps, f"finetune {lang.code} ({settings.subset})", unit="step", quiet=quiet,
+                   initial=state["step"])
+    started = time.perf_counter()
+    try:
+        while state["step"] < settings.steps:
+            step = state["step"]
+            batches = [batch_tensors([train_rows[i] for i in sample_order(step, micro, settings, len(train_rows))],
+                                     pad_id) for micro in range(settings.grad_accum)]
+            denominator = sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in batches)
+            train_loss = 0.0
+            for ids, attention, labels in batches:
+                loss, _ = token_nll(model, ids.to(device), attention.to(device), labels.to(device))
+                (loss / denominator).backward()
+                train_loss += float(loss.detach()) / denominator
+            if not math.isfinite(train_loss):
+                raise FinetuneError(f"The training loss became {train_loss} at step {step + 1}; the run stopped. "
+                                    f"Its last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
+                                    fix="diverged", advice="Lower lr, or clip gradients (clip=1.0).")
+            if settings.clip:
+                torch.nn.utils.clip_grad_norm_(params, settings.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+            if step % eval_every == 0 or step == settings.steps:
+                val = evaluate(model, eval_rows, settings.batch_size, pad_id, device)
+                if not math.isfinite(val):
+                    raise FinetuneError(f"The validation loss became {val} at step {step}; the run stopped. Its "
+                                        f"last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
+                                        fix="diverged", advice="Lower lr, or clip gradients (clip=1.0).")
+                state["curve"].append({"step": step, "train_loss": train_loss, "val_loss": val})
+                if val < state["best_loss"]:
+                    state["best_loss"], state["best_step"] = val, step
+                    state["best"] = {k: p.detach().cpu().clone() for k, p in named.items()}
+            if step % checkpoint_every == 0 and step < settings.steps:
+                _save_checkpoint(checkpoint, state, named, optimizer, scheduler, settings, loaded.revision)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    # Keep the best evaluation's weights.
+    if state["best"] is None:
+        raise FinetuneError("The run ended without a finite validation loss; nothing was written.", fix="diverged")
+    with torch.no_grad():
+        for key, p in named.items():
+            p.copy_(state["best"][key])
+    if settings.gradient_checkpointing:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.eval()
+
+    training = TrainingInfo(**settings.result_settings(), dtype=loaded.dtype, device=str(device),
+                            data=source.describe(), eval_data=eval_source.describe() if eval_source else None,
+                            train_rows=len(train_rows), eval_rows=len(eval_rows),
+                            seconds_this_session=round(seconds, 3), resumed_from_step=resumed_from)
+    config = RunConfig(
+        base_model=info, base_path=ref.source if ref.local else None, language=LanguageInfo.of(lang),
+        subset=settings.subset,
+        mask=None if mask is None else MaskRef(model=mask.model, language=mask.language, source=mask.source,
+                                               selection=mask.provenance.selection if mask.provenance else None,
+                                               model_revision=mask.provenance.model.revision
+                                               if mask.provenance else None),
+        neurons=None if per_layer is None else NeuronCounts(total=int(sum(t.numel() for t in per_layer)),
+                                                            per_layer=[int(t.numel()) for t in per_layer]),
+        trainable_parameters=trainable, trainable_share=trainable / info.num_parameters, training=training,
+        best_step=state["best_step"], best_val_loss=state["best_loss"], validation_curve=state["curve"],
+    )
+    _write_outputs(out, model, loaded, layers, config, settings)
+    checkpoint.unlink(missing_ok=True)
+    return FinetuneResult(out, config, state["curve"], resumed_from)
+
+
+def _where(registry) -> str:
+    return str(registry) if isinstance(registry, Path) else str(registry.root)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"The output {out} is a file; give a folder.")
+    if overwrite and out.is_dir():
+        for name in (CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE):
+            (out / name).unlink(missing_ok=True)
+    elif (out / CONFIG_FILE).is_file():
+        raise FinetuneError(f"{out} already holds a finished run.", fix="overwrite",
+                            advice="Use another output folder, or overwrite=True to replace it.")
+
+
+def _split_rows(source, eval_source, tokenizer, settings: FinetuneSettings, code: str):
+    rows = read_rows(source, tokenizer, settings.seq_len, settings.tokens)
+    if not rows:
+        raise CorpusError(f"The training text for {code} ({source.label}) holds no text.")
+    if eval_source is not None:
+        eval_rows = read_rows(eval_source, tokenizer, settings.seq_len, settings.tokens)
+        if not eval_rows:
+            raise CorpusError(f"The validation text for {code} ({eval_source.label}) holds no text.")
+        return rows, eval_rows
+    if len(rows) < 2:
+        raise CorpusError(f"The text for {code} makes only {len(rows)} row of {settings.seq_len} tokens: too little "
+                          "to keep a validation split.", fix="more_text",
+                          advice="Give more text, a smaller seq_len, or eval_data.")
+    held = max(1, int(len(rows) * settings.eval_fraction))
+    return rows[:-held], rows[-held:]
+
+
+def _dense_trainable(model, subset: str, sites) -> dict[str, torch.nn.Parameter]:
+    if subset == "full":
+        named = dict(model.named_parameters())
+    else:
+        wanted = set()
+        for site in sites:
+            modules = [site.projection, getattr(site.mlp, LAYOUTS[site.layout].second)]
+            if site.layout == "gated":
+                modules.append(site.mlp.up_proj)
+            for module in modules:
+                wanted.update(id(p) for p in module.parameters())
+        named = {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in named)
+    return named
+
+
+def _save_checkpoint(path: Path, state: dict, named: dict, optimizer, scheduler, settings: FinetuneSettings,
+                     revision: str) -> None:
+    payload = {**state, "trainable": {k: p.detach().cpu() for k, p in named.items()},
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+               "settings": settings.result_settings(), "model_revision": revision}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: Path, named: dict) -> dict:
+    """A checkpoint's contents (tensors and plain data only), or FinetuneError when it does not fit."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # pickle, zip and torch errors all mean a damaged file
+        raise FinetuneError(f"{path} is damaged ({type(exc).__name__}).", fix="overwrite",
+                            advice="Delete it, or pass overwrite=True to start again.") from exc
+    keys = {"step", "curve", "best", "best_step", "best_loss", "trainable", "optimizer", "scheduler", "rng",
+            "settings", "model_revision"}
+    if not isinstance(saved, dict) or not keys <= set(saved) or set(saved["trainable"]) != set(named) \
+            or any(saved["trainable"][k].shape != p.shape for k, p in named.items()):
+        raise FinetuneError(f"{path} is not a checkpoint of this run.", fix="overwrite",
+                            advice="Delete it, or pass overwrite=True to start again.")
+    return saved
+
+
+def _checkpoint_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
+    except Exception:  # only for the message
+        return 0
+
+
+def _write_outputs(out: Path, model, loaded, layers: list[LayerDelta], config: RunConfig,
+                   settings: FinetuneSettings) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if layers:
+        save_delta(layers, out / DELTA_FILE, {"base_model": config.base_model.id or "",
+                                              "revision": config.base_model.revision or "",
+                                              "language": config.language.code})
+    if config.dense:
+        save_pretrained(model, loaded.tokenizer, out / FULL_MODEL_DIR)
+    elif settings.merged:
+        merge_deltas(layers)
+        save_pretrained(model, loaded.tokenizer, out / MERGED_DIR)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+def save_pretrained(model, tokenizer, folder: Path) -> None:
+    """save_pretrained into a temporary folder that replaces ``folder`` only when complete."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+

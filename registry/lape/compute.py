@@ -1,0 +1,250 @@
+"""The compute job: count activations for languages, store the counts, select neurons.
+
+This is the orchestration behind ``neuronreg compute`` and ``neuronreg select``; the pieces live in
+``corpus`` (text), ``models`` (weights and MLP sites), ``lape.counting``, ``lape.selection`` and
+``store.local`` (the registry).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
+from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError
+from ..manifest import Language, Manifest
+from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, NeuronsRecord, SelectionInfo
+from ..resolve import ModelRef, language_codes, languages, resolve_model
+from ..store.local import LocalRegistry
+from .counting import ActivationCounts, Checkpoint, count_activations, fingerprint
+from .distributed import Ranks
+from .selection import Selection, SelectionParams, select_neurons
+
+log = logging.getLogger("neuronreg")
+
+SEED_PIPELINE_TOKENS = 13_000_000  # about what the seed paper counted per language (GlotCC-V1)
+TIE_BREAK = "lowest (layer, neuron) first"
+
+
+@dataclass
+class CountSettings:
+    corpus: str = "hf"
+    tokens: int = SEED_PIPELINE_TOKENS
+    seq_len: int = 1024
+    batch_size: int = 8
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    device: str | None = None
+    text_field: str | None = None
+    checkpoint_tokens: int = 1_000_000
+    device_map: str | None = None  # "auto": split one model over the GPUs (accelerate)
+
+    def __post_init__(self):
+        for key in ("tokens", "seq_len", "batch_size", "checkpoint_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise SettingsError(f"{key} must be a positive integer, got {value!r}.")
+
+
+@dataclass
+class LanguageResult:
+    code: str
+    tokens: int
+    status: str  # "counted", "resumed", "unchanged"
+
+
+@dataclass
+class ComputeReport:
+    model: ModelRef
+    registry: Path
+    languages: list[LanguageResult] = field(default_factory=list)
+    selection: Selection | None = None
+
+
+def compute(
+    model_spec: str,
+    language_names: list[str] | str,
+    *,
+    manifest: Manifest,
+    registry: LocalRegistry,
+    settings: CountSettings | None = None,
+    params: SelectionParams | None = None,
+    select_languages: list[str] | str | None = None,
+    name: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+) -> ComputeReport:
+    """Count every language not yet in the registry (or changed, with ``force``), then select."""
+    settings = settings or CountSettings()
+    params = params or SelectionParams()
+    langs = languages(language_names, manifest)
+    if not langs:
+        raise CorpusError("No language was named.", advice="Name at least one, e.g. ['sw', 'mt'].")
+    ref = resolve_model(model_spec, manifest, name=name, registry=registry)
+    if ref.source is None:
+        raise RegistryError(f"{ref.name} is a name the registry holds, but it does not say where the model's "
+                            "weights are.", fix="model_source", advice="Give the model's Hub id or folder.")
+    ranks = Ranks.from_env(settings.device)
+    try:
+        return _compute(langs, ref, ranks, manifest=manifest, registry=registry, settings=settings, params=params,
+                        select_languages=select_languages, force=force, quiet=quiet,
+                        trust_remote_code=trust_remote_code, token=token)
+    finally:
+        ranks.close()
+
+
+def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
+             settings: CountSettings, params, select_languages, force, quiet, trust_remote_code,
+             token) -> ComputeReport:
+    from ..models import check_device, default_device, dtype_name, load_model, local_fingerprint, parse_dtype
+
+    device = ranks.device(settings.device)
+    device = (device or default_device()) if settings.device_map else check_device(device)
+    dtype = dtype_name(parse_dtype(settings.dtype, device))
+    registry.ensure_writable()
+    quiet = quiet or not ranks.is_main  # one progress bar and one set of messages: rank 0's
+    sources = {lang.code: resolve_corpus(settings.corpus, lang, manifest, settings.text_field) for lang in langs}
+    # The revision decides whether stored counts are still good: a local folder's is its content hash; a
+    # Hub model's is the revision asked for (the commit it resolved to is in the counts' model info).
+    revision = local_fingerprint(Path(ref.source)) if ref.local else ref.revision
+
+    report = ComputeReport(ref, registry.root)
+    pending: list[tuple[Language, CountKey]] = []
+    for lang in langs:
+        wanted = CountKey(model_id="local" if ref.local else ref.source, revision=revision,
+                          corpus=sources[lang.code].describe(), tokens_requested=settings.tokens,
+                          seq_len=settings.seq_len, dtype=dtype)
+        if lang.code in registry.counted_languages(ref.name):
+            stored = registry.read_counts_record(ref.name, lang.code)
+            if stored.settings == wanted and not force:
+                report.languages.append(LanguageResult(lang.code, stored.tokens, "unchanged"))
+                continue
+            if not force:
+                raise SettingsConflict(
+                    f"{ref.name}/{lang.code} was counted with other settings (changed: "
+                    f"{', '.join(wanted.changed(stored.settings))}).", fix="force",
+                    advice="Pass force=True to count it again, or use another registry.")
+        pending.append((lang, wanted))
+
+    if pending:
+        loaded = load_model(ref, dtype=settings.dtype, device=device, trust_remote_code=trust_remote_code, token=token,
+                            quiet=quiet, device_map=settings.device_map)
+        info = loaded.info()
+        _check_same_model(registry, ref.name, info.num_layers, info.intermediate_size,
+                          [lang.code for lang, _ in pending])
+        for lang, wanted in pending:
+            report.languages.append(_count_language(loaded, info, lang, sources[lang.code], wanted, settings,
+                                                    registry, quiet, ranks))
+    if ranks.is_main:
+        report.selection = select(ref.name, registry=registry, params=params,
+                                  languages=select_languages, manifest=manifest)
+    ranks.barrier()
+    return report
+
+
+def _check_same_model(registry: LocalRegistry, model: str, layers: int, inter: int, replacing: list[str]) -> None:
+    for other in registry.counted_languages(model):
+        if other in replacing:
+            continue
+        stored = registry.read_counts_record(model, other).model
+        if (stored.num_layers, stored.intermediate_size) != (layers, inter):
+            raise RegistryError(
+                f"The registry holds {model} counts of another shape ({stored.num_layers} x "
+                f"{stored.intermediate_size}, from {stored.id}) than this model ({layers} x {inter}).",
+                fix="name", advice="Store it under another name (name=...).")
+
+
+def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: CountKey, settings: CountSettings,
+                    registry: LocalRegistry, quiet: bool, ranks: Ranks) -> LanguageResult:
+    # Each rank checkpoints its own share; a checkpoint of another world size is not reused.
+    checkpoint = Checkpoint(registry.checkpoint_path(loaded.name, lang.code, ranks.checkpoint_suffix()),
+                            fingerprint({**wanted.to_dict(), "world": ranks.world, "rank": ranks.rank}))
+    resumed = checkpoint.path.exists()
+    rows = ranks.shard(pack_rows(iter_documents(source), loaded.tokenizer, settings.seq_len, settings.tokens))
+    counts, error = None, None
+    try:
+        counts = count_activations(
+            loaded.model, loaded.sites, rows, batch_size=settings.batch_size, device=loaded.device,
+            checkpoint=checkpoint, checkpoint_tokens=settings.checkpoint_tokens,
+            total_tokens=-(-settings.tokens // ranks.world), desc=f"{loaded.name} {lang.code}", quiet=quiet,
+        )
+    except BaseException as exc:  # every rank must hear of it before anyone waits on a sum
+        error = exc
+    ranks.check(error)
+    resumed = resumed and checkpoint.path.exists()
+    if resumed:
+        log.info("%s: resumed from a checkpoint", lang.code)
+    over_zero = ranks.sum(counts.over_zero)
+    tokens = int(ranks.sum(torch.tensor([counts.tokens], dtype=torch.int64)).item())
+    counts = ActivationCounts(over_zero, tokens)
+    if counts.tokens == 0:
+        checkpoint.remove()
+        raise CorpusError(f"The corpus for {lang.code} ({source.label}) holds no text.")
+    if counts.tokens < settings.tokens and ranks.is_main:
+        log.warning("%s: only %s tokens of text (asked for %s); counted all of them.", lang.code,
+                    f"{counts.tokens:,}", f"{settings.tokens:,}")
+    record = CountsRecord(model=info, language=LanguageInfo.of(lang), corpus=wanted.corpus, tokens=counts.tokens,
+                          seq_len=settings.seq_len, dtype=loaded.dtype, settings=wanted)
+    if ranks.is_main:
+        registry.write_counts(loaded.name, lang.code, counts.over_zero, record)
+    ranks.barrier()  # the file is in place before any rank drops its share's checkpoint
+    checkpoint.remove()
+    return LanguageResult(lang.code, counts.tokens, "resumed" if resumed else "counted")
+
+
+def load_count_tensor(registry: LocalRegistry, model: str, codes: list[str]
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, CountsRecord]]:
+    """Stack stored counts into ``[L, I, K]`` and ``[K]`` for selection."""
+    columns, tokens, records = [], [], {}
+    for lang in codes:
+        over_zero, record = registry.read_counts(model, lang)
+        if columns and over_zero.shape != columns[0].shape:
+            raise RegistryError(f"{model}/counts/{lang}.parquet has shape {tuple(over_zero.shape)}, others "
+                                f"{tuple(columns[0].shape)}.", fix="force", advice="Count it again.")
+        columns.append(over_zero)
+        tokens.append(record.tokens)
+        records[lang] = record
+    return torch.stack(columns, dim=-1), torch.tensor(tokens, dtype=torch.int64), records
+
+
+def select(model: str, *, registry: LocalRegistry, params: SelectionParams | None = None,
+           languages: list[str] | str | None = None, manifest: Manifest | None = None) -> Selection:
+    """Select neurons from the counts in the registry and rewrite the model's neuron files.
+
+    ``model`` is anything :func:`~neuronreg.resolve.resolve_model` accepts; ``languages`` any of their
+    codes or names (default: every language counted for the model).
+    """
+    from ..manifest import load_manifest
+
+    params = params or SelectionParams()
+    manifest = manifest or load_manifest()
+    name = resolve_model(model, manifest, registry=registry).name
+    available = registry.counted_languages(name)
+    if not available:
+        raise RegistryError(f"The registry at {registry.root} has no counts for {name}.", fix="compute",
+                            advice="Compute them first (neuronreg.lape.compute.compute).")
+    chosen = language_codes(languages, manifest, available) if languages else available
+    missing = [lang for lang in chosen if lang not in available]
+    if missing:
+        raise RegistryError(f"No counts for {', '.join(missing)} of {name} (available: {', '.join(available)}).",
+                            fix="compute")
+    over_zero, tokens, records = load_count_tensor(registry, name, chosen)
+    selection = select_neurons(over_zero, tokens, chosen, params, model=name)
+    info = SelectionInfo(method="lape", languages=chosen, top_rate=params.top_rate, filter_rate=params.filter_rate,
+                         activation_bar_ratio=params.activation_bar_ratio,
+                         filter_threshold=selection.filter_threshold, activation_bar=selection.activation_bar,
+                         selected_total=selection.selected, tie_break=TIE_BREAK)
+    counts = {lang: CountSummary(tokens=r.tokens, corpus=r.corpus, seq_len=r.seq_len, dtype=r.dtype,
+                                 revision=r.model.revision, created=r.created) for lang, r in records.items()}
+    model_info = records[chosen[0]].model
+    for lang in chosen:
+        mask = selection.neurons[lang]
+        mask.provenance = NeuronsRecord(model=model_info, language=records[lang].language, selection=info,
+                                        num_neurons=len(mask), counts=counts)
+        mask.source = {"registry": str(registry.root)}
+    registry.write_selection(name, selection.neurons)
+    return selection
