@@ -73,7 +73,7 @@ def resolve_corpus(spec: str, language: Language, manifest: Manifest, text_field
                                      flores200_dash=(language.flores200 or "").replace("_", "-"))
         except (KeyError, IndexError, ValueError) as exc:
             raise CorpusError(f"Corpus config {template!r} has a placeholder neuronreg does not know ({exc}); use "
-                              "{code}, {iso639_3}, {flores200}, {flores200_dash} or {script}.") from None
+                              "{code}, {iso639_3}, {flores200}, {flores200_dash} or {script}.") from exc
         return CorpusSource("hub", dataset or default["dataset"], config, default.get("split", "train"),
                             text_field or default.get("text_field", "text"))
     folder = Path(spec).expanduser()
@@ -119,14 +119,14 @@ def iter_documents(source: CorpusSource) -> Iterator[str]:
                         continue
                     try:
                         text = json.loads(line).get(source.text_field)
-                    except (json.JSONDecodeError, AttributeError):
-                        raise CorpusError(f"{path.name} line {number} is not a JSON object; fix the file.") from None
+                    except (json.JSONDecodeError, AttributeError) as exc:
+                        raise CorpusError(f"{path.name} line {number} is not a JSON object; fix the file.") from exc
                     if isinstance(text, str) and text.strip():
                         yield text
         else:
             yield from _parquet_documents(path, source.text_field)
-    except UnicodeDecodeError:
-        raise CorpusError(f"{path.name} is not UTF-8 text; convert it first.") from None
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path.name} is not UTF-8 text; convert it first.") from exc
     except OSError as exc:
         raise CorpusError(f"Cannot read {path.name}: {exc.strerror or exc}.") from exc
 
@@ -250,8 +250,8 @@ def parse_tokens(text: str | int, what: str = "Token count") -> int:
         number = value[:-1] if scale != 1 else value
         try:
             amount = float(number) * scale
-        except ValueError:
-            raise SettingsError(f"Cannot read {what.lower()} {text!r}; write it like 13M, 500k or 2000000.") from None
+        except ValueError as exc:
+            raise SettingsError(f"Cannot read {what.lower()} {text!r}; write it like 13M, 500k or 2000000.") from exc
         if not math.isfinite(amount):
             raise SettingsError(f"{what} {text!r} is not a finite number.")
         tokens = int(amount)

@@ -137,8 +137,8 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
 def _load(path: str) -> Manifest:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"Manifest {path} does not exist.", fix="manifest") from None
+    except FileNotFoundError as exc:
+        raise ManifestError(f"Manifest {path} does not exist.", fix="manifest") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"Manifest {path} is not valid JSON ({exc}). Fix the file.") from exc
     return _Validator(Path(path)).manifest(raw)

@@ -200,8 +200,8 @@ def check_device(device: str | None) -> str:
     device = device or default_device()
     try:
         parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SettingsError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps ...", fix="device") from None
+    except (RuntimeError, ValueError) as exc:
+        raise SettingsError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps ...", fix="device") from exc
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise SettingsError(f"Device {device!r} was asked for, but this machine has no CUDA GPU.", fix="device")
@@ -225,8 +225,8 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         return DTYPES[name]
-    except KeyError:
-        raise SettingsError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}.") from None
+    except KeyError as exc:
+        raise SettingsError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}.") from exc
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -42,8 +42,8 @@ def parse_version(text: object, where: str) -> tuple[int, int]:
     try:
         major, minor = str(text).split(".")
         return int(major), int(minor)
-    except ValueError:
-        raise RecordError(f"{where}: schema_version {text!r} is not 'major.minor'.") from None
+    except ValueError as exc:
+        raise RecordError(f"{where}: schema_version {text!r} is not 'major.minor'.") from exc
 
 
 @dataclass(kw_only=True)

@@ -93,7 +93,11 @@ def _resolve(spec: str, manifest: Manifest, registry) -> ModelRef:
         return ModelRef(safe_name(registry_name(spec), "Model"), spec, None, False)
     held = registry.models() if registry is not None else []
     if spec in held:
-        # A Hub id's registry name ('org--name') still names its Hub id; a folder's name names no source.
+        # A folder's registry name names the folder it was computed from (the registry remembers it
+        # locally); a Hub id's registry name ('org--name') names that Hub id.
+        folder = registry.model_source(spec)
+        if folder is not None:
+            return ModelRef(spec, folder, None, True)
         org, sep, rest = spec.partition("--")
         if sep and "--" not in rest:
             hub_id = f"{org}/{rest}"

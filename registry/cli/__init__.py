@@ -71,7 +71,8 @@ class NeuronregGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=NeuronregGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(name="neuronreg", cls=NeuronregGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, "--version", prog_name="neuronreg")
 @click.option("--manifest", type=click.Path(dir_okay=False), envvar="NEURONREG_MANIFEST", default=None,
               help="A manifest.json of your own [env NEURONREG_MANIFEST; default: the packaged one].")

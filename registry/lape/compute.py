@@ -191,6 +191,8 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
                           seq_len=settings.seq_len, dtype=loaded.dtype, settings=wanted)
     if ranks.is_main:
         registry.write_counts(loaded.name, lang.code, counts.over_zero, record)
+        if loaded.ref.local:
+            registry.remember_source(loaded.name, loaded.ref.source)
     ranks.barrier()  # the file is in place before any rank drops its share's checkpoint
     checkpoint.remove()
     return LanguageResult(lang.code, counts.tokens, "resumed" if resumed else "counted")

@@ -53,8 +53,8 @@ def load_lape_file(path: Path) -> list[list]:
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MaskError(f"{path} does not exist.") from None
+    except FileNotFoundError as exc:
+        raise MaskError(f"{path} does not exist.") from exc
     except Exception as exc:  # pickle, zip and torch errors all mean "not this format"
         raise MaskError(f"{path} is not a torch.save'd list of neuron indices ({type(exc).__name__}).") from exc
 

@@ -99,6 +99,23 @@ class LocalRegistry:
     def selected_languages(self, model: str) -> list[str]:
         return [p.stem for p in self._files(self.model_dir(model))]
 
+    # -- where a local model's weights are (kept here, never published) -----------------------------
+    SOURCE_FILE = ".source.json"
+
+    def remember_source(self, model: str, folder: str) -> None:
+        """Note which local folder ``model`` was computed from, so its registry name can stand for it."""
+        from ..files import atomic_write_text
+
+        atomic_write_text(self.model_dir(model) / self.SOURCE_FILE, json.dumps({"path": str(folder)}) + "\n")
+
+    def model_source(self, model: str) -> str | None:
+        """The local folder ``model`` was computed from, while it still exists."""
+        try:
+            path = json.loads((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
+        except (OSError, ValueError, KeyError, TypeError, RegistryError):
+            return None
+        return path if isinstance(path, str) and (Path(path) / "config.json").is_file() else None
+
     # -- counts ----------------------------------------------------------------------------------
     def write_counts(self, model: str, lang: str, over_zero, record: CountsRecord) -> Path:
         import numpy as np

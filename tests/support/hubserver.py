@@ -811,6 +811,11 @@ def point_clients_at(url: str, monkeypatch, tmp_path: Path, token: str | None = 
         monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY, raising=False)
     except ImportError:  # pragma: no cover
         pass
+    try:  # transformers keeps one HfApi, built with the endpoint of the time it was first used
+        import transformers.utils.hub as transformers_hub
+        monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
+    except ImportError:  # pragma: no cover
+        pass
     from huggingface_hub.utils._hf_uris import parse_hf_uri
     parse_hf_uri.cache_clear()  # it is lru-cached on arguments and reads HF_URL_HOSTS
     huggingface_hub.HfFileSystem.clear_instance_cache()
