@@ -195,16 +195,28 @@ class CountKey(Record):
 
 
 @dataclass(kw_only=True)
-class CountsRecord(VersionedRecord):
-    """The provenance of ``<model>/counts/<lang>.parquet``."""
+class FileRecord(VersionedRecord):
+    """What every registry file says of itself: its kind, what made it and when, for which model and
+    language."""
 
-    KIND: ClassVar[str] = "counts"
-    kind: str = "counts"
+    kind: str
     tool: str = "neuronreg"
     version: str = field(default_factory=tool_version)
     created: str = field(default_factory=now)
     model: ModelInfo
     language: LanguageInfo
+
+    def check(self, where: str) -> None:
+        if self.kind != self.KIND:
+            raise RecordError(f"{where}: kind is {self.kind!r}, not {self.KIND!r}.")
+
+
+@dataclass(kw_only=True)
+class CountsRecord(FileRecord):
+    """The provenance of ``<model>/counts/<lang>.parquet``."""
+
+    KIND: ClassVar[str] = "counts"
+    kind: str = "counts"
     corpus: CorpusInfo
     tokens: int
     seq_len: int
@@ -212,8 +224,7 @@ class CountsRecord(VersionedRecord):
     settings: CountKey
 
     def check(self, where: str) -> None:
-        if self.kind != "counts":
-            raise RecordError(f"{where}: kind is {self.kind!r}, not 'counts'.")
+        super().check(where)
         if self.tokens < 0 or self.seq_len <= 0:
             raise RecordError(f"{where}: tokens must not be negative and seq_len must be positive.")
 
@@ -268,24 +279,18 @@ class CountSummary(Record):
 
 
 @dataclass(kw_only=True)
-class NeuronsRecord(VersionedRecord):
+class NeuronsRecord(FileRecord):
     """The provenance of ``<model>/<lang>.parquet``: one language's part of a selection."""
 
     KIND: ClassVar[str] = "neurons"
     kind: str = "neurons"
-    tool: str = "neuronreg"
-    version: str = field(default_factory=tool_version)
-    created: str = field(default_factory=now)
-    model: ModelInfo
-    language: LanguageInfo
     selection: SelectionInfo
     num_neurons: int
     counts: dict[str, CountSummary] = field(default_factory=dict)  # every language of the selection
     imported: ImportInfo | None = None
 
     def check(self, where: str) -> None:
-        if self.kind != "neurons":
-            raise RecordError(f"{where}: kind is {self.kind!r}, not 'neurons'.")
+        super().check(where)
         if not 0 <= self.num_neurons <= self.model.neurons:
             raise RecordError(f"{where}: num_neurons {self.num_neurons} is out of range.")
 
