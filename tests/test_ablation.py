@@ -17,8 +17,9 @@ from neuronreg.errors import MaskError
 from neuronreg.hooks import zeroed_neurons
 from neuronreg.mask import NeuronMask
 from neuronreg.models import find_mlp_sites
+from neuronreg.store.local import LocalRegistry
 
-from support.cli import assert_one_line_error, run
+from support.cli import assert_one_line_error, neuron_file, run
 from support.tiny import (
     PLANTED,
     SCRIPTS,
@@ -95,7 +96,7 @@ def test_own_ablation_raises_own_loss_and_not_the_others(planted, tmp_path):
     import pyarrow.parquet as pq
 
     for lang in LANGS:
-        table = pq.read_table(planted / "registry" / "model" / f"{lang}.parquet")
+        table = pq.read_table(neuron_file(planted / "registry", "model", lang))
         want = sorted((layer, j) for layer, langs in PLANTED.items() for j in langs[lang])
         assert list(zip(table["layer"].to_pylist(), table["neuron"].to_pylist())) == want
 
@@ -341,7 +342,8 @@ def test_same_text_as_the_mask_is_refused_unless_allowed(planted, tmp_path):
 def test_mask_of_another_model_is_refused(planted, tmp_path):
     save_model(tiny_model("qwen2"), tmp_path / "other")
     shutil.copytree(planted / "registry", tmp_path / "registry")
-    shutil.copytree(tmp_path / "registry" / "model", tmp_path / "registry" / "other")
+    registry = LocalRegistry(tmp_path / "registry")
+    registry.write_selection("other", registry.read_masks("model", ["en", "ru", "el"]))
     # Same shape (2 x 48): allowed, with a warning that the revision differs.
     ok = run("ablate", tmp_path / "other", "--data", planted / "heldout", "--out", tmp_path / "out", "--tokens", 300,
              "--seq-len", 64, "--registry", tmp_path / "registry")

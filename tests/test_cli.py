@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from neuronreg.cli import cli
+from neuronreg.store.local import LocalRegistry
 
-from support.cli import assert_one_line_error, run
+from support.cli import assert_one_line_error, neuron_file, run
 from support.tiny import PLANTED, TOP_RATE, save_model, tiny_config, write_corpus
 
 
@@ -33,7 +34,7 @@ def test_planted_neurons_are_found_exactly_and_load_with_datasets(planted, tmp_p
     assert "counted" in result.output
     for lang in ("en", "ru", "el"):
         want = sorted((layer, j) for layer, langs in PLANTED.items() for j in langs[lang])
-        table = pq.read_table(reg / "model" / f"{lang}.parquet")
+        table = pq.read_table(neuron_file(reg, "model", lang))
         assert list(zip(table["layer"].to_pylist(), table["neuron"].to_pylist())) == want
         assert table["entropy"].to_pylist() == [0.0] * len(want)
         rows = datasets.load_dataset(str(reg), "model", split=lang)
@@ -54,7 +55,7 @@ def test_provenance_and_counts_file(planted, tmp_path):
     # The planted Cyrillic neurons fire on every Cyrillic token: all but the document separators.
     by_key = {(layer, n): c for layer, n, c in zip(*(counts[c].to_pylist() for c in ("layer", "neuron", "count")))}
     assert 2900 < by_key[(0, 10)] < 3000 and by_key[(0, 3)] == 0
-    neurons = json.loads(pq.read_schema(reg / "model" / "ru.parquet").metadata[b"neuronreg"])
+    neurons = json.loads(pq.read_schema(neuron_file(reg, "model", "ru")).metadata[b"neuronreg"])
     sel = neurons["selection"]
     assert sel["languages"] == ["el", "en", "ru"] and sel["top_rate"] == 9 / 96 and sel["selected_total"] == 9
     assert sel["filter_threshold"] == sel["activation_bar"] and "created" in neurons and "version" in neurons
@@ -84,22 +85,27 @@ def test_select_show_ls(planted, tmp_path):
     compute(planted, reg)
     out = run("select", "model", "--top-rate", 0.5, "--registry", reg, "-q").output
     assert "en" in out and "ru" in out
-    bigger = pq.read_table(reg / "model" / "ru.parquet").num_rows
-    assert bigger > 3
+    bigger = pq.read_table(neuron_file(reg, "model", "ru", "top50")).num_rows
+    assert bigger > 3 and pq.read_table(neuron_file(reg, "model", "ru")).num_rows == 3  # the default stays
 
     # Over two languages, 6 of 96 neurons are exactly their planted ones.
     run("select", "model", "--languages", "Russian,el", "--top-rate", 6 / 96, "--registry", reg, "-q")
-    assert not (reg / "model" / "en.parquet").exists() and (reg / "model" / "counts" / "en.parquet").exists()
-    assert "split: en" not in (reg / "README.md").read_text()
-
-    shown = run("show", "model", "ru", "--registry", reg).output
-    assert "3 neurons" in shown and "288 weights" in shown
-    data = json.loads(run("show", "model", "Russian", "--registry", reg, "--json").output)
+    chosen = "top6.25-el-ru"
+    assert "en" not in LocalRegistry(reg).selection("model", chosen).languages
+    assert (reg / "model" / "counts" / "en.parquet").exists()
+    shown = run("show", "model", "ru", "--selection", chosen, "--registry", reg).output
+    assert "3 neurons" in shown and "288 weights" in shown and f"[selection {chosen}]" in shown
+    data = json.loads(run("show", "model", "Russian", "--top-rate", 6 / 96, "--registry", reg, "--json").output)
     assert data["per_layer"] == [1, 2] and data["share_of_parameters"] == pytest.approx(288 / 21024)
+    assert data["selection"] == chosen
 
     listing = json.loads(run("ls", "--registry", reg, "--json").output)
-    assert listing["models"] == [{"model": "model", "counted": ["el", "en", "ru"], "selected": ["el", "ru"]}]
-    assert "model" in run("ls", "--registry", reg).output
+    [model] = listing["models"]
+    assert model["model"] == "model" and model["counted"] == ["el", "en", "ru"] and model["default"] == "top9.375"
+    assert [(s["name"], s["languages"]) for s in model["selections"]] == [
+        ("top9.375", ["el", "en", "ru"]), ("top50", ["el", "en", "ru"]), (chosen, ["el", "ru"])]
+    table = run("ls", "--registry", reg).output
+    assert "top9.375 *" in table and chosen in table
 
 
 def test_resume_after_interrupt_gives_the_same_counts(planted, tmp_path, monkeypatch):
@@ -245,7 +251,7 @@ def test_gpt2_family_end_to_end(tmp_path):
     write_corpus(tmp_path / "texts", {"en": "en", "ru": "ru"})
     run("compute", tmp_path / "gpt2", "en", "ru", "--corpus", tmp_path / "texts", "--tokens", "2k", "--seq-len", 50,
         "--top-rate", 0.05, "--registry", tmp_path / "reg", "-q")
-    prov = json.loads(pq.read_schema(tmp_path / "reg" / "gpt2" / "en.parquet").metadata[b"neuronreg"])
+    prov = json.loads(pq.read_schema(neuron_file(tmp_path / "reg", "gpt2", "en")).metadata[b"neuronreg"])
     assert prov["model"]["mlp_layout"] == "gpt2" and prov["selection"]["selected_total"] == round(2 * 48 * 0.05)
 
 
@@ -255,14 +261,15 @@ def test_a_language_with_no_neuron_is_an_empty_split_that_loads(planted, tmp_pat
     reg = tmp_path / "reg"
     # 3 of 96 neurons: ties at entropy 0 go to the lowest (layer, neuron): en's 3 and 7, ru's 10.
     compute(planted, reg, "--top-rate", 3 / 96)
-    assert pq.read_table(reg / "model" / "el.parquet").num_rows == 0
+    assert pq.read_table(neuron_file(reg, "model", "el")).num_rows == 0
     # `datasets` cannot serve a zero-row split; the other splits of the config must still load.
     with pytest.raises(ValueError, match="el"):
         datasets.load_dataset(str(reg), "model", split="el")
     en = datasets.load_dataset(str(reg), "model", split="en")
     assert list(zip(en["layer"], en["neuron"])) == [(0, 3), (0, 7)]
     card = (reg / "README.md").read_text()
-    assert "| Greek | el | 3,000 | 0 |" in card and "No neuron passed the selection for el" in card
+    assert "| Greek | el | 3,000 | 0 (0.000%) |" in card
+    assert "In top3.125, no neuron passed the selection for el" in card
 
 
 def test_datasets_sees_a_new_selection_of_the_same_folder(planted, tmp_path):
@@ -271,13 +278,14 @@ def test_datasets_sees_a_new_selection_of_the_same_folder(planted, tmp_path):
     reg = tmp_path / "reg"
     compute(planted, reg)
     assert datasets.load_dataset(str(reg), "model", split="ru").num_rows == 3
-    run("select", "model", "--top-rate", 0.5, "--registry", reg, "-q")
-    fresh = pq.read_table(reg / "model" / "ru.parquet").num_rows
+    run("select", "model", "--top-rate", 0.5, "--default", "--registry", reg, "-q")
+    fresh = pq.read_table(neuron_file(reg, "model", "ru")).num_rows
     assert fresh > 3 and datasets.load_dataset(str(reg), "model", split="ru").num_rows == fresh
+    assert datasets.load_dataset(str(reg), "model-top9.375", split="ru").num_rows == 3
 
 
 def test_registry_files_are_readable_by_others(planted, tmp_path):
     reg = tmp_path / "reg"
     compute(planted, reg)
-    for path in (reg / "model" / "ru.parquet", reg / "model" / "counts" / "ru.parquet", reg / "README.md"):
+    for path in (neuron_file(reg, "model", "ru"), reg / "model" / "counts" / "ru.parquet", reg / "README.md"):
         assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read (umask 022)

@@ -139,7 +139,8 @@ def test_finetune_trains_only_the_mask_and_loads_back(setup, tmp_path):
     assert config["trainable_share"] == pytest.approx(8 * 3 * 32 / config["base_model"]["num_parameters"])
     assert config["base_model"]["revision"].startswith("local-") and config["language"]["code"] == "en"
     assert [p["step"] for p in config["validation_curve"]] == [0, 3, 6]
-    assert config["training"]["lr"] == 1e-2 and config["mask"]["source"] == {"registry": str(setup / "reg")}
+    assert config["training"]["lr"] == 1e-2
+    assert config["mask"]["source"] == {"registry": str(setup / "reg"), "selection": "top10"}
     assert not (out / "checkpoint.pt").exists()
 
     tensors = load_file(str(out / "delta.safetensors"))

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from support.cli import run
+from support.cli import neuron_file, run
 
 REFERENCE = {
     "gurgurov/llama-3.1-5.pt": ("llama-3.1-8b", "mt,af,is,cy,mk,lv,lt,sl,sk,et,ka,ne", "0.05"),
@@ -39,7 +39,7 @@ def test_import_then_export_gives_back_the_same_lists(shared, tmp_path, name):
         for a, b in zip(lang_a, lang_b):
             assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
     first = languages.split(",")[0]
-    prov = json.loads(pq.read_schema(reg / model / f"{first}.parquet").metadata[b"neuronreg"])
+    prov = json.loads(pq.read_schema(neuron_file(reg, model, first)).metadata[b"neuronreg"])
     assert prov["imported"]["file"] == source.name and prov["imported"]["format"] == "lape-pt"
     assert prov["selection"]["method"] == "imported" and prov["selection"]["top_rate"] == float(top_rate)
     assert prov["imported"]["index"] == 0 and not prov.get("counts")

@@ -74,7 +74,7 @@ def test_the_card_parses_and_its_configs_load(hub, registry_dir):
         for item in config["data_files"]:
             assert datasets.load_dataset(REPO, config["config_name"], split=item["split"]).num_rows > 0
     for text in ("## planted", "## planted-b", "![Neurons per layer", "neuronreg fetch", "@inproceedings{tang",
-                 "| Russian | ru | 3,000 | 3 |", "top rate 0.09375"):
+                 "| Russian | ru | 3,000 | 3 (1.370%) |", "top rate 0.09375"):
         assert text in card, text
 
 
@@ -231,7 +231,8 @@ def test_load_mask_api_and_check(hub, registry_dir):
         mask.check(LlamaForCausalLM(LlamaConfig(vocab_size=90, hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=2, num_attention_heads=4)))
     local = load_mask("planted", "ru", registry=registry_dir)
-    assert local.source == {"registry": str(registry_dir)} and local.neuron.tolist() == mask.neuron.tolist()
+    assert local.source == {"registry": str(registry_dir), "selection": "top9.375"}
+    assert local.neuron.tolist() == mask.neuron.tolist()
     assert tiny_model  # the same helpers build every model in these tests
 
 

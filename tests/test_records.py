@@ -25,7 +25,7 @@ from neuronreg.provenance import (
 )
 from neuronreg.store.local import LocalRegistry
 
-from support.cli import assert_one_line_error, run
+from support.cli import assert_one_line_error, neuron_file, run
 
 LEGACY = Path(__file__).parent / "data" / "legacy-0.1"
 
@@ -156,8 +156,17 @@ def test_a_registry_of_the_previous_version_is_read_and_migrated_without_loss(tm
             {k: v for k, v in legacy["model"].items() if v is not None}
     # The commands read it as it is; the next selection writes the current schema.
     assert "3 neurons" in run("show", "planted", "ru", "--registry", reg_dir).output
+    listing = json.loads(run("ls", "--registry", reg_dir, "--json").output)
+    assert {m["model"]: m["default"] for m in listing["models"]} == {"acme--tiny": "imported-top5",
+                                                                    "planted": "top9.375"}
+    # A new selection is added beside the old one, which is now in the card's index.
     run("select", "planted", "--top-rate", 0.1, "--registry", reg_dir, "-q")
-    again = json.loads(pq.read_schema(reg_dir / "planted" / "ru.parquet").metadata[b"neuronreg"])
+    assert (reg_dir / "planted" / "ru.parquet").exists()
+    assert LocalRegistry(reg_dir).selection("planted").path == "planted"
+    # Selecting the old one again replaces 0.1's files with the current layout and schema.
+    run("select", "planted", "--top-rate", 9 / 96, "--registry", reg_dir, "-q")
+    assert not (reg_dir / "planted" / "ru.parquet").exists()
+    again = json.loads(pq.read_schema(neuron_file(reg_dir, "planted", "ru")).metadata[b"neuronreg"])
     assert again["schema_version"] == SCHEMA_VERSION and again["model"]["num_layers"] == 2
     assert run("export", "acme/tiny", "-o", tmp_path / "x.pt", "--registry", reg_dir).exit_code == 0
 

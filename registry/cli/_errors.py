@@ -15,6 +15,7 @@ from ..errors import NeuronregError, UnknownLanguage, UnknownModel
 HINTS = {
     "again": "Run publish again.",
     "base": "Pass --base with the folder (or Hub id) of that model.",
+    "busy": "Wait for it to finish; if it died on another machine, delete its lock file.",
     "compute": "Run 'neuronreg compute MODEL LANG...' first (or pass --registry).",
     "corpus": "Give --corpus a folder of <language>.txt/.jsonl/.parquet files, or 'hf'.",
     "device": "Pass --device cpu, or a device this machine has.",
@@ -44,6 +45,9 @@ HINTS = {
     "run_folder": "Give the folder that 'neuronreg finetune --out' wrote.",
     "same_text": "Give held-out text the masks never saw, or pass --allow-same-text.",
     "select": "Run 'neuronreg select' again.",
+    "selection": "Choose one with --selection NAME or --top-rate RATE ('neuronreg ls' lists them).",
+    "selection_name": "Choose one with --selection NAME ('neuronreg ls' lists them).",
+    "tag": "Choose another --tag.",
     "text_field": "Name the column with --text-field.",
     "upgrade": "Upgrade neuronreg (pip install -U neuronreg).",
     "write_token": "Use a token with write access (--token).",

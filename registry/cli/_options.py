@@ -61,6 +61,20 @@ def model_source_options(f):
     return f
 
 
+def which_selection_options(f):
+    """Which of a model's selections to use: by name, or by its top rate (default: the model's default)."""
+    f = _option("--top-rate", "which_top_rate", type=float, default=None,
+                help="Use the model's selection with this top rate (e.g. 0.05) [default: its default selection].")(f)
+    f = _option("--selection", default=None,
+                help="Use the model's selection of this name (neuronreg ls shows them).")(f)
+    return f
+
+
+def default_option(f):
+    return _option("--default", "make_default", is_flag=True,
+                   help="Make this selection the model's default (its first selection is, otherwise).")(f)
+
+
 def selection_options(f):
     f = _option("--bar-ratio", type=float, default=0.95, show_default=True,
                 help="Quantile of all activation probabilities above which a selected neuron belongs to a "

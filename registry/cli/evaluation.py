@@ -25,6 +25,7 @@ from ._output import result, setup_logging, status
               help="Switch off only the neurons of a language that no other of the languages holds.")
 @click.option("--allow-same-text", is_flag=True,
               help="Evaluate even on the very text a mask was computed from (with a warning).")
+@o.which_selection_options
 @o.dtype_option
 @o.device_option
 @o.model_source_options
@@ -32,7 +33,7 @@ from ._output import result, setup_logging, status
 @o.quiet_option
 @click.pass_context
 def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, seed, exclusive, allow_same_text,
-               dtype, device, text_field, name, trust_remote_code, token, registry, quiet):
+               selection, which_top_rate, dtype, device, text_field, name, trust_remote_code, token, registry, quiet):
     """Switch off each language's neurons in turn and measure perplexity on every language.
 
     For every language's mask in the registry, and for a random control mask with the mean count
@@ -52,7 +53,8 @@ def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, se
     output_folder(out)
     settings = AblationSettings(data=data, tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size,
                                 dtype=dtype, device=device, text_field=text_field, seed=seed,
-                                allow_same_text=allow_same_text, exclusive=exclusive)
+                                allow_same_text=allow_same_text, exclusive=exclusive, selection=selection,
+                                top_rate=which_top_rate)
     report = ablate(model, o.names(languages), manifest=o.manifest(ctx), registry=o.registry(registry),
                     settings=settings, name=name, quiet=quiet, trust_remote_code=trust_remote_code, token=token)
     paths = save_report(report, out)

@@ -21,6 +21,7 @@ from ._output import result, setup_logging, status
 @click.option("--mask", "mask_source", type=click.Path(), default=None,
               help="Registry folder holding the language's neurons, or one mask file (.parquet/.json/.safetensors, "
                    "as neuronreg fetch -o writes) [default: --registry].")
+@o.which_selection_options
 @click.option("--subset", type=click.Choice(["lape", "random", "ffn", "full"]), default="lape", show_default=True,
               help="lape: the language's neurons; random: as many per layer, drawn with --seed; ffn: all MLP "
                    "weights; full: all weights.")
@@ -54,10 +55,10 @@ from ._output import result, setup_logging, status
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def finetune_cmd(ctx, model, language, data, out, mask_source, subset, steps, batch_size, grad_accum, seq_len, tokens,
-                 lr, weight_decay, clip, schedule, warmup_steps, eval_every, eval_data, checkpoint_every, seed, dtype,
-                 device, gradient_checkpointing, merged, overwrite, text_field, name, trust_remote_code, token,
-                 registry, quiet):
+def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, steps, batch_size,
+                 grad_accum, seq_len, tokens, lr, weight_decay, clip, schedule, warmup_steps, eval_every, eval_data,
+                 checkpoint_every, seed, dtype, device, gradient_checkpointing, merged, overwrite, text_field, name,
+                 trust_remote_code, token, registry, quiet):
     """Train only LANGUAGE's neurons of MODEL on its text (sparse fine-tuning), or a baseline subset.
 
     For each of the language's neurons, its gate and up rows and its down column are trained as
@@ -83,7 +84,8 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, subset, steps, ba
         gradient_checkpointing=gradient_checkpointing, text_field=text_field, merged=merged)
     source = Path(mask_source) if mask_source and Path(mask_source).is_file() else o.registry(mask_source or registry)
     run = finetune(model, language, manifest=o.manifest(ctx), registry=source, settings=settings, name=name,
-                   overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code, token=token)
+                   overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code, token=token,
+                   selection=selection, top_rate=which_top_rate)
     config = run.config
     result(f"{'step':>6} {'train_loss':>10} {'val_loss':>10}")
     for point in run.curve:

@@ -51,6 +51,7 @@ def publish_cmd(ctx, models, repo, private, tag, revision, create_pr, message, t
 @click.command(name="fetch")
 @click.argument("model")
 @click.argument("language")
+@o.which_selection_options
 @o.repo_option(help="Dataset repo on the Hub [default: the manifest's registry repo].")
 @o.revision_option
 @click.option("--format", "fmt", type=click.Choice(["parquet", "json", "pt", "safetensors"]), default=None,
@@ -59,7 +60,7 @@ def publish_cmd(ctx, models, repo, private, tag, revision, create_pr, message, t
 @o.token_option
 @o.quiet_option
 @click.pass_context
-def fetch_cmd(ctx, model, language, repo, revision, fmt, output, token, quiet):
+def fetch_cmd(ctx, model, language, selection, which_top_rate, repo, revision, fmt, output, token, quiet):
     """Fetch one language's neurons from the Hub (only that file, through the Hub cache).
 
     Prints a summary on stderr (neurons per layer, total, share of parameters, source commit) and
@@ -69,6 +70,7 @@ def fetch_cmd(ctx, model, language, repo, revision, fmt, output, token, quiet):
     \b
     Example:
         neuronreg fetch mistral-nemo sw
+        neuronreg fetch mistral-nemo sw --top-rate 0.05 -o sw.parquet
         neuronreg fetch mistral-nemo sw --repo acme/lape-neurons --revision v1.0 --format pt -o sw.pt
     """
     from ..mask import format_from_suffix
@@ -82,8 +84,10 @@ def fetch_cmd(ctx, model, language, repo, revision, fmt, output, token, quiet):
     name = resolve_model(model, manifest, any_name=True).name
     code = language_code(language, manifest)
     repo = repo or manifest.registry_repo
-    mask = fetch_mask(name, code, repo=repo, revision=revision, token=token)
-    status(quiet, f"{name} {code}: {len(mask)} neurons, {format_share(mask.share_of_parameters())} of parameters, "
+    mask = fetch_mask(name, code, repo=repo, revision=revision, token=token, selection=selection,
+                      top_rate=which_top_rate)
+    status(quiet, f"{name} {code} ({mask.source['selection']}): {len(mask)} neurons, "
+                  f"{format_share(mask.share_of_parameters())} of parameters, "
                   f"from {repo}@{mask.source['commit'][:12]}")
     status(quiet, "per layer: " + " ".join(str(n) for n in mask.counts_per_layer()))
     if output is None:
@@ -104,11 +108,12 @@ def fetch_cmd(ctx, model, language, repo, revision, fmt, output, token, quiet):
 @click.option("--hidden-size", type=click.IntRange(min=1), default=None, help="Hidden size (for the share of "
                                                                                "parameters).")
 @o.name_option
+@o.default_option
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def import_cmd(ctx, path, model_spec, languages, top_rate, layers, intermediate_size, hidden_size, name, registry,
-               quiet):
+def import_cmd(ctx, path, model_spec, languages, top_rate, layers, intermediate_size, hidden_size, name, make_default,
+               registry, quiet):
     """Import a LAPE neuron file (list[language][layer] -> LongTensor, .pt/.pth) into the registry.
 
     The files of the LAPE authors and of the seed paper hold no language names: give them in the
@@ -126,7 +131,7 @@ def import_cmd(ctx, path, model_spec, languages, top_rate, layers, intermediate_
     manifest, reg = o.manifest(ctx), o.registry(registry)
     shape = model_shape(model_spec, manifest, num_layers=layers, intermediate_size=intermediate_size,
                         hidden_size=hidden_size, name=name, registry=reg)
-    masks = import_lape(Path(path), shape, resolve_languages(languages, manifest), reg, top_rate)
+    masks = import_lape(Path(path), shape, resolve_languages(languages, manifest), reg, top_rate, default=make_default)
     result(f"{'language':<10} {'neurons':>8}")
     for code, mask in masks.items():
         result(f"{code:<10} {len(mask):>8}")
@@ -139,10 +144,11 @@ def import_cmd(ctx, path, model_spec, languages, top_rate, layers, intermediate_
               help="lape-pt: the authors' list[language][layer] -> LongTensor.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="File to write.")
 @o.languages_option("Languages and their order [default: the selection's order].")
+@o.which_selection_options
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def export_cmd(ctx, model, fmt, output, languages, registry, quiet):
+def export_cmd(ctx, model, fmt, output, languages, selection, which_top_rate, registry, quiet):
     """Export a model's masks to the LAPE authors' format, for their scripts.
 
     \b
@@ -154,11 +160,12 @@ def export_cmd(ctx, model, fmt, output, languages, registry, quiet):
 
     manifest, reg = o.manifest(ctx), o.registry(registry)
     name = resolve_model(model, manifest, registry=reg).name
-    langs = language_codes(languages, manifest, reg.selected_languages(name)) if languages else None
-    masks, codes = export_lape(reg, name, langs)
+    entry = reg.selection(name, selection, which_top_rate)
+    langs = language_codes(languages, manifest, entry.languages) if languages else None
+    masks, codes = export_lape(reg, name, langs, selection=entry.name)
     save_lape(masks, Path(output))
     result(str(output))
-    status(quiet, f"Wrote {len(codes)} languages of {name} in this order: {','.join(codes)}")
+    status(quiet, f"Wrote {len(codes)} languages of {name} ({entry.name}) in this order: {','.join(codes)}")
 
 
 COMMANDS = [publish_cmd, fetch_cmd, import_cmd, export_cmd]

@@ -28,12 +28,13 @@ from ._output import result, setup_logging, status
 @o.selection_options
 @click.option("--checkpoint-tokens", default="1M", show_default=True, help="Save progress every so many tokens.")
 @click.option("--force", is_flag=True, help="Recount languages already in the registry.")
+@o.default_option
 @o.registry_option
 @o.quiet_option
 @click.pass_context
 def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtype, device, device_map, token,
                 trust_remote_code, name, text_field, select_langs, top_rate, filter_rate, bar_ratio,
-                checkpoint_tokens, force, registry, quiet):
+                checkpoint_tokens, force, make_default, registry, quiet):
     """Count how often each MLP neuron fires on each language's text, then select LAPE neurons.
 
     MODEL is a manifest alias (neuronreg models), a Hub id, a local folder or a registry name.
@@ -59,7 +60,7 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
     report = compute(model, list(languages), manifest=o.manifest(ctx), registry=o.registry(registry),
                      settings=settings, params=o.params(top_rate, filter_rate, bar_ratio),
                      select_languages=o.names(select_langs), name=name, force=force, quiet=quiet,
-                     trust_remote_code=trust_remote_code, token=token)
+                     trust_remote_code=trust_remote_code, token=token, default=make_default)
     selection = report.selection
     if selection is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
@@ -68,93 +69,139 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
         neurons = len(selection.neurons[row.code]) if row.code in selection.neurons else "-"
         result(f"{row.code:<10} {row.status:<10} {row.tokens:>12,} {neurons:>8}")
     status(quiet, f"Selected {selection.selected} neurons over {len(selection.languages)} languages of "
-                  f"{report.model.describe()}; registry: {report.registry}")
+                  f"{report.model.describe()} as selection {selection.entry.name}; registry: {report.registry}")
 
 
 @click.command(name="select")
 @click.argument("model")
 @o.languages_option("Languages to select over [default: all counted for the model].", name="select_langs")
 @o.selection_options
+@o.default_option
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def select_cmd(ctx, model, select_langs, top_rate, filter_rate, bar_ratio, registry, quiet):
-    """Select neurons again from stored counts, with other parameters or languages. No model needed.
+def select_cmd(ctx, model, select_langs, top_rate, filter_rate, bar_ratio, make_default, registry, quiet):
+    """Select neurons from stored counts, with other parameters or languages. No model needed.
 
-    The model's neuron files are replaced by the new selection (counts are kept).
+    Each selection is kept next to the model's others, named by how it was made (top1, top5,
+    top5-f90-b90, top1-mt-sw with --languages): selecting again with the same parameters replaces
+    that one selection only. The model's first selection is its default (--default to change).
 
     \b
     Example:
         neuronreg select mistral-nemo --top-rate 0.05
+        neuronreg select mistral-nemo --top-rate 0.01 --default
         neuronreg select mistral-nemo --languages sw,mt,is
     """
     from ..lape.compute import select
 
     setup_logging(quiet)
     selection = select(model, registry=o.registry(registry), params=o.params(top_rate, filter_rate, bar_ratio),
-                       languages=o.names(select_langs), manifest=o.manifest(ctx))
+                       languages=o.names(select_langs), manifest=o.manifest(ctx), default=make_default)
     result(f"{'language':<10} {'neurons':>8}")
     for lang in selection.languages:
         result(f"{lang:<10} {len(selection.neurons[lang]):>8}")
-    status(quiet, f"Selected {selection.selected} neurons (threshold {selection.filter_threshold:.6g}, "
-                  f"bar {selection.activation_bar:.6g}).")
+    status(quiet, f"Selected {selection.selected} neurons as selection {selection.entry.name} (threshold "
+                  f"{selection.filter_threshold:.6g}, bar {selection.activation_bar:.6g}).")
 
 
 @click.command(name="ls")
+@o.repo_option(help="List a Hub dataset repo instead of the local registry (from its card: no data is downloaded).")
+@o.revision_option
+@o.token_option
 @o.registry_option
 @o.json_option
-def ls_cmd(registry, as_json):
-    """List what the registry holds: models, counted and selected languages.
+def ls_cmd(repo, revision, token, registry, as_json):
+    """List what the registry holds: models, their selections, counted and selected languages.
 
     \b
     Example:
         neuronreg ls
         neuronreg ls --registry ./reg --json
+        neuronreg ls --repo acme/lape-neurons
     """
-    reg = o.registry(registry)
-    rows = [{"model": model, "counted": reg.counted_languages(model), "selected": reg.selected_languages(model)}
-            for model in reg.models()]
+    if repo:
+        from ..store.hub import read_remote_index
+
+        index, counted, where = read_remote_index(repo, revision=revision, token=token), {}, repo
+    else:
+        reg = o.registry(registry)
+        index, where = reg.index(), str(reg.root)
+        counted = {model: reg.counted_languages(model) for model in reg.models()}
+    rows = []
+    for model in sorted(set(index.models) | set(counted)):
+        entries = index.entries(model)
+        rows.append({"model": model, "counted": counted.get(model, []),
+                     "default": entries[0].name if entries else None,
+                     "selections": [{"name": e.name, "method": e.method, "top_rate": e.top_rate,
+                                     "filter_rate": e.filter_rate, "activation_bar_ratio": e.activation_bar_ratio,
+                                     "over": e.over, "languages": e.languages, "neurons": e.neurons}
+                                    for e in entries]})
     if as_json:
-        result(json.dumps({"registry": str(reg.root), "models": rows}, indent=2))
+        result(json.dumps({"registry": where, "models": rows}, indent=2))
         return
     if not rows:
-        status(False, f"The registry at {reg.root} is empty. Run 'neuronreg compute' to fill it.")
+        status(False, f"{where} is empty." + ("" if repo else " Run 'neuronreg compute' to fill it."))
         return
-    result(f"{'model':<28} {'counted':>7} {'selected':>8}  languages")
+    result(f"{'model':<28} {'selection':<16} {'languages':>9}  {'neurons':>8}  made by")
     for row in rows:
-        result(f"{row['model']:<28} {len(row['counted']):>7} {len(row['selected']):>8}  {' '.join(row['counted'])}")
+        if not row["selections"]:
+            result(f"{row['model']:<28} {'-':<16} {len(row['counted']):>9}  {'-':>8}  counts only")
+        for position, sel in enumerate(row["selections"]):
+            label = sel["name"] + (" *" if position == 0 else "")
+            total = sum(sel["neurons"].values()) if sel["neurons"] else "?"
+            how = "imported" if sel["method"] == "imported" else f"LAPE top rate {sel['top_rate']}"
+            result(f"{row['model'] if position == 0 else '':<28} {label:<16} {len(sel['languages']):>9}  "
+                   f"{total:>8}  {how}")
+    status(False, "* the model's default selection; config names for datasets: MODEL (its default) and "
+                  "MODEL-SELECTION")
 
 
 @click.command(name="show")
 @click.argument("model")
 @click.argument("language")
+@o.which_selection_options
+@o.repo_option(help="Show a mask of a Hub dataset repo (downloads that one file) instead of the local registry.")
+@o.revision_option
+@o.token_option
 @o.registry_option
 @o.json_option
 @click.pass_context
-def show_cmd(ctx, model, language, registry, as_json):
+def show_cmd(ctx, model, language, selection, which_top_rate, repo, revision, token, registry, as_json):
     """Show one language's neurons: per layer, in total, and the share of parameters they train.
 
     \b
     Example:
         neuronreg show mistral-nemo sw
-        neuronreg show facebook/opt-6.7b Swahili --json
+        neuronreg show mistral-nemo Swahili --top-rate 0.05 --json
+        neuronreg show mistral-nemo sw --repo acme/lape-neurons
     """
     from ..resolve import language_code, resolve_model
 
     reg, manifest = o.registry(registry), o.manifest(ctx)
-    name = resolve_model(model, manifest, registry=reg).name
-    code = language_code(language, manifest, reg.selected_languages(name))
-    mask = reg.read_mask(name, code)
+    if repo:
+        from ..store.hub import fetch_mask
+
+        name = resolve_model(model, manifest, any_name=True).name
+        mask = fetch_mask(name, language_code(language, manifest), repo=repo, revision=revision, token=token,
+                          selection=selection, top_rate=which_top_rate)
+    else:
+        name = resolve_model(model, manifest, registry=reg).name
+        entry = reg.selection(name, selection, which_top_rate)
+        mask = reg.read_mask(name, language_code(language, manifest, entry.languages), entry.name)
+    code = mask.language
     share = mask.share_of_parameters()
     per_layer = mask.counts_per_layer()
+    chosen = mask.source.get("selection")
     if as_json:
-        result(json.dumps({"model": name, "language": code, "neurons": len(mask), "per_layer": per_layer,
-                           "trainable_weights": mask.trainable_weights(), "share_of_parameters": share,
-                           "provenance": mask.provenance.to_dict()}, indent=2))
+        result(json.dumps({"model": name, "language": code, "selection": chosen, "neurons": len(mask),
+                           "per_layer": per_layer, "trainable_weights": mask.trainable_weights(),
+                           "share_of_parameters": share, "provenance": mask.provenance.to_dict()}, indent=2))
         return
     weights = mask.trainable_weights()
     result(f"{name} {code} ({mask.provenance.language.name}): {len(mask)} neurons, "
-           f"{'n/a' if weights is None else f'{weights:,}'} weights, {format_share(share)} of parameters")
+           f"{'n/a' if weights is None else f'{weights:,}'} weights, {format_share(share)} of parameters "
+           f"[selection {chosen}]")
     result(f"{'layer':>5} {'neurons':>8}")
     for layer, count in enumerate(per_layer):
         result(f"{layer:>5} {count:>8}")

@@ -50,6 +50,8 @@ class AblationSettings:
     device: str | None = None
     text_field: str | None = None
     seed: int = 0  # of the random control
+    selection: str | None = None  # which of the model's selections (default: its default)
+    top_rate: float | None = None  # or the selection with this top rate
     allow_same_text: bool = False
     exclusive: bool = False  # switch off only the neurons of a language that no other evaluated language has
 
@@ -239,11 +241,10 @@ def ablate(
 ) -> AblationReport:
     """Perplexity of every language with no neuron, each language's neurons, and random neurons switched off."""
     ref = resolve_model(model_spec, manifest, name=name, registry=registry)
-    available = registry.selected_languages(ref.name)
-    if not available:
-        raise RegistryError(f"The registry at {registry.root} has no neurons for {ref.name}.", fix="compute")
+    entry = registry.selection(ref.name, settings.selection, settings.top_rate)
+    available = entry.languages
     languages = language_codes(language_names, manifest, available) if language_names else available
-    masks = registry.read_masks(ref.name, languages)
+    masks = registry.read_masks(ref.name, languages, entry.name)
     shared = shared_neurons(masks)
     sources = {lang: resolve_corpus(settings.data, manifest.language(lang), manifest, settings.text_field)
                for lang in languages}
@@ -307,6 +308,7 @@ def ablate(
     run_settings = {"data": settings.data if settings.data.startswith("hf") else Path(settings.data).name,
                     "tokens": settings.tokens, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
                     "dtype": loaded.dtype, "device": str(loaded.device), "seed": settings.seed,
+                    "selection": entry.name,
                     "allow_same_text": settings.allow_same_text, "exclusive": settings.exclusive}
     return AblationReport(model, languages, run_settings, heldout, all_masks, shared, baseline, ablated, same_text)
 

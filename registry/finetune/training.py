@@ -65,13 +65,16 @@ class FinetuneResult:
 
 
 # -- what to train ------------------------------------------------------------------------------------
-def read_mask(source: LocalRegistry | Path, model: str, language: str, manifest: Manifest) -> NeuronMask:
-    """The language's mask from a LOCAL registry folder or a mask file (any format ``fetch -o`` writes),
-    never the Hub; or one error saying what is there."""
+def read_mask(source: LocalRegistry | Path, model: str, language: str, manifest: Manifest, *,
+              selection: str | None = None, top_rate: float | None = None) -> NeuronMask:
+    """The language's mask from a LOCAL registry folder (one of its selections: by name, by top rate,
+    or the model's default) or a mask file (any format ``fetch -o`` writes), never the Hub; or one
+    error saying what is there."""
     if isinstance(source, Path):
         return NeuronMask.load(source, model=model, language=language)
-    code = language_code(language, manifest, source.selected_languages(model))
-    return source.read_mask(model, code)
+    entry = source.selection(model, selection, top_rate)
+    code = language_code(language, manifest, entry.languages)
+    return source.read_mask(model, code, entry.name)
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -146,6 +149,8 @@ def finetune(
     trust_remote_code: bool = False,
     token: str | None = None,
     on_step=None,  # called with the finished step number; tests use it to interrupt a run
+    selection: str | None = None,
+    top_rate: float | None = None,
 ) -> FinetuneResult:
     """Train the language's subnetwork (or a baseline) and write the run folder.
 
@@ -160,7 +165,7 @@ def finetune(
                         registry=registry if isinstance(registry, LocalRegistry) else None)
     mask = None
     if settings.subset in ("lape", "random"):
-        mask = read_mask(registry, ref.name, lang.code, manifest)
+        mask = read_mask(registry, ref.name, lang.code, manifest, selection=selection, top_rate=top_rate)
         if len(mask) == 0:
             raise MaskError(f"The {lang.code} mask of {ref.name} in {_where(registry)} has no neurons, so there is "
                             "nothing to train.", fix="empty_mask",

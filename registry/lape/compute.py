@@ -8,6 +8,7 @@ This is the orchestration behind ``neuronreg compute`` and ``neuronreg select``;
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def compute(
     select_languages: list[str] | str | None = None,
     name: str | None = None,
     force: bool = False,
+    default: bool = False,
     quiet: bool = False,
     trust_remote_code: bool = False,
     token: str | None = None,
@@ -90,16 +92,26 @@ def compute(
                             "weights are.", fix="model_source", advice="Give the model's Hub id or folder.")
     ranks = Ranks.from_env(settings.device)
     try:
-        return _compute(langs, ref, ranks, manifest=manifest, registry=registry, settings=settings, params=params,
-                        select_languages=select_languages, force=force, quiet=quiet,
-                        trust_remote_code=trust_remote_code, token=token)
+        with ExitStack() as held:
+            # Rank 0 alone writes the registry, so it alone holds the model's lock; every rank hears if
+            # it could not be taken.
+            error = None
+            if ranks.is_main:
+                try:
+                    held.enter_context(registry.model_lock(ref.name, "compute"))
+                except BaseException as exc:
+                    error = exc
+            ranks.check(error)
+            return _compute(langs, ref, ranks, manifest=manifest, registry=registry, settings=settings,
+                            params=params, select_languages=select_languages, force=force, quiet=quiet,
+                            trust_remote_code=trust_remote_code, token=token, default=default)
     finally:
         ranks.close()
 
 
 def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
              settings: CountSettings, params, select_languages, force, quiet, trust_remote_code,
-             token) -> ComputeReport:
+             token, default) -> ComputeReport:
     from ..models import check_device, default_device, dtype_name, load_model, local_fingerprint, parse_dtype
 
     device = ranks.device(settings.device)
@@ -140,8 +152,8 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
             report.languages.append(_count_language(loaded, info, lang, sources[lang.code], wanted, settings,
                                                     registry, quiet, ranks))
     if ranks.is_main:
-        report.selection = select(ref.name, registry=registry, params=params,
-                                  languages=select_languages, manifest=manifest)
+        report.selection = select_locked(ref.name, registry=registry, params=params, languages=select_languages,
+                                         manifest=manifest, default=default)
     ranks.barrier()
     return report
 
@@ -214,17 +226,29 @@ def load_count_tensor(registry: LocalRegistry, model: str, codes: list[str]
 
 
 def select(model: str, *, registry: LocalRegistry, params: SelectionParams | None = None,
-           languages: list[str] | str | None = None, manifest: Manifest | None = None) -> Selection:
-    """Select neurons from the counts in the registry and rewrite the model's neuron files.
+           languages: list[str] | str | None = None, manifest: Manifest | None = None,
+           default: bool = False) -> Selection:
+    """Select neurons from the counts in the registry and store them as a selection of the model.
 
+    The selection is named by how it is made (``top1``, ``top5``, ``top5-mt-sw`` when ``languages``
+    are given): it is added next to the model's other selections, or replaces the one of the same
+    name. The model's first selection, or one made with ``default=True``, is its default.
     ``model`` is anything :func:`~neuronreg.resolve.resolve_model` accepts; ``languages`` any of their
     codes or names (default: every language counted for the model).
     """
     from ..manifest import load_manifest
 
-    params = params or SelectionParams()
     manifest = manifest or load_manifest()
     name = resolve_model(model, manifest, registry=registry).name
+    with registry.model_lock(name, "select"):
+        return select_locked(name, registry=registry, params=params, languages=languages, manifest=manifest,
+                             default=default)
+
+
+def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams | None, languages,
+                  manifest: Manifest, default: bool = False) -> Selection:
+    """:func:`select`, for a caller that holds the model's lock."""
+    params = params or SelectionParams()
     available = registry.counted_languages(name)
     if not available:
         raise RegistryError(f"The registry at {registry.root} has no counts for {name}.", fix="compute",
@@ -248,5 +272,6 @@ def select(model: str, *, registry: LocalRegistry, params: SelectionParams | Non
         mask.provenance = NeuronsRecord(model=model_info, language=records[lang].language, selection=info,
                                         num_neurons=len(mask), counts=counts)
         mask.source = {"registry": str(registry.root)}
-    registry.write_selection(name, selection.neurons)
+    selection.entry = registry.write_selection(name, selection.neurons, over=chosen if languages else None,
+                                               default=default)
     return selection

@@ -47,6 +47,7 @@ class Selection:
     activation_bar: float  # bar: kthvalue(p, round(N * activation_bar_ratio))
     selected: int  # neurons taken over all layers, before assignment to languages
     neurons: dict[str, NeuronMask] = field(default_factory=dict)  # per language, with entropy and probability
+    entry: object = None  # the registry's SelectionEntry, once stored
 
 
 def _kth(values: torch.Tensor, rate: float) -> float:

@@ -70,8 +70,10 @@ def load_lape_file(path: Path) -> list[list]:
 
 
 def import_lape(path: Path, model: ModelInfo, languages: list[Language], registry: LocalRegistry,
-                top_rate: float | None = None) -> dict[str, NeuronMask]:
-    """Write the masks of a LAPE file into the registry as ``model.name``'s selection."""
+                top_rate: float | None = None, default: bool = False) -> dict[str, NeuronMask]:
+    """Write the masks of a LAPE file into the registry as a selection of ``model.name``, named
+    ``imported-top<rate>`` (or ``imported-<file>`` without a rate); the model's first selection, or
+    with ``default``, its default."""
     if top_rate is not None and (isinstance(top_rate, bool) or not math.isfinite(top_rate)
                                  or not 0 < top_rate <= 1):
         raise SelectionError(f"top_rate must be in (0, 1], got {top_rate!r}.")
@@ -98,19 +100,20 @@ def import_lape(path: Path, model: ModelInfo, languages: list[Language], registr
             imported=ImportInfo(file=path.name, sha256=digest, format="lape-pt", index=index))
         mask.source = {"registry": str(registry.root)}
         masks[lang.code] = mask
-    registry.write_selection(model.name, masks)
+    with registry.model_lock(model.name, "import"):
+        registry.write_selection(model.name, masks, default=default)
     return masks
 
 
-def export_lape(registry: LocalRegistry, model: str, languages: list[str] | None = None) -> tuple[list, list[str]]:
-    """A model's masks as ``list[language][layer] -> LongTensor``, in the selection's language order."""
-    available = registry.selected_languages(model)
-    if not available:
-        raise MaskError(f"The registry at {registry.root} has no neurons for {model}.", fix="compute")
+def export_lape(registry: LocalRegistry, model: str, languages: list[str] | None = None, *,
+                selection: str | None = None, top_rate: float | None = None) -> tuple[list, list[str]]:
+    """A selection's masks as ``list[language][layer] -> LongTensor``, in the selection's language order."""
+    entry = registry.selection(model, selection, top_rate)
+    available = entry.languages
     if languages is None:
-        order = registry.read_mask(model, available[0]).provenance.selection.languages or available
+        order = registry.read_mask(model, available[0], entry.name).provenance.selection.languages or available
         languages = [code for code in order if code in available]
-    masks = registry.read_masks(model, languages)
+    masks = registry.read_masks(model, languages, entry.name)
     return [masks[code].per_layer() for code in languages], languages
 
 

@@ -4,6 +4,10 @@ The YAML metadata block is built as data and written with a YAML library, so eve
 where YAML would read it as something else (a model named ``true``, ``null``, ``1.0`` or ``0x10``);
 every string the body takes from data (names, provenance) goes through the ``md`` filter, which
 escapes what Markdown or HTML would interpret.
+
+A registry's card says, for ``datasets``, one config per model (its default selection) and one per
+model and selection (``<model>-<selection>``), one split per language; and, for neuronreg, the
+index (:mod:`.index`) under the key ``neuronreg``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import re
 from pathlib import Path
 
 from .. import __version__
-from ..files import atomic_write_text
+from .index import INDEX_KEY, RegistryIndex, SelectionEntry
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
 PLOT_NAME = "neurons_per_layer.png"
+PRETTY_NAME = "Language-specific neurons (LAPE)"
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#!~])")
+FEATURES = [{"name": "layer", "dtype": "int32"}, {"name": "neuron", "dtype": "int32"},
+            {"name": "entropy", "dtype": "float64"}, {"name": "activation_prob", "dtype": "float64"}]
 
 
 def md(value) -> str:
@@ -50,77 +57,101 @@ def front_matter(metadata: dict) -> str:
     return yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000).rstrip()
 
 
-def model_card_entry(registry, model: str, plot: str | None = None) -> dict | None:
-    """Everything the dataset card says about one model of a registry (a LocalRegistry)."""
-    languages = registry.selected_languages(model)
-    if not languages:
+def remote_path(model: str, selection: str | None, lang: str) -> str:
+    """Where a published repo keeps a neuron file: the default selection also at ``<model>/<lang>.parquet``
+    (the layout of neuronreg 0.1, so that its readers keep working)."""
+    return f"{model}/{lang}.parquet" if selection is None else f"{model}/{selection}/{lang}.parquet"
+
+
+def _share(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.3f}%"
+
+
+def model_card_entry(registry, model: str, *, remote: bool = False, plot: str | None = None) -> dict | None:
+    """Everything a card says about one model of a registry (a LocalRegistry): its selections, with
+    per language the neurons, share of parameters, tokens counted and the file's path."""
+    entries: list[SelectionEntry] = registry.selections(model)
+    if not entries:
         return None
-    rows, mask = [], None
-    for lang in languages:
-        mask = registry.read_mask(model, lang)
-        record = mask.provenance
-        own = record.own_counts
-        share = mask.share_of_parameters()
-        rows.append({"code": lang, "name": record.language.name or lang, "neurons": len(mask),
-                     "per_layer": mask.counts_per_layer(), "share": "n/a" if share is None else f"{100 * share:.3f}%",
-                     "tokens": own.tokens if own else None,
-                     "corpus": own.corpus.describe() if own and own.corpus else "imported",
-                     "num_bytes": mask.to_table().nbytes,
-                     "file_bytes": registry.neuron_path(model, lang).stat().st_size})
-    record = mask.provenance
+    selections, record = [], None
+    for entry in entries:
+        rows = []
+        for lang in entry.languages:
+            mask = registry.read_mask(model, lang, entry.name)
+            record = mask.provenance
+            own = record.own_counts
+            rows.append({"code": lang, "name": record.language.name or lang, "neurons": len(mask),
+                         "per_layer": mask.counts_per_layer(), "share": _share(mask.share_of_parameters()),
+                         "tokens": own.tokens if own else None,
+                         "corpus": own.corpus.describe() if own and own.corpus else "imported",
+                         "num_bytes": mask.to_table().nbytes,
+                         "file_bytes": registry.neuron_path(model, lang, entry.name).stat().st_size,
+                         "path": remote_path(model, entry.name, lang) if remote else f"{entry.path}/{lang}.parquet",
+                         "default_path": remote_path(model, None, lang) if remote else f"{entry.path}/{lang}.parquet"})
+        selections.append({
+            "name": entry.name, "config": f"{model}-{entry.name}", "entry": entry, "describe": entry.describe(),
+            "info": record.selection, "imported": record.imported, "languages": rows,
+            # `datasets` cannot serve a split of zero rows: such a language stays in the folder (and
+            # in the card's table) but not in the loadable configs.
+            "splits": [row for row in rows if row["neurons"] > 0],
+            "download_size": sum(row["file_bytes"] for row in rows),
+            "dataset_size": sum(row["num_bytes"] for row in rows),
+            "corpora": sorted({row["corpus"] for row in rows}),
+            "seq_len": record.own_counts.seq_len if record.own_counts else None,
+            "dtype": record.own_counts.dtype if record.own_counts else None,
+        })
+    languages = sorted({row["code"] for s in selections for row in s["languages"]})
+    return {"name": model, "model": record.model, "default": selections[0], "selections": selections,
+            "languages": languages, "num_layers": record.model.num_layers,
+            "intermediate_size": record.model.intermediate_size, "plot": plot,
+            # rows for the table: per language, its neurons in each selection
+            "table": [{"code": code,
+                       "name": next(r["name"] for s in selections for r in s["languages"] if r["code"] == code),
+                       "tokens": next((r["tokens"] for s in selections for r in s["languages"]
+                                       if r["code"] == code and r["tokens"] is not None), None),
+                       "cells": [next((f"{r['neurons']} ({r['share']})" for r in s["languages"] if r["code"] == code),
+                                      "-") for s in selections]}
+                      for code in languages]}
+
+
+def card_metadata(models: list[dict], index: dict) -> dict:
+    """The YAML metadata: Hub conventions, one config per model and per model x selection, the index."""
+    # Registry codes are ISO 639-1 where one exists, else 639-3, with a suffix for variants (zh_Hant).
+    codes = {code.split("_")[0] for m in models for code in m["languages"]}
+    rows = sum(row["neurons"] for m in models for s in m["selections"] for row in s["languages"])
+    configs, info = [], []
+    for m in models:
+        default = m["default"]
+        targets = [(m["name"], default, "default_path")] + [(s["config"], s, "path") for s in m["selections"]]
+        for config, sel, key in targets:
+            if not sel["splits"]:
+                continue
+            configs.append({"config_name": config,
+                            "data_files": [{"split": row["code"], "path": row[key]} for row in sel["splits"]]})
+            info.append({"config_name": config, "features": FEATURES,
+                         "splits": [{"name": row["code"], "num_bytes": row["num_bytes"],
+                                     "num_examples": row["neurons"]} for row in sel["splits"]],
+                         "download_size": sel["download_size"], "dataset_size": sel["dataset_size"]})
+    if len(models) == 1 and configs:
+        configs[0]["default"] = True  # datasets allows one default config per dataset: the only model's
     return {
-        "name": model,
-        "languages": rows,
-        # `datasets` cannot serve a split of zero rows: such a language stays in the folder (and
-        # in the card's table) but not in the loadable configs.
-        "splits": [row for row in rows if row["neurons"] > 0],
-        "download_size": sum(row["file_bytes"] for row in rows),
-        "dataset_size": sum(row["num_bytes"] for row in rows),
-        "model": record.model,
-        "selection": record.selection,
-        "imported": record.imported,
-        "corpora": sorted({row["corpus"] for row in rows}),
-        "seq_len": record.own_counts.seq_len if record.own_counts else None,
-        "dtype": record.own_counts.dtype if record.own_counts else None,
-        "num_layers": record.model.num_layers,
-        "intermediate_size": record.model.intermediate_size,
-        "plot": plot,
-    }
-
-
-FEATURES = [{"name": "layer", "dtype": "int32"}, {"name": "neuron", "dtype": "int32"},
-            {"name": "entropy", "dtype": "float64"}, {"name": "activation_prob", "dtype": "float64"}]
-
-
-def card_metadata(models: list[dict], pretty_name: str) -> dict:
-    codes = sorted({row["code"].split("_")[0] for m in models for row in m["languages"]})
-    rows = sum(row["neurons"] for m in models for row in m["languages"])
-    loadable = [m for m in models if m["splits"]]
-    metadata = {
-        **({"language": codes} if codes else {}),
+        **({"language": sorted(codes)} if codes else {}),
         "license": "cc-by-4.0",
-        "pretty_name": pretty_name,
+        "pretty_name": PRETTY_NAME,
         "size_categories": [size_category(rows)],
         "tags": ["neuronreg", "lape", "language-specific-neurons", "interpretability", "multilinguality"],
-        "configs": [{"config_name": m["name"],
-                     "data_files": [{"split": s["code"], "path": f"{m['name']}/{s['code']}.parquet"}
-                                    for s in m["splits"]]} for m in loadable],
+        "configs": configs,
         # `datasets` keys its cache of a local folder on this card: the sizes change with the files.
-        "dataset_info": [{"config_name": m["name"], "features": FEATURES,
-                          "splits": [{"name": s["code"], "num_bytes": s["num_bytes"], "num_examples": s["neurons"]}
-                                     for s in m["splits"]],
-                          "download_size": m["download_size"], "dataset_size": m["dataset_size"]}
-                         for m in loadable],
+        "dataset_info": info,
+        INDEX_KEY: index,
     }
-    return metadata
 
 
-def dataset_card(models: list[dict], repo_id: str = "<this repo or folder>") -> str:
-    pretty_name = "Language-specific neurons (LAPE)"
-    first = next(((m["name"], m["splits"][0]["code"]) for m in models if m["splits"]), None)
+def dataset_card(models: list[dict], index: RegistryIndex, repo_id: str = "<this repo or folder>") -> str:
+    first = next(((m["name"], m["default"]["splits"][0]["code"]) for m in models if m["default"]["splits"]), None)
     return render(
-        "dataset_card.md.j2", models=models, repo_id=repo_id, first_split=first, pretty_name=pretty_name,
-        tool_version=__version__, front_matter=front_matter(card_metadata(models, pretty_name)),
+        "dataset_card.md.j2", models=models, repo_id=repo_id, first_split=first, pretty_name=PRETTY_NAME,
+        tool_version=__version__, front_matter=front_matter(card_metadata(models, index.to_dict())),
     )
 
 
@@ -132,7 +163,17 @@ def size_category(rows: int) -> str:
     return "1M<n<10M"
 
 
-def write_registry_card(registry) -> Path:
-    """The registry's README.md: a dataset card whose `configs:` make it loadable with `datasets`."""
-    models = [entry for model in registry.models() if (entry := model_card_entry(registry, model))]
-    return atomic_write_text(registry.root / "README.md", dataset_card(models))
+def registry_card(registry, index: RegistryIndex) -> str:
+    """The local registry's README.md: configs with the local (versioned) paths, and the index."""
+    models = [entry for model in sorted(index.models) if (entry := model_card_entry(registry, model))]
+    return dataset_card(models, index)
+
+
+def remote_index(index: RegistryIndex) -> RegistryIndex:
+    """The index as a published repo has it: each selection under ``<model>/<selection>``."""
+    models = {}
+    for model, found in index.models.items():
+        selections = {name: SelectionEntry.from_dict({**entry.to_dict(), "path": f"{model}/{name}"}, "index")
+                      for name, entry in found.selections.items()}
+        models[model] = type(found)(default=found.default, selections=selections)
+    return RegistryIndex(models=models)

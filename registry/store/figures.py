@@ -108,7 +108,7 @@ def neurons_per_layer_png(entry: dict, path: str | Path) -> Path:
     """Heatmap of neurons per layer (x) and language (y) for one model of the dataset card."""
     import numpy as np
 
-    rows = entry["languages"]
+    rows = entry["default"]["languages"]
     data = np.array([row["per_layer"] for row in rows], dtype=float)
     figure = _figure(max(6, 0.22 * entry["num_layers"] + 2), min(2 + 0.28 * len(rows), 40))
     axes = figure.add_subplot()

@@ -1,28 +1,39 @@
-"""The registry on the Hugging Face Hub: publish a local registry, fetch one language's mask.
+"""The registry on the Hugging Face Hub: publish a local registry, list and fetch what a repo holds.
 
-A published repo has the local registry's layout (``<model>/<lang>.parquet``, ``<model>/counts/``,
-a ``README.md`` dataset card with ``configs:``) plus one plot per model. Publishing is ONE
-``create_commit`` against the head it was planned on, so it is all or nothing; publishing what is
-already there makes no commit. Fetching downloads one file through the Hub cache, so a second
-fetch (and ``HF_HUB_OFFLINE=1``) needs no network. Tokens come from the caller, ``HF_TOKEN`` or the
-Hub login, and never appear in a message.
+A published repo holds, per model: every selection at ``<model>/<selection>/<lang>.parquet``, the
+default selection also at ``<model>/<lang>.parquet`` (neuronreg 0.1's layout, so its readers keep
+working), the raw counts at ``<model>/counts/<lang>.parquet`` and a plot; and one ``README.md``
+dataset card whose ``configs`` make every selection loadable with ``datasets`` and whose metadata
+holds the index (so that a repo can be listed from its card alone).
+
+Publishing checks everything local before it touches the Hub (only regular files inside the
+registry, each read back and validated), then makes ONE ``create_commit`` against the head it
+planned on, so it is all or nothing; a tag that exists already is refused before committing; a
+repo it created is deleted again if the commit fails. What is read from a repo (its card, other
+models' files) is validated, and what is not neuronreg's or is malformed is skipped with a warning.
+Fetching downloads one file through the Hub cache, so a second fetch (and ``HF_HUB_OFFLINE=1``)
+needs no network. Tokens never appear in a message.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import HubError, RegistryError
+from ..errors import HubError, MaskError, RecordError, RegistryError
+from ..files import SAFE_NAME, write_parquet
 from ..hubcalls import hub_error, hub_errors, retrying
 from ..mask import NeuronMask, read_mask_file
-from .cards import PLOT_NAME, dataset_card, model_card_entry
+from .cards import PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
 from .figures import neurons_per_layer_png
-from .local import LocalRegistry
+from .index import INDEX_KEY, RegistryIndex, SelectionEntry, find_selection, percent
+from .local import CARD, COUNTS, LocalRegistry, read_card_metadata
 
+log = logging.getLogger("neuronreg")
 REPO_TYPE = "dataset"
 
 
@@ -52,10 +63,79 @@ def _unchanged(remote, data: bytes) -> bool:
     return getattr(remote, "blob_id", None) == _git_blob_sha1(data)
 
 
+def ours(path: str) -> bool:
+    """A repo path of neuronreg's layout: safe names only, no '..', nothing absolute."""
+    parts = path.split("/")
+    return (0 < len(parts) <= 4 and all(SAFE_NAME.match(p) and ".." not in p for p in parts)
+            and not path.startswith("/"))
+
+
 def _models_in(files: list[str]) -> set[str]:
-    return {f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith(".parquet")}
+    """The models a repo holds (0.1's layout included), from its file list."""
+    return {f.split("/")[0] for f in files if ours(f) and f.count("/") >= 1 and f.endswith(".parquet")
+            and f.split("/")[0] != COUNTS}
 
 
+# -- reading a repo ------------------------------------------------------------------------------------
+def _download(repo: str, filename: str, revision: str | None, token: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(repo):
+        return Path(retrying(lambda: hf_hub_download(repo, filename, repo_type=REPO_TYPE, revision=revision,
+                                                     token=token)))
+
+
+def read_remote_index(repo: str, *, revision: str | None = None, token: str | None = None,
+                      files: list[str] | None = None) -> RegistryIndex:
+    """What a repo holds, from its card (one small download) or, for a repo published by neuronreg 0.1,
+    from its file list. No Parquet file is downloaded."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as e
+
+    if files is None:
+        with hub_errors(repo):
+            files = retrying(lambda: HfApi(token=token).list_repo_files(repo, repo_type=REPO_TYPE,
+                                                                         revision=revision))
+    if CARD in files:
+        try:
+            text = _download(repo, CARD, revision, token).read_text(encoding="utf-8")
+            raw = read_card_metadata(text, f"{repo}/{CARD}").get(INDEX_KEY)
+            if raw is not None:
+                return _only_ours(RegistryIndex.from_dict(raw, f"the index in {repo}/{CARD}"), repo)
+        except (RecordError, RegistryError, UnicodeDecodeError, e.EntryNotFoundError) as exc:
+            log.warning("The card of %s has no index neuronreg can read (%s); listing its files instead.", repo, exc)
+    index = RegistryIndex()
+    for model in sorted(_models_in(files)):
+        langs = sorted(f.split("/")[1][: -len(".parquet")] for f in files
+                       if f.startswith(f"{model}/") and f.count("/") == 1 and f.endswith(".parquet") and ours(f))
+        if langs:  # neuronreg 0.1: one selection per model, at <model>/<lang>.parquet
+            index = index.with_selection(model, SelectionEntry(name="default", path=model, languages=langs),
+                                         make_default=True)
+    return index
+
+
+def _only_ours(index: RegistryIndex, repo: str) -> RegistryIndex:
+    """The index without entries whose names or paths are not neuronreg's (a hostile or foreign card)."""
+    clean = RegistryIndex()
+    for model, found in index.models.items():
+        if not SAFE_NAME.match(model):
+            log.warning("Ignoring model %r in the card of %s: not a name neuronreg writes.", model, repo)
+            continue
+        for entry in index.entries(model):
+            if not all(SAFE_NAME.match(lang) for lang in entry.languages):
+                log.warning("Ignoring selection %s of %s in %s: odd language names.", entry.name, model, repo)
+                continue
+            clean = clean.with_selection(model, entry, make_default=entry.name == found.default)
+    return clean
+
+
+def _remote_file(model: str, entry: SelectionEntry, lang: str, default: bool) -> str:
+    if entry.path == model:  # neuronreg 0.1's layout
+        return f"{model}/{lang}.parquet"
+    return remote_path(model, None if default else entry.name, lang)
+
+
+# -- publish -------------------------------------------------------------------------------------------
 def publish(
     registry: LocalRegistry,
     repo_id: str,
@@ -73,12 +153,13 @@ def publish(
 
     ``models`` are anything the resolver accepts (alias, Hub id, folder, registry name).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import validate_repo_id
 
     from ..manifest import load_manifest
     from ..resolve import resolve_model
 
-    available = [m for m in registry.models() if registry.selected_languages(m)]
+    available = [m for m in registry.models() if registry.selections(m)]
     if not available:
         raise RegistryError(f"The registry at {registry.root} has no neurons to publish.", fix="compute")
     manifest = manifest or load_manifest()
@@ -88,51 +169,119 @@ def publish(
     if missing:
         raise RegistryError(f"No neurons for {', '.join(missing)} in {registry.root} (available: "
                             f"{', '.join(available)}).")
+    with hub_errors(repo_id):
+        validate_repo_id(repo_id)
+    local = _local_files(registry, models)  # everything read back and validated before the Hub is touched
 
     api = HfApi(token=token)
+    created = False
     with hub_errors(repo_id):
-        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
-        if revision and revision != "main" and not create_pr:
-            api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
-        info = retrying(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision, files_metadata=True))
+        try:
+            info = retrying(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, files_metadata=True))
+        except Exception as exc:
+            from huggingface_hub import errors as e
+
+            if not isinstance(exc, e.RepositoryNotFoundError) or isinstance(exc, e.GatedRepoError):
+                raise
+            api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+            created = True
+    try:
+        with hub_errors(repo_id):
+            if revision and revision != "main" and not create_pr:
+                api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
+            info = retrying(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision,
+                                                  files_metadata=True))
+            tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=REPO_TYPE).tags} \
+                if tag else {}
+        result = _publish(api, registry, repo_id, models, local, info, revision=revision, create_pr=create_pr,
+                          token=token, message=message, tag=tag, tags=tags)
+    except BaseException:
+        if created:  # a failed publish leaves no empty repo behind
+            try:
+                api.delete_repo(repo_id, repo_type=REPO_TYPE)
+            except Exception as exc:  # the error that matters is the one being raised
+                log.warning("Could not delete the repo %s created for this publish (%s).", repo_id, type(exc).__name__)
+        raise
+    return result
+
+
+def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
+    """Per model: the neuron files of each selection and the counts files, all read back and validated.
+    Only regular files inside the registry are taken (no symbolic links: they could point anywhere)."""
+    from ..files import inside
+
+    found = {}
+    for model in models:
+        selections = {}
+        for entry in registry.selections(model):
+            files = {}
+            for lang in entry.languages:
+                path = registry.neuron_path(model, lang, entry.name)
+                _regular(registry, path)
+                registry.read_mask(model, lang, entry.name)  # schema, provenance, ranges, order
+                files[lang] = path
+            selections[entry.name] = files
+        counts = {}
+        for lang in registry.counted_languages(model):
+            path = registry.counts_path(model, lang)
+            _regular(registry, path)
+            registry.read_counts(model, lang)  # every neuron once, counts within [0, tokens]
+            counts[lang] = path
+        found[model] = {"selections": selections, "counts": counts}
+        assert all(inside(registry.root, p) for files in selections.values() for p in files.values())
+    return found
+
+
+def _regular(registry: LocalRegistry, path: Path) -> None:
+    from ..files import inside
+
+    if path.is_symlink() or not path.is_file() or not inside(registry.root, path):
+        raise RegistryError(f"{path} is not a regular file inside the registry; only those are published.",
+                            fix="recompute")
+
+
+def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], local: dict, info, *, revision,
+             create_pr, token, message, tag, tags) -> PublishResult:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
     head = info.sha
     remote = {s.rfilename: s for s in (info.siblings or [])}
-
     with tempfile.TemporaryDirectory(prefix="neuronreg-publish-") as tmp:
         staging = Path(tmp)
         files: dict[str, Path] = {}
-        entries = []
+        entries, index = [], RegistryIndex()
         for model in models:
-            for lang in registry.selected_languages(model):
-                files[f"{model}/{lang}.parquet"] = registry.neuron_path(model, lang)
-            for lang in registry.counted_languages(model):
-                files[f"{model}/counts/{lang}.parquet"] = registry.counts_path(model, lang)
-            entry = model_card_entry(registry, model, plot=f"{model}/{PLOT_NAME}")
+            for position, entry in enumerate(registry.selections(model)):
+                for lang, path in local[model]["selections"][entry.name].items():
+                    files[remote_path(model, entry.name, lang)] = path
+                    if position == 0:
+                        files[remote_path(model, None, lang)] = path
+                index = index.with_selection(model, entry, make_default=position == 0)
+            for lang, path in local[model]["counts"].items():
+                files[f"{model}/{COUNTS}/{lang}.parquet"] = path
+            entry = model_card_entry(registry, model, remote=True, plot=f"{model}/{PLOT_NAME}")
             files[f"{model}/{PLOT_NAME}"] = neurons_per_layer_png(entry, staging / model / PLOT_NAME)
             entries.append(entry)
-        # Models already in the repo but not published now stay on the card: read their neuron files.
-        others = LocalRegistry(staging / "remote")
-        for model in sorted(_models_in(list(remote)) - set(models)):
-            with hub_errors(repo_id):
-                for name in sorted(f for f in remote if f.startswith(f"{model}/") and f.count("/") == 1
-                                   and f.endswith(".parquet")):
-                    src = retrying(lambda name=name: hf_hub_download(repo_id, name, repo_type=REPO_TYPE,
-                                                                     revision=head, token=token))
-                    target = others.root / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(Path(src).read_bytes())
-            plot = f"{model}/{PLOT_NAME}" if f"{model}/{PLOT_NAME}" in remote else None
-            if entry := model_card_entry(others, model, plot=plot):
-                entries.append(entry)
-        card = staging / "README.md"
-        card.write_text(dataset_card(sorted(entries, key=lambda e: e["name"]), repo_id), encoding="utf-8")
-        files["README.md"] = card
+        # Models already in the repo but not published now stay on the card.
+        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging)
+        entries += kept
+        for model, found in kept_index.models.items():
+            for entry in kept_index.entries(model):
+                index = index.with_selection(model, entry, make_default=entry.name == found.default)
+        card = staging / CARD
+        card.write_text(dataset_card(sorted(entries, key=lambda e: e["name"]), remote_index(index), repo_id),
+                        encoding="utf-8")
+        files[CARD] = card
 
-        uploads = {path: local for path, local in files.items()
-                   if not _unchanged(remote.get(path), local.read_bytes())}
-        # Files of a published model that the local registry no longer has (a language dropped
-        # from the selection) go, so the repo shows one consistent selection per model.
-        deletions = sorted(p for p in remote if p.split("/")[0] in models and p not in files)
+        uploads = {path: src for path, src in files.items() if not _unchanged(remote.get(path), src.read_bytes())}
+        # Files of a published model that the local registry no longer has (a language dropped from a
+        # selection, a selection replaced) go, so the repo shows what the registry holds.
+        deletions = sorted(p for p in remote if ours(p) and p.split("/")[0] in models and p not in files)
+        if tag in tags:
+            if tags[tag] == head and not uploads and not deletions:
+                return PublishResult(repo_id, False, head)  # asked again after it was done: nothing to do
+            raise HubError(f"{repo_id} already has the tag {tag!r} (on another commit); nothing was committed.",
+                           fix="tag", advice="Choose another tag.")
         if not uploads and not deletions:
             result = PublishResult(repo_id, False, head)
         else:
@@ -147,53 +296,107 @@ def publish(
                 )
             result = PublishResult(repo_id, True, commit.oid, commit.commit_url, commit.pr_url,
                                    sorted(uploads), deletions)
-    if tag:
+    if tag and tag not in tags:
         with hub_errors(repo_id):
             api.create_tag(repo_id, tag=tag, revision=result.commit, repo_type=REPO_TYPE, exist_ok=False)
     return result
 
 
-def fetch_mask(model: str, language: str, *, repo: str, revision: str | None = None,
-               token: str | None = None) -> NeuronMask:
-    """Download (or take from the cache) one language's neuron file and validate it."""
+def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path):
+    """Card entries of the models a repo holds that are not being published now: their neuron files
+    are downloaded (at ``head``) and validated; what is malformed is skipped with a warning."""
+    index = read_remote_index(repo_id, revision=head, token=token, files=list(remote))
+    others = LocalRegistry(staging / "remote")
+    kept = RegistryIndex()
+    for model in sorted(set(index.models) - exclude):
+        found = index.models[model]
+        for entry in index.entries(model):
+            folder = others.root / model / entry.name / "v1"
+            languages = []
+            for lang in entry.languages:
+                name = _remote_file(model, entry, lang, default=entry.name == found.default)
+                if name not in remote:
+                    log.warning("%s lists %s but the repo has no such file; skipped.", repo_id, name)
+                    continue
+                try:
+                    mask = read_mask_file(_download(repo_id, name, head, token), model, lang, {"repo": repo_id})
+                except (MaskError, RecordError) as exc:
+                    log.warning("Skipping %s of %s: %s", name, repo_id, exc)
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                write_parquet(mask.to_table(), folder / f"{lang}.parquet")
+                languages.append(lang)
+            if languages:
+                clean = SelectionEntry.from_dict({**entry.to_dict(), "languages": languages,
+                                                  "path": folder.relative_to(others.root).as_posix()}, "index")
+                kept = kept.with_selection(model, clean, make_default=entry.name == found.default)
+    view = LocalRegistry(others.root, index=kept)
+    entries = []
+    for model in sorted(kept.models):
+        plot = f"{model}/{PLOT_NAME}" if f"{model}/{PLOT_NAME}" in remote else None
+        if entry := model_card_entry(view, model, remote=True, plot=plot):
+            entries.append(entry)
+    return entries, kept
+
+
+# -- fetch ---------------------------------------------------------------------------------------------
+def fetch_mask(model: str, language: str, *, repo: str, revision: str | None = None, token: str | None = None,
+               selection: str | None = None, top_rate: float | None = None) -> NeuronMask:
+    """Download (or take from the cache) one language's neuron file of one selection and validate it.
+
+    The default selection, or a selection named or given by its top rate, is one file at a known
+    path, so a cold fetch is one request pair; the card is read only when that path does not exist
+    (a selection of another name, or a message saying what the repo holds).
+    """
+    from huggingface_hub import errors as e
+
+    guess = selection or (f"top{percent(top_rate)}" if top_rate is not None else None)
+    filename = remote_path(model, guess, language)
+    try:
+        path = _download_raw(repo, filename, revision, token)
+    except e.EntryNotFoundError as exc:
+        if isinstance(exc, e.LocalEntryNotFoundError):
+            raise hub_error(exc, repo) or exc
+        index = read_remote_index(repo, revision=revision, token=token)
+        entry = find_selection(index, model, selection, top_rate, where=repo)
+        if language not in entry.languages:
+            raise HubError(f"No {language} neurons for {model} ({entry.name}) in {repo} (available: "
+                           f"{', '.join(entry.languages)}).") from exc
+        filename = _remote_file(model, entry, language, default=index.models[model].default == entry.name
+                                and selection is None and top_rate is None)
+        if filename == remote_path(model, guess, language):
+            raise HubError(f"{repo} lists {filename} but does not hold it.") from exc
+        path = _download(repo, filename, revision, token)
+        guess = entry.name
+    # The cache keeps files under .../snapshots/<commit>/<path>: the commit this mask came from.
+    commit = path.parents[filename.count("/")].name
+    source = {"repo": repo, "revision": revision or "main", "commit": commit, "selection": guess or "default"}
+    return read_mask_file(path, model, language, source)
+
+
+def _download_raw(repo: str, filename: str, revision: str | None, token: str | None) -> Path:
+    """hf_hub_download, with every error but a missing file turned into a HubError."""
     from huggingface_hub import errors as e
     from huggingface_hub import hf_hub_download
 
-    filename = f"{model}/{language}.parquet"
     try:
-        path = retrying(lambda: hf_hub_download(repo, filename, repo_type=REPO_TYPE, revision=revision, token=token))
+        return Path(retrying(lambda: hf_hub_download(repo, filename, repo_type=REPO_TYPE, revision=revision,
+                                                     token=token)))
+    except e.EntryNotFoundError:
+        raise
     except Exception as exc:
-        if isinstance(exc, e.EntryNotFoundError) and not isinstance(exc, e.LocalEntryNotFoundError):
-            raise HubError(_missing_entry(repo, model, language, revision, token)) from exc
         raise hub_error(exc, repo) or exc
-    # The cache keeps files under .../snapshots/<commit>/<path>: the commit this mask came from.
-    commit = Path(path).parents[filename.count("/")].name
-    source = {"repo": repo, "revision": revision or "main", "commit": commit}
-    return read_mask_file(Path(path), model, language, source)
-
-
-def _missing_entry(repo: str, model: str, language: str, revision: str | None, token: str | None) -> str:
-    from huggingface_hub import HfApi
-
-    try:
-        files = HfApi(token=token).list_repo_files(repo, repo_type=REPO_TYPE, revision=revision)
-    except Exception:  # the listing only improves the message
-        return f"No {language} neurons for {model} in {repo}."
-    models = sorted(_models_in(files))
-    if model not in models:
-        return f"{repo} has no model {model} (available: {', '.join(models) or 'none'})."
-    langs = sorted(f.split("/")[1][: -len(".parquet")] for f in files
-                   if f.startswith(f"{model}/") and f.count("/") == 1 and f.endswith(".parquet"))
-    return f"No {language} neurons for {model} in {repo} (available: {', '.join(langs)})."
 
 
 def load_mask(model: str, language: str, *, repo: str | None = None, revision: str | None = None,
-              registry: LocalRegistry | str | None = None, token: str | None = None, manifest=None) -> NeuronMask:
+              registry: LocalRegistry | str | None = None, token: str | None = None, manifest=None,
+              selection: str | None = None, top_rate: float | None = None) -> NeuronMask:
     """A language's mask: from ``repo`` on the Hub when given, else from the local registry when it
     holds it, else from the manifest's default registry repo.
 
     ``model`` is anything the resolver accepts (alias, Hub id, folder, registry name); ``language``
-    any of its codes or its name.
+    any of its codes or its name; ``selection`` (a name) or ``top_rate`` chooses among the model's
+    selections (default: its default selection).
     """
     from ..manifest import load_manifest
     from ..resolve import language_code, resolve_model
@@ -201,9 +404,12 @@ def load_mask(model: str, language: str, *, repo: str | None = None, revision: s
     manifest = manifest or load_manifest()
     local = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
     name = resolve_model(model, manifest, registry=local, any_name=True).name
-    code = language_code(language, manifest, local.selected_languages(name))
-    if repo is None:
-        if code in local.selected_languages(name):
-            return local.read_mask(name, code)
-        repo = manifest.registry_repo
-    return fetch_mask(name, code, repo=repo, revision=revision, token=token)
+    held = local.selections(name)
+    if repo is None and held:
+        entry = local.selection(name, selection, top_rate)
+        code = language_code(language, manifest, entry.languages)
+        if code in entry.languages:
+            return local.read_mask(name, code, entry.name)
+    code = language_code(language, manifest)
+    return fetch_mask(name, code, repo=repo or manifest.registry_repo, revision=revision, token=token,
+                      selection=selection, top_rate=top_rate)

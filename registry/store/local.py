@@ -2,34 +2,51 @@
 
 Layout::
 
-    <registry>/README.md                     dataset card with a `configs:` block
-    <registry>/<model>/<lang>.parquet        the selected neurons of one language
-    <registry>/<model>/counts/<lang>.parquet raw counts of every neuron
-    <registry>/<model>/.partial/<lang>.safetensors  checkpoint of a count in progress
+    <registry>/README.md                              dataset card: `configs:` for datasets, and the index
+    <registry>/<model>/<selection>/v<N>/<lang>.parquet one version of one selection's neuron files
+    <registry>/<model>/counts/<lang>.parquet          raw counts of every neuron
+    <registry>/<model>/.partial/<lang>.safetensors    checkpoint of a count in progress
+    <registry>/<model>/.lock, <registry>/.lock        who is writing (see ``locks``)
 
-Every Parquet file carries its provenance (a typed record, :mod:`neuronreg.provenance`) as JSON in
-its schema metadata under the key ``neuronreg``. Every write goes to a temporary name in the same
-folder and is renamed into place. Reading validates: a counts file must hold every neuron exactly
-once, with counts between 0 and its tokens.
+Every Parquet file carries its provenance (a typed record, :mod:`neuronreg.provenance`) as JSON in its
+schema metadata under the key ``neuronreg``. Guarantees:
+
+* A selection (its files AND the card) becomes visible all at once or not at all: its files go into
+  a new version folder, and the card, rewritten by one atomic rename, is the single commit point
+  (:mod:`.index`). A failure before that rename removes the new folder: the registry is left byte
+  for byte as it was. Old versions, and the leftovers of a killed run, go on the next write.
+* Counts files are replaced one at a time by an atomic rename, and read back validated: every
+  neuron exactly once, counts between 0 and the tokens counted.
+* Writers take the model's lock (and the registry's, for the card), so two never interleave.
+* Registries of neuronreg 0.1 (``<model>/<lang>.parquet``, no index) are read as they are and
+  migrated on the next write.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import MaskError, RegistryError
-from ..files import SAFE_NAME, atomic_path, safe_name, temp_beside, write_parquet
+from ..errors import MaskError, RecordError, RegistryError
+from ..files import SAFE_NAME, TEMP_SUFFIX, atomic_path, atomic_write_text, inside, safe_name, write_parquet
 from ..mask import META_KEY, NeuronMask, mask_from_table, read_neuron_table
 from ..provenance import CountsRecord
-from .cards import write_registry_card
+from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, find_selection, selection_name
+from .locks import lock
+
+log = logging.getLogger("neuronreg")
 
 REGISTRY_ENV = "NEURONREG_REGISTRY"
 CARD = "README.md"
+COUNTS = "counts"
 # Names a model cannot take: they are the registry's own files, or would hide from listings.
-RESERVED = {CARD.lower(), "counts", ".partial", ".git", ".gitattributes", ".cache"}
+RESERVED = {CARD.lower(), COUNTS, ".partial", ".git", ".gitattributes", ".cache", ".lock", "counts.parquet"}
+LOCK_WAIT = 60.0  # seconds a writer waits for the registry's card (commits take well under a second)
 
 
 def default_registry() -> Path:
@@ -47,9 +64,28 @@ def model_name(name: str) -> str:
     return name
 
 
+def read_card_metadata(text: str, where: str) -> dict:
+    """The YAML metadata block of a card ({} when there is none)."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"The card {where} has YAML metadata that cannot be read ({type(exc).__name__}).",
+                            fix="recompute") from exc
+    return data if isinstance(data, dict) else {}
+
+
 class LocalRegistry:
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, *, index: RegistryIndex | None = None):
         self.root = Path(root).expanduser() if root else default_registry()
+        self._fixed = index  # a view of a proposed index (used while rendering the next card)
+        self._cache: tuple | None = None
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
@@ -58,11 +94,8 @@ class LocalRegistry:
     def model_dir(self, model: str) -> Path:
         return self.root / model_name(model)
 
-    def neuron_path(self, model: str, lang: str) -> Path:
-        return self.model_dir(model) / f"{safe_name(lang, 'Language')}.parquet"
-
     def counts_path(self, model: str, lang: str) -> Path:
-        return self.model_dir(model) / "counts" / f"{safe_name(lang, 'Language')}.parquet"
+        return self.model_dir(model) / COUNTS / f"{safe_name(lang, 'Language')}.parquet"
 
     def checkpoint_path(self, model: str, lang: str, suffix: str = "") -> Path:
         return self.model_dir(model) / ".partial" / f"{safe_name(lang, 'Language')}{suffix}.safetensors"
@@ -76,14 +109,87 @@ class LocalRegistry:
             raise RegistryError(f"Registry {self.root} is not writable ({exc.strerror or exc}).",
                                 fix="registry", advice="Choose another folder.") from exc
 
-    # -- listing ---------------------------------------------------------------------------------
-    def models(self) -> list[str]:
+    # -- locks -----------------------------------------------------------------------------------
+    def model_lock(self, model: str, command: str | None = None, timeout: float = 0.0):
+        """Held while a model's counts or selections are written (a whole ``compute``)."""
+        self.ensure_writable()
+        return lock(self.model_dir(model) / ".lock", f"{model} in {self.root}", timeout=timeout, command=command)
+
+    @contextmanager
+    def _card_lock(self):
+        with lock(self.root / ".lock", f"the registry {self.root}", timeout=LOCK_WAIT):
+            yield
+
+    # -- the index (from the card) ---------------------------------------------------------------
+    @property
+    def card_path(self) -> Path:
+        return self.root / CARD
+
+    def index(self) -> RegistryIndex:
+        """What the card says the registry holds, or (a registry of neuronreg 0.1, or one whose card
+        was lost) what its folders hold."""
+        if self._fixed is not None:
+            return self._fixed
+        try:
+            stat = self.card_path.stat()
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            key = None
+        if self._cache is not None and self._cache[0] == key and key is not None:
+            return self._cache[1]
+        index = self._read_index() if key is not None else None
+        if index is None:
+            index = self._scan()
+        self._cache = (key, index)
+        return index
+
+    def _read_index(self) -> RegistryIndex | None:
+        try:
+            text = self.card_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"The card {self.card_path} cannot be read ({exc}).", fix="recompute") from exc
+        raw = read_card_metadata(text, str(self.card_path)).get(INDEX_KEY)
+        if raw is None:
+            return None
+        return RegistryIndex.from_dict(raw, f"the index in {self.card_path}")
+
+    def _scan(self) -> RegistryIndex:
+        """An index from the folders alone: 0.1's ``<model>/<lang>.parquet``, or the newest version of
+        each selection folder."""
+        index = RegistryIndex()
         if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.is_symlink() and SAFE_NAME.match(p.name)
-                      and p.name.lower() not in RESERVED
-                      and ((p / "counts").is_dir() or any(self._files(p))))
+            return index
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and self._is_model_dir(p)):
+            found = []
+            if self._files(folder):
+                found.append(self._scanned_entry(folder.name, folder))
+            for sel in sorted(p for p in folder.iterdir() if p.is_dir() and SAFE_NAME.match(p.name)
+                              and p.name != COUNTS):
+                versions = sorted((int(m.group(1)), v) for v in sel.iterdir() if (m := VERSION_DIR.match(v.name)))
+                if versions and self._files(versions[-1][1]):
+                    found.append(self._scanned_entry(folder.name, versions[-1][1], sel.name))
+            for position, entry in enumerate(e for e in found if e is not None):
+                index = index.with_selection(folder.name, entry, make_default=position == 0)
+        return index
+
+    def _scanned_entry(self, model: str, folder: Path, name: str | None = None) -> SelectionEntry | None:
+        files = self._files(folder)
+        try:
+            record = read_neuron_table(files[0], str(files[0]))[1]
+        except (MaskError, RecordError) as exc:
+            log.warning("Skipping %s: %s", folder, exc)
+            return None
+        info = record.selection
+        over = None if set(info.languages) == {f.stem for f in files} else None
+        return SelectionEntry(
+            name=name or selection_name(info, over, record.imported.file if record.imported else None),
+            path=folder.relative_to(self.root).as_posix(), languages=[f.stem for f in files], method=info.method,
+            top_rate=info.top_rate, filter_rate=info.filter_rate, activation_bar_ratio=info.activation_bar_ratio,
+            over=over)
+
+    def _is_model_dir(self, folder: Path) -> bool:
+        return (not folder.is_symlink() and SAFE_NAME.match(folder.name) is not None
+                and folder.name.lower() not in RESERVED)
 
     @staticmethod
     def _files(folder: Path) -> list[Path]:
@@ -93,28 +199,43 @@ class LocalRegistry:
         return sorted(p for p in folder.glob("*.parquet")
                       if p.is_file() and not p.is_symlink() and SAFE_NAME.match(p.stem))
 
+    # -- listing ---------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        counted = []
+        if self.root.is_dir():
+            counted = [p.name for p in self.root.iterdir()
+                       if p.is_dir() and self._is_model_dir(p) and self._files(p / COUNTS)]
+        return sorted(set(counted) | set(self.index().models))
+
     def counted_languages(self, model: str) -> list[str]:
-        return [p.stem for p in self._files(self.model_dir(model) / "counts")]
+        return [p.stem for p in self._files(self.model_dir(model) / COUNTS)]
 
-    def selected_languages(self, model: str) -> list[str]:
-        return [p.stem for p in self._files(self.model_dir(model))]
+    def selections(self, model: str) -> list[SelectionEntry]:
+        """The model's selections, its default first."""
+        return self.index().entries(model)
 
-    # -- where a local model's weights are (kept here, never published) -----------------------------
-    SOURCE_FILE = ".source.json"
+    def selection(self, model: str, selection: str | None = None, top_rate: float | None = None) -> SelectionEntry:
+        """The selection asked for by name or top rate, or the model's default; RegistryError listing
+        the selections there are."""
+        return find_selection(self.index(), model, selection, top_rate, where=str(self.root))
 
-    def remember_source(self, model: str, folder: str) -> None:
-        """Note which local folder ``model`` was computed from, so its registry name can stand for it."""
-        from ..files import atomic_write_text
+    def default_selection(self, model: str) -> SelectionEntry | None:
+        return self.index().default(model)
 
-        atomic_write_text(self.model_dir(model) / self.SOURCE_FILE, json.dumps({"path": str(folder)}) + "\n")
+    def selected_languages(self, model: str, selection: str | None = None, top_rate: float | None = None
+                           ) -> list[str]:
+        """The languages of a selection (default: the model's default one); [] when the model has none."""
+        if not self.index().entries(model):
+            return []
+        return list(self.selection(model, selection, top_rate).languages)
 
-    def model_source(self, model: str) -> str | None:
-        """The local folder ``model`` was computed from, while it still exists."""
-        try:
-            path = json.loads((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
-        except (OSError, ValueError, KeyError, TypeError, RegistryError):
-            return None
-        return path if isinstance(path, str) and (Path(path) / "config.json").is_file() else None
+    def neuron_path(self, model: str, lang: str, selection: str | None = None, top_rate: float | None = None
+                    ) -> Path:
+        entry = self.selection(model, selection, top_rate)
+        path = self.root / entry.path / f"{safe_name(lang, 'Language')}.parquet"
+        if not inside(self.root, path.parent):
+            raise RegistryError(f"The index points {model}/{entry.name} outside the registry.", fix="recompute")
+        return path
 
     # -- counts ----------------------------------------------------------------------------------
     def write_counts(self, model: str, lang: str, over_zero, record: CountsRecord) -> Path:
@@ -129,7 +250,12 @@ class LocalRegistry:
             "count": pa.array(counts.reshape(-1)),
         })
         path = self.counts_path(model, lang)
-        self._write_table(path, table, record.to_dict())
+        table = table.replace_schema_metadata({META_KEY: json.dumps(record.to_dict(), sort_keys=True).encode()})
+        try:
+            with atomic_path(path) as tmp:
+                write_parquet(table, tmp)
+        except OSError as exc:
+            raise RegistryError(f"Cannot write {path}: {exc.strerror or exc}.", fix="registry") from exc
         return path
 
     def read_counts_record(self, model: str, lang: str) -> CountsRecord:
@@ -183,68 +309,130 @@ class LocalRegistry:
     def _damaged(self, path: Path, what: str = "is damaged or not a neuronreg file") -> RegistryError:
         return RegistryError(f"{path} {what}.", fix="recompute", advice="Delete it and compute it again.")
 
-    # -- selected neurons ------------------------------------------------------------------------
-    def write_selection(self, model: str, masks: dict[str, NeuronMask]) -> None:
-        """Replace a model's neuron files with one selection (files of other languages go), then the card."""
+    # -- where a local model's weights are (kept here, never published) -----------------------------
+    SOURCE_FILE = ".source.json"
+
+    def remember_source(self, model: str, folder: str) -> None:
+        """Note which local folder ``model`` was computed from, so its registry name can stand for it."""
+        atomic_write_text(self.model_dir(model) / self.SOURCE_FILE, json.dumps({"path": str(folder)}) + "\n")
+
+    def model_source(self, model: str) -> str | None:
+        """The local folder ``model`` was computed from, while it still exists."""
+        try:
+            path = json.loads((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
+        except (OSError, ValueError, KeyError, TypeError, RegistryError):
+            return None
+        return path if isinstance(path, str) and (Path(path) / "config.json").is_file() else None
+
+    # -- selections ------------------------------------------------------------------------------
+    def read_mask(self, model: str, lang: str, selection: str | None = None, top_rate: float | None = None
+                  ) -> NeuronMask:
+        entry = self.selection(model, selection, top_rate)
+        if lang not in entry.languages:
+            raise RegistryError(f"No {lang} neurons for {model} ({entry.name}) in {self.root} (available: "
+                                f"{', '.join(entry.languages)}).")
+        path = self.neuron_path(model, lang, entry.name)
+        table, record = read_neuron_table(path, str(path))
+        return mask_from_table(table, record, model, lang, {"registry": str(self.root), "selection": entry.name})
+
+    def read_masks(self, model: str, langs: list[str], selection: str | None = None,
+                   top_rate: float | None = None) -> dict[str, NeuronMask]:
+        """Several languages' masks of one selection, or one error naming what is there."""
+        entry = self.selection(model, selection, top_rate)
+        missing = [lang for lang in langs if lang not in entry.languages]
+        if missing:
+            raise RegistryError(f"No {', '.join(missing)} neurons for {model} ({entry.name}) in {self.root} "
+                                f"(available: {', '.join(entry.languages)}).")
+        masks = {lang: self.read_mask(model, lang, entry.name) for lang in langs}
+        if len({mask.shape for mask in masks.values()}) > 1:
+            raise MaskError(f"The masks of {model} ({entry.name}) disagree on the model's shape.", fix="select")
+        return masks
+
+    def write_selection(self, model: str, masks: dict[str, NeuronMask], *, over: list[str] | None = None,
+                        default: bool = False, name: str | None = None) -> SelectionEntry:
+        """Add one selection of ``model`` (or replace the one of the same identity), all at once.
+
+        The masks' provenance says how they were made; ``over`` is the language set the user chose
+        (None: every language counted); ``default`` makes it the model's default selection.
+        """
+        if not masks:
+            raise MaskError(f"No masks to store for {model}.")
         for lang, mask in masks.items():
+            safe_name(lang, "Language")
             if mask.provenance is None:
                 raise MaskError(f"The {lang} mask has no provenance; the registry keeps only masks that say where "
                                 "they came from.")
-        tmp_paths = []
-        try:
-            self.model_dir(model).mkdir(parents=True, exist_ok=True)
-            for lang, mask in masks.items():
-                path = self.neuron_path(model, lang)
-                tmp = temp_beside(path)
-                tmp_paths.append((tmp, path))
-                write_parquet(mask.to_table(), Path(tmp))
-            # All files are written before any is renamed: a failure leaves the old selection whole.
-            for tmp, path in tmp_paths:
-                os.replace(tmp, path)
-        except OSError as exc:
-            raise RegistryError(f"Cannot write the neuron files of {model}: {exc.strerror or exc}.") from exc
-        finally:
-            for tmp, _ in tmp_paths:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        for lang in self.selected_languages(model):
-            if lang not in masks:
-                self.neuron_path(model, lang).unlink()
-        self.write_card()
+        first = next(iter(masks.values())).provenance
+        name = safe_name(name or selection_name(first.selection, over,
+                                                first.imported.file.rsplit(".", 1)[0] if first.imported else None),
+                         "Selection")
+        with self._card_lock():
+            old = self.index()
+            folder = self._next_version(model, name)
+            try:
+                folder.mkdir(parents=True)
+                for lang, mask in masks.items():
+                    write_parquet(mask.to_table(), folder / f"{lang}.parquet")
+                entry = SelectionEntry(
+                    name=name, path=folder.relative_to(self.root).as_posix(), languages=sorted(masks),
+                    method=first.selection.method, top_rate=first.selection.top_rate,
+                    filter_rate=first.selection.filter_rate,
+                    activation_bar_ratio=first.selection.activation_bar_ratio, over=sorted(over) if over else None,
+                    neurons={lang: len(mask) for lang, mask in sorted(masks.items())})
+                new = old.with_selection(model, entry, make_default=default)
+                self._commit(new)  # the one rename that makes the selection visible
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                self._cache = None
+                raise
+            self._collect(model, new)
+        return entry
 
-    def read_mask(self, model: str, lang: str) -> NeuronMask:
-        path = self.neuron_path(model, lang)
-        if not path.is_file():
-            have = self.selected_languages(model)
-            if not have:
-                raise RegistryError(f"The registry at {self.root} has no neurons for {model}.", fix="compute")
-            raise RegistryError(f"No {lang} neurons for {model} in {self.root} (available: {', '.join(have)}).")
-        table, record = read_neuron_table(path, str(path))
-        return mask_from_table(table, record, model, lang, {"registry": str(self.root)})
+    def set_default(self, model: str, selection: str) -> SelectionEntry:
+        with self._card_lock():
+            old = self.index()
+            entry = find_selection(old, model, selection, where=str(self.root))
+            self._commit(old.with_selection(model, entry, make_default=True))
+        return entry
 
-    def read_masks(self, model: str, langs: list[str]) -> dict[str, NeuronMask]:
-        """Several languages' masks of one model, or one error naming what is there."""
-        available = self.selected_languages(model)
-        if not available:
-            raise RegistryError(f"The registry at {self.root} has no neurons for {model}.", fix="compute")
-        missing = [lang for lang in langs if lang not in available]
-        if missing:
-            raise RegistryError(f"No {', '.join(missing)} neurons for {model} in {self.root} (available: "
-                                f"{', '.join(available)}).")
-        masks = {lang: self.read_mask(model, lang) for lang in langs}
-        if len({mask.shape for mask in masks.values()}) > 1:
-            raise MaskError(f"The masks of {model} disagree on the model's shape; select again.", fix="select")
-        return masks
-
-    # -- the card --------------------------------------------------------------------------------
     def write_card(self) -> Path:
-        return write_registry_card(self)
+        """Write the card again from the index (after a manual repair, say)."""
+        with self._card_lock():
+            self._commit(self.index())
+        return self.card_path
 
-    # -- Parquet ---------------------------------------------------------------------------------
-    def _write_table(self, path: Path, table, provenance: dict) -> None:
-        table = table.replace_schema_metadata({META_KEY: json.dumps(provenance, sort_keys=True).encode()})
+    def _next_version(self, model: str, name: str) -> Path:
+        folder = self.model_dir(model) / name
+        taken = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else [])
+                 if (m := VERSION_DIR.match(p.name))]
+        return folder / f"v{max(taken, default=0) + 1}"
+
+    def _commit(self, index: RegistryIndex) -> None:
+        from .cards import registry_card
+
+        text = registry_card(LocalRegistry(self.root, index=index), index)
         try:
-            with atomic_path(path) as tmp:
-                write_parquet(table, tmp)
+            atomic_write_text(self.card_path, text)
         except OSError as exc:
-            raise RegistryError(f"Cannot write {path}: {exc.strerror or exc}.", fix="registry") from exc
+            raise RegistryError(f"Cannot write {self.card_path}: {exc.strerror or exc}.", fix="registry") from exc
+        self._cache = None
+
+    def _collect(self, model: str, index: RegistryIndex) -> None:
+        """After a commit: remove what no card points to any more (old versions, 0.1's files, leftovers of a
+        killed run). A failure here costs disk space, never consistency."""
+        keep = {self.root / entry.path for entry in index.entries(model)}
+        folder = self.model_dir(model)
+        try:
+            for path in self._files(folder):  # 0.1's <model>/<lang>.parquet
+                if folder not in keep:
+                    path.unlink()
+            for sel in [p for p in folder.iterdir() if p.is_dir() and p.name not in (COUNTS, ".partial")]:
+                for version in [v for v in sel.iterdir() if VERSION_DIR.match(v.name) and v not in keep]:
+                    shutil.rmtree(version)
+                if not any(sel.iterdir()):
+                    sel.rmdir()
+            for tmp in list(self.root.glob(f".*{TEMP_SUFFIX}")) + list(folder.glob(f".*{TEMP_SUFFIX}")):
+                if tmp.is_file():
+                    tmp.unlink()
+        except OSError as exc:
+            log.warning("Could not remove old files of %s (%s); they are unused and go on the next write.", model, exc)

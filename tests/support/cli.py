@@ -5,6 +5,13 @@ from click.testing import CliRunner
 from neuronreg.cli import cli
 
 
+def neuron_file(registry, model: str, lang: str, selection: str | None = None):
+    """Where the registry keeps a language's neuron file (of the model's default selection)."""
+    from neuronreg.store.local import LocalRegistry
+
+    return LocalRegistry(registry).neuron_path(model, lang, selection)
+
+
 def run(*args, ok=True):
     """Invoke ``neuronreg ARGS``; with ``ok``, fail the test unless it exits 0."""
     result = CliRunner().invoke(cli, [str(a) for a in args])
