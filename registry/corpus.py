@@ -9,6 +9,7 @@ tokenized (checked to give the same first tokens as a prefix twice as long).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -164,10 +165,39 @@ def _hub_documents(source: CorpusSource) -> Iterator[str]:
     except Exception as exc:  # datasets raises many types; all mean "cannot stream this"
         from .hubcalls import first_line
 
-        raise CorpusError(
+        raise _missing_config(source) or CorpusError(
             f"Cannot stream {source.location} ({source.config}) from the Hub: {first_line(exc)}. Check the dataset id "
             "and config and your network, or use a local corpus folder."
         ) from exc
+
+
+def _missing_config(source: CorpusSource) -> CorpusError | None:
+    """The error for a config the dataset does not have, naming the closest it has; None when it has the
+    config or its configs cannot be listed (offline, no such dataset), so the streaming error stands."""
+    import datasets
+
+    if not source.config:
+        return None
+    try:  # reads the dataset card and file list, no data
+        configs = datasets.get_dataset_config_names(source.location)
+    except Exception:  # datasets raises many types; the streaming error already says what went wrong
+        return None
+    if not configs or source.config in configs:
+        return None
+    # Difflib alone misses a language in another script (shi-Arab: shi-Latn), so those come first.
+    language = _language_part(source.config)
+    lowered = {config.lower(): config for config in configs}
+    similar = difflib.get_close_matches(source.config.lower(), list(lowered), n=3, cutoff=0)
+    closest = [c for c in configs if _language_part(c) == language] + [lowered[c] for c in similar]
+    closest = list(dict.fromkeys(closest))[:3]
+    return CorpusError(f"{source.location} has no config {source.config!r}. Closest: {', '.join(closest)} (of its "
+                       f"{len(configs)} configs).", fix="corpus",
+                       advice="Pass corpus='hf:DATASET:CONFIG' with a config it has, or a folder of text.")
+
+
+def _language_part(config: str) -> str:
+    """'shi' of 'shi-Latn' or 'shi_Latn'."""
+    return config.lower().replace("_", "-").partition("-")[0]
 
 
 def separator_id(tokenizer) -> int | None:

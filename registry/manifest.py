@@ -53,6 +53,8 @@ class Language:
     aliases: tuple[str, ...] = ()
     variant_of: str | None = None
     ntrex: str | None = None
+    family: str | None = None  # "Indo-European/Germanic": top-level family, then the branch where one is known
+    corpus_note: str | None = None  # a remark on the default corpus's config (no data, merged labels ...)
 
     def keys(self) -> list[str]:
         """Every name this language may be given by, most specific first."""
@@ -248,14 +250,16 @@ class _Validator:
                 "aliases": (self.strings, False),
                 "variant_of": (self.optional(self.string()), False),
                 "ntrex": (self.optional(self.string()), False),
+                "family": (self.optional(self.string()), False),
             })
             if lang["code"] in codes:
                 raise self.bad(f"{where}.code", "is listed twice")
             codes.add(lang["code"])
             languages.append(Language(code=lang["code"], name=lang["name"], iso639_3=lang["iso639_3"],
                                       script=lang["script"], flores200=lang["flores200"],
-                                      corpus_config=lang["corpus"], aliases=lang["aliases"] or (),
-                                      variant_of=lang["variant_of"], ntrex=lang["ntrex"]))
+                                      corpus_config=lang["corpus"]["config"], aliases=lang["aliases"] or (),
+                                      variant_of=lang["variant_of"], ntrex=lang["ntrex"], family=lang["family"],
+                                      corpus_note=lang["corpus"]["note"]))
         for lang in languages:
             if lang.variant_of is not None and lang.variant_of not in codes:
                 raise self.bad(f"languages[{lang.code}].variant_of", f"names {lang.variant_of!r}, which is not a code "
@@ -290,8 +294,9 @@ class _Validator:
             "dataset": (self.string(REPO_ID, "a Hub dataset id like org/name"), True),
             "split": (self.string(), False),
             "text_field": (self.string(), False),
+            "configs_source": (self.string(), False),  # where the languages' config names were checked
         })
         return {key: val for key, val in entry.items() if val is not None}
 
     def language_corpus(self, value, where):
-        return self.entry(value, where, {"config": (self.string(), True)})["config"]
+        return self.entry(value, where, {"config": (self.string(), True), "note": (self.string(), False)})

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -29,6 +30,16 @@ def test_every_ntrex_language_is_in_the_manifest(shared):
     for stem in ntrex:
         lang = manifest.language(stem)
         assert lang.ntrex == stem
+
+
+def test_every_language_has_a_family():
+    """Heatmaps order languages by script and family: 'Top-level family' or 'Top-level family/Branch'."""
+    manifest = load_manifest()
+    for lang in manifest.languages:
+        assert lang.family and re.match(r"^[A-Z][\w-]*(/[A-Z][\w-]*)?$", lang.family), (lang.code, lang.family)
+    assert manifest.language("et").family == "Uralic/Finnic"
+    assert manifest.language("ka").family == "Kartvelian"
+    assert manifest.language("en_GB").family == manifest.language("en").family == "Indo-European/Germanic"
 
 
 @pytest.mark.parametrize("name,code", [("sw", "sw"), ("swa", "sw"), ("swh", "sw"), ("Swahili", "sw"),
@@ -65,9 +76,14 @@ def test_the_packaged_manifest_is_the_repository_manifest():
     (lambda d: d["languages"][0].update(ntrex=42), "languages[af].ntrex must be a non-empty string"),
     (lambda d: d["languages"][0].update(aliases="afr"), "languages[af].aliases must be a list"),
     (lambda d: d["languages"][0].update(corpus={"confg": "x"}), "languages[af].corpus.confg is an unknown key"),
+    (lambda d: d["languages"][0]["corpus"].update(note=["x"]), "languages[af].corpus.note must be a non-empty string"),
+    (lambda d: d["languages"][0].update(family=""), "languages[af].family must be a non-empty string"),
+    (lambda d: d["languages"][0].update(familly="Isolate"), "languages[af].familly is an unknown key; did you mean "
+                                                             "'family'?"),
     (lambda d: d["languages"][0].update(variant_of="xx"), "languages[af].variant_of names 'xx'"),
     (lambda d: d["languages"].append(7), "languages[1"),
     (lambda d: d["default_corpus"].update(dataset=3), "default_corpus.dataset must be"),
+    (lambda d: d["default_corpus"].update(configs_source=1), "default_corpus.configs_source must be"),
     (lambda d: d.update(extra=1), "the manifest.extra is an unknown key"),
     (lambda d: d.update(manifest_version=2), "manifest_version is 2"),
 ])
