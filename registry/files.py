@@ -56,6 +56,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_beside(target)
     try:
         yield Path(tmp)
+        # Some writers (safetensors) replace the file they were given: set the mode on what is there.
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -77,6 +79,10 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
+        # Whatever wrote the files (safetensors makes them 0600), they follow the umask like any other.
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old{TEMP_SUFFIX}")

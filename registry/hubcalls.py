@@ -81,6 +81,14 @@ def hub_error(exc: BaseException, repo_id: str, what: str = "the Hub") -> HubErr
                             fix="again", advice="Publish again.")
         return HubError(f"The Hub answered {status} for {repo_id}: {first_line(exc)}.", fix="later",
                         advice="Try again later.")
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Error while uploading"):
+        # huggingface_hub wraps a failed file upload; the cause says why
+        cause = hub_error(exc.__cause__, repo_id, what) if exc.__cause__ is not None else None
+        why = cause.message if cause else first_line(exc.__cause__ or exc)
+        return HubError(f"{first_line(exc).rstrip('.')}: {why}", fix=cause.fix if cause else "later")
+    if isinstance(exc, ValueError) and str(exc).startswith("Invalid metadata"):
+        # huggingface_hub's own check of a card before a commit (the Hub's validate-yaml answered no)
+        return HubError(f"The Hub refused the card's metadata for {repo_id}: {first_line(exc)}", fix="later")
     if is_network_error(exc):
         return HubError(f"Cannot reach the Hub for {repo_id} ({type(exc).__name__}).", fix="network",
                         advice="Check your network, or set HF_HUB_OFFLINE=1 to use cached files.")

@@ -128,8 +128,9 @@ class ModelInfo(Record):
     num_parameters: int | None = None
 
     def check(self, where: str) -> None:
-        for key in ("num_layers", "intermediate_size"):
-            if getattr(self, key) <= 0 or getattr(self, key) > 1 << 24:
+        # Bounds far above any model, low enough that a hostile file cannot make a reader allocate much.
+        for key, top in (("num_layers", 1 << 16), ("intermediate_size", 1 << 24)):
+            if getattr(self, key) <= 0 or getattr(self, key) > top:
                 raise RecordError(f"{where}: {key} {getattr(self, key)} is out of range.")
         if self.hidden_size is not None and not 0 < self.hidden_size <= 1 << 24:
             raise RecordError(f"{where}: hidden_size {self.hidden_size} is out of range.")

@@ -21,7 +21,7 @@ from .index import INDEX_KEY, RegistryIndex, SelectionEntry
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
 PLOT_NAME = "neurons_per_layer.png"
 PRETTY_NAME = "Language-specific neurons (LAPE)"
-MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#!~])")
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]|#!~])")
 FEATURES = [{"name": "layer", "dtype": "int32"}, {"name": "neuron", "dtype": "int32"},
             {"name": "entropy", "dtype": "float64"}, {"name": "activation_prob", "dtype": "float64"}]
 
@@ -29,6 +29,7 @@ FEATURES = [{"name": "layer", "dtype": "int32"}, {"name": "neuron", "dtype": "in
 def md(value) -> str:
     """Text from data, safe inside a Markdown paragraph or table cell: one line, specials escaped."""
     text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # never HTML
     text = MARKDOWN_SPECIAL.sub(r"\\\1", text)
     return text.replace("---", "-\u200b--")
 

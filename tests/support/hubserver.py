@@ -174,6 +174,11 @@ class HubServer:
         with self._lock:
             self._fail.extend([status] * n)
 
+    def fail_after(self, k: int, status: int = 400) -> None:
+        """Let `k` requests through, then fail the next one with `status` (to stop a client at any step)."""
+        with self._lock:
+            self._fail.extend([0] * k + [status])
+
     def set_gated(self, repo_type: str, repo_id: str, gated: bool = True) -> None:
         with self._lock:
             self._repos[(_repo_type(repo_type), repo_id)].gated = gated
@@ -192,6 +197,13 @@ class HubServer:
         with self._lock:
             repo = self._repos[(_repo_type(repo_type), repo_id)]
             return sorted(repo.commits[self._resolve(repo, revision)].files)
+
+    def files_or_none(self, repo_type: str, repo_id: str, revision: str = "main") -> list[str] | None:
+        """The repo's files, or None when there is no such repo."""
+        with self._lock:
+            if (_repo_type(repo_type), repo_id) not in self._repos:
+                return None
+        return self.files(repo_type, repo_id, revision)
 
     def commits(self, repo_type: str, repo_id: str, revision: str = "main") -> list[str]:
         """Commit ids reachable from `revision`, newest first (the last one is the initial commit)."""
@@ -297,7 +309,8 @@ class HubServer:
         with self._lock:
             if self._fail:
                 status = self._fail.pop(0)
-                raise HubError(status, f"Injected failure ({status})")
+                if status:  # 0: a request let through before the failures that follow
+                    raise HubError(status, f"Injected failure ({status})")
             user = self._user(headers)
             if parts[:2] == ["api", "whoami-v2"]:
                 if user is None:
