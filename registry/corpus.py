@@ -171,16 +171,21 @@ def _hub_documents(source: CorpusSource) -> Iterator[str]:
         ) from exc
 
 
-def _missing_config(source: CorpusSource) -> CorpusError | None:
+def _missing_config(source: CorpusSource, cache: dict | None = None) -> CorpusError | None:
     """The error for a config the dataset does not have, naming the closest it has; None when it has the
     config or its configs cannot be listed (offline, no such dataset), so the streaming error stands."""
     import datasets
 
     if not source.config:
         return None
-    try:  # reads the dataset card and file list, no data
-        configs = datasets.get_dataset_config_names(source.location)
-    except Exception:  # datasets raises many types; the streaming error already says what went wrong
+    cache = {} if cache is None else cache
+    if source.location not in cache:
+        try:  # reads the dataset card and file list, no data
+            cache[source.location] = list(datasets.get_dataset_config_names(source.location))
+        except Exception:  # datasets raises many types; the streaming error already says what went wrong
+            cache[source.location] = None
+    configs = cache[source.location]
+    if configs is None:
         return None
     if not configs or source.config in configs:
         return None
@@ -193,6 +198,27 @@ def _missing_config(source: CorpusSource) -> CorpusError | None:
     return CorpusError(f"{source.location} has no config {source.config!r}. Closest: {', '.join(closest)} (of its "
                        f"{len(configs)} configs).", fix="corpus",
                        advice="Pass corpus='hf:DATASET:CONFIG' with a config it has, or a folder of text.")
+
+
+def missing_text(source: CorpusSource, cache: dict | None = None) -> CorpusError | None:
+    """Why ``source`` has no readable text, found without reading it: a Hub config the dataset does not
+    have (``cache`` keeps each dataset's config list for the caller), a Parquet file that is not one or
+    lacks the text column; None when nothing is known to be wrong."""
+    if source.kind == "hub":
+        return _missing_config(source, cache)
+    path = Path(source.location)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+        except (OSError, pa.ArrowException) as exc:
+            return CorpusError(f"{path.name} is not a readable Parquet file ({type(exc).__name__}).")
+        if source.text_field not in names:
+            return CorpusError(f"{path.name} has no {source.text_field!r} column.", fix="text_field",
+                               advice="Pass text_field= to name the column that holds the text.")
+    return None
 
 
 def _language_part(config: str) -> str:

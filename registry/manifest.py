@@ -73,7 +73,15 @@ class Manifest:
     default_corpus: dict
     models: dict[str, ModelEntry]
     languages: tuple[Language, ...]
+    language_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the manifest's own; see sets()
     _index: dict[str, list[Language]] = field(default_factory=dict, repr=False, compare=False)
+
+    def sets(self) -> dict[str, tuple[str, ...]]:
+        """Every language set, by name (used as ``@name``): ``all``, ``ntrex`` (every language with NTREX-128
+        text) and the manifest's own (``seed12``: the seed paper's 12, ``lape7``: the LAPE authors' 7)."""
+        return {"all": tuple(lang.code for lang in self.languages),
+                "ntrex": tuple(lang.code for lang in self.languages if lang.ntrex),
+                **self.language_sets}
 
     def language(self, name: str) -> Language:
         """Resolve a language given by any of its codes or its name (case-insensitive).
@@ -216,6 +224,7 @@ class _Validator:
             "default_corpus": (self.corpus, True),
             "models": (self.object_of("models"), True),
             "languages": (self.list_of("languages"), True),
+            "language_sets": (self.object_of("language sets"), False),
         })
         if top["manifest_version"] not in (None, 1):
             raise self.bad("manifest_version", f"is {top['manifest_version']}, and this neuronreg reads version 1")
@@ -264,7 +273,17 @@ class _Validator:
             if lang.variant_of is not None and lang.variant_of not in codes:
                 raise self.bad(f"languages[{lang.code}].variant_of", f"names {lang.variant_of!r}, which is not a code "
                                                                      "of this manifest")
-        manifest = Manifest(self.path, top["registry_repo"], top["default_corpus"], models, tuple(languages))
+        sets = {}
+        for name, members in (top["language_sets"] or {}).items():
+            where = f"language_sets[{name}]"
+            if not ALIAS.match(name) or name in ("all", "ntrex"):
+                raise self.bad(where, "is not a set name neuronreg can use (letters, digits, '-', '_'; not all or "
+                                      "ntrex, which are built in)")
+            sets[name] = self.strings(members, where)
+            unknown = [code for code in sets[name] if code not in codes]
+            if unknown:
+                raise self.bad(where, f"lists {', '.join(unknown)}, not canonical codes of this manifest")
+        manifest = Manifest(self.path, top["registry_repo"], top["default_corpus"], models, tuple(languages), sets)
         for lang in languages:
             for key in dict.fromkeys(_norm(k) for k in lang.keys()):
                 manifest._index.setdefault(key, []).append(lang)

@@ -142,9 +142,20 @@ def language_code(name: str, manifest: Manifest, available: Iterable[str] = ()) 
 
 def language_codes(names: Iterable[str] | str | None, manifest: Manifest, available: Iterable[str] = ()
                    ) -> list[str]:
-    """Canonical codes of comma-separated names, each once, in the order given."""
+    """Canonical codes of comma-separated names, each once, in the order given. ``@name`` stands for a
+    language set (``@all``, ``@ntrex``, ``@seed12``, or one the manifest defines)."""
     available = list(available)
-    return list(dict.fromkeys(language_code(name, manifest, available) for name in split_names(names)))
+    codes = []
+    for name in split_names(names):
+        if name.startswith("@"):
+            sets = manifest.sets()
+            if name[1:] not in sets:
+                raise UnknownLanguage(f"Unknown language set {name!r} (sets: "
+                                      f"{', '.join('@' + s for s in sets)}).", fix="languages")
+            codes.extend(sets[name[1:]])
+        else:
+            codes.append(language_code(name, manifest, available))
+    return list(dict.fromkeys(codes))
 
 
 def languages(names: Iterable[str] | str | None, manifest: Manifest):

@@ -12,7 +12,8 @@ from ._output import result, setup_logging, status
 
 @click.command(name="compute")
 @click.argument("model")
-@click.argument("languages", nargs=-1, required=True)
+@click.argument("languages", nargs=-1)
+@o.languages_option("Languages to count (like LANGUAGES); sets too: @ntrex, @seed12, @all.", name="more_langs")
 @click.option("--corpus", default="hf", show_default=True,
               help="A folder with one <language>.txt/.jsonl/.parquet per language, 'hf' for the manifest's Hub "
                    "corpus (GlotCC-V1), or hf:DATASET[:CONFIG].")
@@ -24,23 +25,27 @@ from ._output import result, setup_logging, status
 @click.option("--device-map", default=None, type=click.Choice(["auto"]),
               help="Split one model too large for a GPU over all GPUs (needs accelerate).")
 @o.model_source_options
-@o.languages_option("Languages to select over [default: all counted for the model].", name="select_langs")
+@click.option("--select-over", "select_langs", multiple=True,
+              help="Languages to select over, comma-separated [default: every language counted for the model].")
 @o.selection_options
 @click.option("--checkpoint-tokens", default="1M", show_default=True, help="Save progress every so many tokens.")
 @click.option("--force", is_flag=True, help="Recount languages already in the registry.")
+@click.option("--strict", is_flag=True, help="Stop when a language has no text, instead of skipping it.")
 @o.default_option
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtype, device, device_map, token,
-                trust_remote_code, name, text_field, select_langs, top_rate, filter_rate, bar_ratio,
-                checkpoint_tokens, force, make_default, registry, quiet):
+def compute_cmd(ctx, model, languages, more_langs, corpus, tokens, seq_len, batch_size, dtype, device, device_map,
+                token, trust_remote_code, name, text_field, select_langs, top_rate, filter_rate, bar_ratio,
+                checkpoint_tokens, force, strict, make_default, registry, quiet):
     """Count how often each MLP neuron fires on each language's text, then select LAPE neurons.
 
     MODEL is a manifest alias (neuronreg models), a Hub id, a local folder or a registry name.
-    LANGUAGES are codes or names (sw, swa, Swahili). Counts are stored per language and reused: a
-    language already counted with the same settings is skipped, and an interrupted run resumes from
-    its last checkpoint.
+    LANGUAGES are codes, names (sw, swa, Swahili) or sets (@ntrex: every NTREX-128 language,
+    @seed12: the seed paper's 12, @all; neuronreg languages --sets). Counts are stored per language
+    and reused: a language already counted with the same settings is skipped, one without text is
+    skipped with a warning (--strict: an error), and an interrupted run resumes from its last
+    checkpoint. Before counting, it says how much and about how long.
 
     Under torchrun, every process counts a share of the rows and the counts are summed exactly.
 
@@ -48,7 +53,8 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
     Example:
         neuronreg compute ./my-model en de sw --corpus ./texts --tokens 2M --registry ./reg
         neuronreg compute mistral-nemo sw mt is --corpus hf
-        torchrun --nproc-per-node 8 -m neuronreg compute mistral-nemo sw mt is --corpus hf
+        neuronreg compute mistral-nemo --languages @ntrex --corpus hf
+        torchrun --nproc-per-node 8 -m neuronreg compute mistral-nemo @seed12 --corpus hf
     """
     from ..lape.compute import CountSettings, compute
 
@@ -57,10 +63,13 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
                              dtype=dtype, device=device, text_field=text_field,
                              checkpoint_tokens=o.tokens(checkpoint_tokens, "Checkpoint interval"),
                              device_map=device_map)
-    report = compute(model, list(languages), manifest=o.manifest(ctx), registry=o.registry(registry),
+    wanted = list(languages) + list(more_langs)
+    if not wanted:
+        raise click.UsageError("Name the languages to count: LANGUAGES or --languages (e.g. sw mt, or @seed12).")
+    report = compute(model, wanted, manifest=o.manifest(ctx), registry=o.registry(registry),
                      settings=settings, params=o.params(top_rate, filter_rate, bar_ratio),
                      select_languages=o.names(select_langs), name=name, force=force, quiet=quiet,
-                     trust_remote_code=trust_remote_code, token=token, default=make_default)
+                     trust_remote_code=trust_remote_code, token=token, default=make_default, strict=strict)
     selection = report.selection
     if selection is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
@@ -68,6 +77,8 @@ def compute_cmd(ctx, model, languages, corpus, tokens, seq_len, batch_size, dtyp
     for row in report.languages:
         neurons = len(selection.neurons[row.code]) if row.code in selection.neurons else "-"
         result(f"{row.code:<10} {row.status:<10} {row.tokens:>12,} {neurons:>8}")
+    for code in report.skipped:
+        result(f"{code:<10} {'skipped':<10} {0:>12,} {'-':>8}")
     status(quiet, f"Selected {selection.selected} neurons over {len(selection.languages)} languages of "
                   f"{report.model.describe()} as selection {selection.entry.name}; registry: {report.registry}")
 
@@ -212,22 +223,39 @@ def format_share(share: float | None) -> str:
 
 
 @click.command(name="languages")
+@click.argument("names", nargs=-1)
+@click.option("--sets", "show_sets", is_flag=True, help="List the language sets (@name) instead.")
 @o.json_option
 @click.pass_context
-def languages_cmd(ctx, as_json):
-    """List the manifest's languages with their codes, script and default corpus.
+def languages_cmd(ctx, names, show_sets, as_json):
+    """List the manifest's languages (or NAMES of them, or sets) with codes, script, family and corpus.
 
     \b
     Example:
         neuronreg languages | grep -i swahili
+        neuronreg languages @seed12
+        neuronreg languages --sets
     """
+    from ..resolve import language_codes
+
     manifest = o.manifest(ctx)
+    if show_sets:
+        sets = manifest.sets()
+        if as_json:
+            result(json.dumps({name: list(codes) for name, codes in sets.items()}, indent=2))
+            return
+        for name, codes in sets.items():
+            shown = " ".join(codes[:20]) + (" ..." if len(codes) > 20 else "")
+            result(f"@{name:<10} {len(codes):>4}  {shown}")
+        return
+    chosen = [manifest.language(code) for code in language_codes(names, manifest)] if names else manifest.languages
     if as_json:
         result(json.dumps([{"code": lang.code, "name": lang.name, "iso639_3": lang.iso639_3,
-                            "flores200": lang.flores200, "script": lang.script, "corpus_config": lang.corpus_config}
-                           for lang in manifest.languages], indent=2, ensure_ascii=False))
+                            "flores200": lang.flores200, "script": lang.script, "family": lang.family,
+                            "corpus_config": lang.corpus_config, "corpus_note": lang.corpus_note}
+                           for lang in chosen], indent=2, ensure_ascii=False))
         return
-    for lang in manifest.languages:
+    for lang in chosen:
         result(f"{lang.code:<8} {lang.iso639_3:<4} {lang.flores200 or '-':<9} {lang.script:<5} {lang.name}")
 
 

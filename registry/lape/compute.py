@@ -62,6 +62,64 @@ class ComputeReport:
     registry: Path
     languages: list[LanguageResult] = field(default_factory=list)
     selection: Selection | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # language -> why it had no text
+
+
+def _sources(langs: list[Language], settings: CountSettings, manifest, strict: bool, quiet: bool):
+    """Each language's text; a language without any is skipped with a warning (an error if ``strict``)."""
+    from ..corpus import missing_text
+
+    sources, skipped, errors, configs = {}, {}, [], {}
+    for lang in langs:
+        try:
+            source = resolve_corpus(settings.corpus, lang, manifest, settings.text_field)
+            missing = missing_text(source, configs)
+            if missing is not None:
+                raise missing
+        except CorpusError as exc:
+            if strict:
+                raise
+            skipped[lang.code] = exc.message
+            errors.append(exc)
+            continue
+        sources[lang.code] = source
+    if not sources:  # nothing to count: the reason, as one error
+        if len(errors) == 1:
+            raise errors[0]
+        raise CorpusError(f"None of the {len(langs)} languages has text in {settings.corpus} (the first: "
+                          f"{errors[0].message})", fix=errors[0].fix)
+    for code, why in skipped.items():
+        log.warning("%s: skipped, no text (%s)", code, why)
+    return sources, skipped
+
+
+def _announce(loaded, languages: int, settings: CountSettings, world: int) -> None:
+    """Before counting: how much, and (from one timed batch) about how long."""
+    import time
+
+    rows = torch.randint(0, max(2, len(loaded.tokenizer)), (settings.batch_size, settings.seq_len))
+    from ..models import body
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        body(loaded.model)(input_ids=rows.to(loaded.device), use_cache=False)
+        if str(loaded.device).startswith("cuda"):
+            torch.cuda.synchronize()
+    rate = rows.numel() / max(time.perf_counter() - start, 1e-9) * world
+    total = languages * settings.tokens
+    seconds = total / rate
+    log.info("Counting %d language(s) x %s tokens = %s tokens with %s on %s%s: about %s at %s tokens/s "
+             "(measured on one batch; the first batches run slower).", languages, f"{settings.tokens:,}",
+             f"{total:,}", loaded.name, loaded.device, f" x {world} processes" if world > 1 else "",
+             _duration(seconds), f"{rate:,.0f}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def compute(
@@ -76,16 +134,22 @@ def compute(
     name: str | None = None,
     force: bool = False,
     default: bool = False,
+    strict: bool = False,
     quiet: bool = False,
     trust_remote_code: bool = False,
     token: str | None = None,
 ) -> ComputeReport:
-    """Count every language not yet in the registry (or changed, with ``force``), then select."""
+    """Count every language not yet in the registry (or changed, with ``force``), then select.
+
+    ``language_names`` are codes, names or sets (``@ntrex``, ``@seed12``, ``@all``). A language
+    without text (no file in the corpus folder, no config in the Hub dataset) is reported and
+    skipped, unless ``strict``.
+    """
     settings = settings or CountSettings()
     params = params or SelectionParams()
     langs = languages(language_names, manifest)
     if not langs:
-        raise CorpusError("No language was named.", advice="Name at least one, e.g. ['sw', 'mt'].")
+        raise CorpusError("No language was named.", fix="languages", advice="Name at least one, e.g. ['sw', 'mt'].")
     ref = resolve_model(model_spec, manifest, name=name, registry=registry)
     if ref.source is None:
         raise RegistryError(f"{ref.name} is a name the registry holds, but it does not say where the model's "
@@ -104,14 +168,14 @@ def compute(
             ranks.check(error)
             return _compute(langs, ref, ranks, manifest=manifest, registry=registry, settings=settings,
                             params=params, select_languages=select_languages, force=force, quiet=quiet,
-                            trust_remote_code=trust_remote_code, token=token, default=default)
+                            trust_remote_code=trust_remote_code, token=token, default=default, strict=strict)
     finally:
         ranks.close()
 
 
 def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
              settings: CountSettings, params, select_languages, force, quiet, trust_remote_code,
-             token, default) -> ComputeReport:
+             token, default, strict) -> ComputeReport:
     from ..models import check_device, default_device, dtype_name, load_model, local_fingerprint, parse_dtype
 
     device = ranks.device(settings.device)
@@ -119,12 +183,13 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
     dtype = dtype_name(parse_dtype(settings.dtype, device))
     registry.ensure_writable()
     quiet = quiet or not ranks.is_main  # one progress bar and one set of messages: rank 0's
-    sources = {lang.code: resolve_corpus(settings.corpus, lang, manifest, settings.text_field) for lang in langs}
+    sources, skipped = _sources(langs, settings, manifest, strict, quiet)
+    langs = [lang for lang in langs if lang.code in sources]
     # The revision decides whether stored counts are still good: a local folder's is its content hash; a
     # Hub model's is the revision asked for (the commit it resolved to is in the counts' model info).
     revision = local_fingerprint(Path(ref.source)) if ref.local else ref.revision
 
-    report = ComputeReport(ref, registry.root)
+    report = ComputeReport(ref, registry.root, skipped=skipped)
     pending: list[tuple[Language, CountKey]] = []
     for lang in langs:
         wanted = CountKey(model_id="local" if ref.local else ref.source, revision=revision,
@@ -148,6 +213,8 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
         info = loaded.info()
         _check_same_model(registry, ref.name, info.num_layers, info.intermediate_size,
                           [lang.code for lang, _ in pending])
+        if not quiet:
+            _announce(loaded, len(pending), settings, ranks.world)
         for lang, wanted in pending:
             report.languages.append(_count_language(loaded, info, lang, sources[lang.code], wanted, settings,
                                                     registry, quiet, ranks))
