@@ -200,8 +200,8 @@ def test_a_run_whose_loss_stops_being_finite_stops_and_keeps_its_last_checkpoint
     real = training.token_nll
     calls = {"n": 0}
 
-    def diverging(model, ids, *args):
-        loss, count = real(model, ids, *args)
+    def diverging(model, ids, *args, **kwargs):
+        loss, count = real(model, ids, *args, **kwargs)
         if model.training:
             calls["n"] += 1
             if calls["n"] >= 3:

@@ -49,6 +49,12 @@ from ._output import result, setup_logging, status
 @o.dtype_option
 @o.device_option
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--chunked-loss/--no-chunked-loss", default=None,
+              help="Compute the loss over the vocabulary a few hundred tokens at a time, never holding the full "
+                   "logits [default: when a batch's logits would take more than 256 MiB in float32].")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Spread a model too large for one GPU over all GPUs (needs accelerate); each delta lives on "
+                   "its layer's GPU. (For several GPUs data-parallel, start with torchrun instead.)")
 @click.option("--merged", is_flag=True, help="Also save the merged full model (save_pretrained) in OUT/merged.")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run.")
 @o.model_source_options
@@ -57,7 +63,8 @@ from ._output import result, setup_logging, status
 @click.pass_context
 def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, steps, batch_size,
                  grad_accum, seq_len, tokens, lr, weight_decay, clip, schedule, warmup_steps, eval_every, eval_data,
-                 checkpoint_every, seed, dtype, device, gradient_checkpointing, merged, overwrite, text_field, name,
+                 checkpoint_every, seed, dtype, device, gradient_checkpointing, chunked_loss, device_map, merged,
+                 overwrite, text_field, name,
                  trust_remote_code, token, registry, quiet):
     """Train only LANGUAGE's neurons of MODEL on its text (sparse fine-tuning), or a baseline subset.
 
@@ -67,11 +74,15 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
     neuronreg_delta.json; an interrupted run resumes from its last checkpoint when the same
     command is run again. Load the result with neuronreg.load_sparse_model(OUT).
 
+    Under torchrun, every process trains on its share of each batch (--batch-size rows each) and
+    only the trained weights' gradients are exchanged; rank 0 writes the run folder.
+
     \b
     Example:
         neuronreg finetune ./my-model sw --mask ./reg --data ./texts --steps 200 --out runs/sw
         neuronreg finetune ./my-model sw --subset random --mask ./reg --data ./texts --out runs/sw-rand
         neuronreg finetune llama-3.1-8b mt --data ./texts --seq-len 512 --grad-accum 8 --merged --out runs/mt
+        torchrun --nproc-per-node 8 -m neuronreg finetune llama-3.1-8b mt --data ./texts --out runs/mt
     """
     from ..finetune.training import FinetuneSettings, finetune
 
@@ -85,7 +96,10 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
     source = Path(mask_source) if mask_source and Path(mask_source).is_file() else o.registry(mask_source or registry)
     run = finetune(model, language, manifest=o.manifest(ctx), registry=source, settings=settings, name=name,
                    overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code, token=token,
-                   selection=selection, top_rate=which_top_rate)
+                   selection=selection, top_rate=which_top_rate, device_map=device_map,
+                   chunked_loss=chunked_loss)
+    if not run.is_main:
+        return  # a rank other than 0 under torchrun: rank 0 reports
     config = run.config
     result(f"{'step':>6} {'train_loss':>10} {'val_loss':>10}")
     for point in run.curve:

@@ -14,38 +14,183 @@ How held-out text is measured (also in ``docs/ablation.md``):
   evaluated tokens spell: every complete document counts ``len(text)`` plus 1 for its separator
   (the line break that ends it in the file); a document cut by the token budget counts the
   characters up to the end of its last evaluated token (from the tokenizer's offsets).
+
+The loss over the vocabulary (``token_nll``) is computed in one of two ways that agree within float
+rounding: the plain way takes the model's logits and a float32 log-softmax per row; the chunked way
+(:func:`chunked_token_nll`) runs the model body, then the LM head on a few hundred positions at a
+time, so the full ``[positions, vocabulary]`` logits (and their float32 copy and gradient) never
+exist. Which one runs is the rule in :func:`use_chunked_loss`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..corpus import TOKENIZE_BATCH, CorpusSource, _batched, iter_documents, pack_rows, separator_id, token_ids
 from ..errors import CorpusError
 from ..lape.counting import batches
+from ..models import body
 from ..provenance import CorpusInfo
 
+log = logging.getLogger("neuronreg")
+
 IGNORE = -100  # a label that gets no loss (padding)
+# The chunked loss is used by default when a batch's logits (predicted positions x vocabulary) are
+# more than this: 2**26 logits are 256 MiB in float32 (Llama-3's 128k vocabulary: above 523 positions).
+CHUNKED_LOSS_ABOVE = 1 << 26
+# Logits per chunk: 2**25 are 128 MiB in float32 (Llama-3: 261 positions; a 32k vocabulary: 1024).
+LOSS_CHUNK_LOGITS = 1 << 25
+
+# How each architecture's CausalLM turns its body's last hidden states into logits. Only those listed
+# (read off their transformers code) take the chunked loss; any other model keeps the plain one.
+_PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                          "phi", "gpt2", "opt", "bloom", "gemma", "olmo2", "starcoder2"})
+_SOFTCAPPED_HEADS = frozenset({"gemma2", "gemma3_text"})  # final_logit_softcapping: tanh(l / c) * c
+_SCALED_HEADS = frozenset({"cohere", "cohere2"})  # logit_scale: l * s
+_DIVIDED_HEADS = frozenset({"granite"})  # logits_scaling: l / s
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A model's LM head and what its CausalLM applies to the head's output, in the model's order."""
+
+    module: nn.Module
+    vocabulary: int
+    softcap: float | None = None
+    scale: float | None = None
+    divide: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden)  # the module itself: hooks (accelerate's device moves) still apply
+        if self.softcap is not None:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        return logits
+
+    def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of one chunk of positions, with a float32 log-softmax as the plain way."""
+        logits = self.logits(hidden)
+        return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+
+
+def output_head(model: nn.Module) -> OutputHead | None:
+    """The model's :class:`OutputHead`, or None when its logits are not known to be ``head(body(x))``
+    (then only the plain loss is exact)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module) or body(model) is model or kind is None:
+        return None
+    vocabulary = getattr(head, "out_features", None) or getattr(config, "vocab_size", None)
+    if not isinstance(vocabulary, int):
+        return None
+    if kind in _PLAIN_HEADS:
+        return OutputHead(head, vocabulary)
+    if kind in _SOFTCAPPED_HEADS:
+        return OutputHead(head, vocabulary, softcap=getattr(config, "final_logit_softcapping", None))
+    if kind in _SCALED_HEADS:
+        return OutputHead(head, vocabulary, scale=getattr(config, "logit_scale", None))
+    if kind in _DIVIDED_HEADS:
+        return OutputHead(head, vocabulary, divide=getattr(config, "logits_scaling", None))
+    return None
+
+
+def use_chunked_loss(model: nn.Module, ids: torch.Tensor, chunked: bool | None = None) -> bool:
+    """The rule: ``chunked=None`` (the default) chunks when the batch's logits would be more than
+    ``CHUNKED_LOSS_ABOVE`` (256 MiB in float32); True always chunks, False never. A model whose head is
+    not in the table of known heads (:func:`output_head`) always takes the plain loss; asking it for
+    the chunked one logs a warning once."""
+    if chunked is False:
+        return False
+    head = output_head(model)
+    if head is None:
+        if chunked:
+            _warn_plain(model)
+        return False
+    if chunked:
+        return True
+    return ids.shape[0] * max(ids.shape[1] - 1, 0) * head.vocabulary > CHUNKED_LOSS_ABOVE
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_plain(model: nn.Module) -> None:
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        log.warning("The chunked loss does not know how %s computes its logits; using the plain loss.", kind)
 
 
 def token_nll(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+              labels: torch.Tensor | None = None, *, chunked: bool | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy (nats, float32) and the number of predicted tokens.
 
     Position ``t`` predicts ``labels[:, t + 1]`` (default: the ids); labels equal to ``IGNORE``
-    (padding) are not predicted. One row's float32 log-softmax at a time bounds the memory to one
-    row of logits; the sum stays differentiable, so training uses this very function.
+    (padding) are not predicted. The sum stays differentiable, so training uses this very function.
+    ``chunked`` chooses the way (see :func:`use_chunked_loss`; None: by the size of the logits). The
+    plain way takes the model's logits and a float32 log-softmax one row at a time; the chunked way is
+    :func:`chunked_token_nll`.
     """
+    if use_chunked_loss(model, ids, chunked):
+        return chunked_token_nll(model, ids, attention, labels)
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     targets = (ids if labels is None else labels)[:, 1:]
     total = logits.new_zeros((), dtype=torch.float32)
     for i in range(ids.shape[0]):
         total = total + F.cross_entropy(logits[i, :-1].float(), targets[i], ignore_index=IGNORE, reduction="sum")
     return total, int((targets != IGNORE).sum())
+
+
+def chunked_token_nll(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor | None = None,
+                      labels: torch.Tensor | None = None, *, chunk_tokens: int | None = None
+                      ) -> tuple[torch.Tensor, int]:
+    """:func:`token_nll` without the full-vocabulary logits: a linear cross-entropy in chunks.
+
+    The model body gives the last hidden states; the predicted positions are taken (labels not
+    ``IGNORE``) and cut into chunks of ``chunk_tokens`` (default: ``LOSS_CHUNK_LOGITS`` logits per
+    chunk). Each chunk's logits are the LM head's (and whatever the architecture applies after it:
+    Gemma 2's soft-capping, Cohere's scale), then a float32 log-softmax and the summed cross-entropy.
+    With gradients on, each chunk runs under ``torch.utils.checkpoint``: backward recomputes the
+    chunk's logits instead of keeping them, so at most one chunk's logits exist at a time.
+    """
+    head = output_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__}'s logits are not known to be its LM head over its body's "
+                         "output; use token_nll(chunked=False).")
+    hidden = body(model)(input_ids=ids, attention_mask=attention, use_cache=False)[0]
+    targets = (ids if labels is None else labels)[:, 1:]
+    keep = targets != IGNORE
+    predicted = int(keep.sum())
+    positions = hidden[:, :-1][keep.to(hidden.device)]  # [predicted, hidden]
+    wanted = targets[keep]
+    step = chunk_tokens or max(1, LOSS_CHUNK_LOGITS // head.vocabulary)
+    total = None
+    for start in range(0, predicted, step):
+        chunk, chunk_targets = positions[start:start + step], wanted[start:start + step]
+        if torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # No randomness in a head: no RNG state to stash and restore per chunk.
+            part = checkpoint(head.nll, chunk, chunk_targets, use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = head.nll(chunk, chunk_targets)
+        total = part if total is None else total + part
+    if total is None:  # nothing to predict
+        total = hidden[..., :0].sum().float()  # 0, and still part of the graph
+    return total, predicted
 
 
 def negative_log_likelihood(model: torch.nn.Module, inputs: list[torch.Tensor], *, batch_size: int, device,

@@ -74,7 +74,9 @@ class RowDelta(_Wrapped):
         extra = x @ self.delta.to(x.dtype).T
         if self.bias_delta is not None:
             extra = extra + self.bias_delta.to(x.dtype)
-        return y.index_add(-1, self.index, extra.to(y.dtype))
+        # In place: the projection's fresh output is saved by nothing (its weight is frozen), and an
+        # out-of-place index_add would copy the whole [tokens, I] output in every forward.
+        return y.index_add_(-1, self.index, extra.to(y.dtype))
 
     def merge_into_base(self) -> nn.Module:
         with torch.no_grad():
@@ -101,7 +103,7 @@ class ColumnDelta(_Wrapped):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.base(h)
-        return y + (h.index_select(-1, self.index) @ self.delta.to(h.dtype).T).to(y.dtype)
+        return y.add_((h.index_select(-1, self.index) @ self.delta.to(h.dtype).T).to(y.dtype))
 
     def merge_into_base(self) -> nn.Module:
         with torch.no_grad():

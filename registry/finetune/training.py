@@ -14,6 +14,25 @@ depends only on the seed and the step, and checkpoints (written to a temporary f
 hold the trainable weights, the AdamW and schedule state and the RNG state, so an interrupted run
 resumes to exactly the result of an uninterrupted one. A loss that stops being finite ends the run
 with an error; the last checkpoint stays.
+
+The loss is :func:`neuronreg.evaluation.heldout.token_nll`; ``chunked_loss`` picks its chunked linear
+cross-entropy (None: by the size of the logits, see ``use_chunked_loss``), which never holds the
+full-vocabulary logits.
+
+More than one GPU:
+
+* ``device_map="auto"``: accelerate spreads the frozen base over the machine's GPUs; each delta lives
+  on its layer's device. A model that does not fit on the GPUs (weights left on the CPU or disk) is
+  refused: a delta cannot live on a weight that is not there.
+* data-parallel under ``torchrun`` (any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR): each
+  process holds the whole model and trains on a disjoint share of every global batch; torch DDP
+  reduces the trainable weights' gradients only (the deltas, for ``lape`` and ``random``). A global
+  micro-batch is ``batch_size x world`` rows (``batch_size`` per process), the one a single process
+  with ``batch_size x world`` would take, and the loss is normalised by that global batch's
+  predicted tokens, so the result equals one process's up to float rounding. Validation is split
+  over the processes and summed. Rank 0 writes checkpoints and results; a checkpoint holds every
+  rank's RNG state and resumes only with the same number of processes. One process is exactly the
+  single-process code path (no process group, no DDP).
 """
 
 from __future__ import annotations
@@ -21,7 +40,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +52,7 @@ from ..corpus import iter_documents, pack_rows, resolve_corpus
 from ..errors import CorpusError, FinetuneError, MaskError
 from ..evaluation.heldout import IGNORE, token_nll
 from ..files import atomic_folder, atomic_path, atomic_write_text
+from ..lape.distributed import Ranks
 from ..layouts import BY_NAME as LAYOUTS
 from ..manifest import Manifest
 from ..mask import NeuronMask
@@ -62,6 +84,7 @@ class FinetuneResult:
     config: RunConfig
     curve: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    is_main: bool = True  # False on the ranks other than 0 of a data-parallel run: rank 0 reports
 
 
 # -- what to train ------------------------------------------------------------------------------------
@@ -96,12 +119,15 @@ def batch_tensors(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
     return ids, attention, labels
 
 
-def sample_order(step: int, micro: int, settings: FinetuneSettings, num_rows: int) -> list[int]:
-    """Row indices of one micro-batch: a seeded permutation per epoch, a function of the step alone."""
-    start = (step * settings.grad_accum + micro) * settings.batch_size
+def sample_order(step: int, micro: int, settings: FinetuneSettings, num_rows: int, world: int = 1) -> list[int]:
+    """Row indices of one (global) micro-batch: a seeded permutation per epoch, a function of the step
+    alone. With ``world`` processes it is ``batch_size x world`` rows, the one a single process with
+    that batch size takes; process ``r`` trains on the ``r``-th ``batch_size`` of them."""
+    size = settings.batch_size * world
+    start = (step * settings.grad_accum + micro) * size
     picks = []
     cache: dict[int, torch.Tensor] = {}
-    for position in range(start, start + settings.batch_size):
+    for position in range(start, start + size):
         epoch, offset = divmod(position, num_rows)
         if epoch not in cache:
             generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
@@ -110,17 +136,24 @@ def sample_order(step: int, micro: int, settings: FinetuneSettings, num_rows: in
     return picks
 
 
-def evaluate(model, rows: list[torch.Tensor], batch_size: int, pad_id: int, device) -> float:
-    """Mean next-token loss (nats) over the validation rows."""
+def evaluate(model, rows: list[torch.Tensor], batch_size: int, pad_id: int, device, *,
+             chunked: bool | None = None, ranks: Ranks | None = None) -> float:
+    """Mean next-token loss (nats) over the validation rows (with ``ranks``, each takes every
+    ``world``-th row and the totals are summed)."""
+    world = ranks.world if ranks is not None else 1
+    if world > 1:
+        rows = rows[ranks.rank::world]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             ids, attention, labels = (t.to(device) for t in batch_tensors(rows[start:start + batch_size], pad_id))
-            loss, n = token_nll(model, ids, attention, labels)
+            loss, n = token_nll(model, ids, attention, labels, chunked=chunked)
             total, count = total + float(loss), count + n
     model.train(was_training)
+    if world > 1:
+        total, count = ranks.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
 
 
@@ -148,6 +181,8 @@ def finetune(
     quiet: bool = False,
     trust_remote_code: bool = False,
     token: str | None = None,
+    device_map: str | None = None,
+    chunked_loss: bool | None = None,
     on_step=None,  # called with the finished step number; tests use it to interrupt a run
     selection: str | None = None,
     top_rate: float | None = None,
@@ -155,11 +190,36 @@ def finetune(
     """Train the language's subnetwork (or a baseline) and write the run folder.
 
     ``registry`` is where the mask comes from: a local registry, or the Path of one mask file.
+    ``device_map="auto"`` spreads the base model over the GPUs (accelerate); under ``torchrun`` every
+    process trains on its share of each batch (see the module's docstring). ``chunked_loss``: see
+    :func:`neuronreg.evaluation.heldout.use_chunked_loss` (None: chosen by the size of the logits).
     """
     settings.check()
+    if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FinetuneError("A model spread over the GPUs (device_map) cannot also be trained data-parallel "
+                            "by several processes; start one process.")
+    ranks = Ranks.from_env(None if device_map else settings.device)
+    try:
+        return _finetune(model_spec, language, manifest=manifest, registry=registry, settings=settings, name=name,
+                         overwrite=overwrite, quiet=quiet or not ranks.is_main, trust_remote_code=trust_remote_code,
+                         token=token, device_map=device_map, chunked_loss=chunked_loss, on_step=on_step, ranks=ranks,
+                         selection=selection, top_rate=top_rate)
+    finally:
+        ranks.close()
+
+
+def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: LocalRegistry | Path,
+              settings: FinetuneSettings, name, overwrite, quiet, trust_remote_code, token, device_map, chunked_loss,
+              on_step, ranks: Ranks, selection: str | None, top_rate: float | None) -> FinetuneResult:
     lang = manifest.language(language)
     out = Path(settings.out)
-    _check_out(out, overwrite)
+    error = None
+    if ranks.is_main:  # one process clears a folder for overwrite; the others must not see it half done
+        try:
+            _check_out(out, overwrite)
+        except Exception as exc:  # raised on every rank by ranks.check
+            error = exc
+    ranks.check(error)
 
     ref = resolve_model(model_spec, manifest, name=name,
                         registry=registry if isinstance(registry, LocalRegistry) else None)
@@ -174,14 +234,16 @@ def finetune(
     eval_source = (resolve_corpus(settings.eval_data, lang, manifest, settings.text_field) if settings.eval_data
                    else None)
 
-    loaded = load_model(ref, dtype=settings.dtype, device=settings.device, trust_remote_code=trust_remote_code,
-                        token=token, quiet=quiet)
+    loaded = load_model(ref, dtype=settings.dtype, device=ranks.device(settings.device),
+                        trust_remote_code=trust_remote_code, token=token, quiet=quiet, device_map=device_map)
     model, device = loaded.model, loaded.device
+    if device_map:
+        _check_on_devices(model)
     info = loaded.info()
     if mask is not None:
         mask.check_sites(loaded.sites)
         mask_revision = mask.provenance.model.revision if mask.provenance else None
-        if mask_revision and mask_revision != loaded.revision:
+        if mask_revision and mask_revision != loaded.revision and ranks.is_main:
             log.warning("The mask was computed on revision %s of %s; this model is %s.", mask_revision, ref.name,
                         loaded.revision)
 
@@ -225,36 +287,60 @@ def finetune(
         if saved["settings"] != settings.result_settings() or saved["model_revision"] != loaded.revision:
             raise FinetuneError(f"{out} holds an unfinished run with other settings or another model.",
                                 fix="overwrite", advice="Use another output folder, or overwrite=True.")
+        if saved.get("world", 1) != ranks.world:
+            raise FinetuneError(f"{out} holds an unfinished run of {saved.get('world', 1)} process(es); this run "
+                                f"has {ranks.world}. Resume it with as many.", fix="overwrite",
+                                advice="Use another output folder, or overwrite=True.")
         with torch.no_grad():
             for key, p in named.items():
                 p.copy_(saved["trainable"][key])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if ranks.world > 1:
+            cpu_rng, cuda_rng = saved["rng_per_rank"][ranks.rank]
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None and torch.device(device).type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, device)
+        else:
+            torch.set_rng_state(saved["rng"])
+            if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
         state = {k: saved[k] for k in state}
         resumed_from = state["step"]
-        log.info("Resuming %s from step %d.", out, resumed_from)
+        if ranks.is_main:
+            log.info("Resuming %s from step %d.", out, resumed_from)
 
+    step_loss = _loss_step(model, chunked_loss, ranks, device, find_unused=per_layer is None)
+    world, share = ranks.world, slice(ranks.rank * settings.batch_size, (ranks.rank + 1) * settings.batch_size)
     eval_every = settings.eval_every
     checkpoint_every = settings.checkpoint_every or eval_every
+
+    def validate() -> float:
+        return evaluate(model, eval_rows, settings.batch_size, pad_id, device, chunked=chunked_loss, ranks=ranks)
+
     if state["step"] == 0 and not state["curve"]:
-        state["curve"].append({"step": 0, "val_loss": evaluate(model, eval_rows, settings.batch_size, pad_id, device)})
+        state["curve"].append({"step": 0, "val_loss": validate()})
     bar = progress(settings.steps, f"finetune {lang.code} ({settings.subset})", unit="step", quiet=quiet,
                    initial=state["step"])
     started = time.perf_counter()
     try:
         while state["step"] < settings.steps:
             step = state["step"]
-            batches = [batch_tensors([train_rows[i] for i in sample_order(step, micro, settings, len(train_rows))],
-                                     pad_id) for micro in range(settings.grad_accum)]
-            denominator = sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in batches)
+            picks = [sample_order(step, micro, settings, len(train_rows), world)
+                     for micro in range(settings.grad_accum)]
+            # Predicted tokens of the whole (global) step: every position after a row's first.
+            denominator = sum(max(train_rows[i].numel() - 1, 0) for rows in picks for i in rows)
             train_loss = 0.0
-            for ids, attention, labels in batches:
-                loss, _ = token_nll(model, ids.to(device), attention.to(device), labels.to(device))
-                (loss / denominator).backward()
+            for micro, rows in enumerate(picks):
+                ids, attention, labels = batch_tensors([train_rows[i] for i in rows[share]], pad_id)
+                last = micro == len(picks) - 1
+                with step_loss.no_sync() if world > 1 and not last else nullcontext():
+                    loss, _ = step_loss(ids.to(device), attention.to(device), labels.to(device))
+                    # DDP averages the ranks' gradients: times world, they add up to the global batch's.
+                    (loss * world / denominator).backward()
                 train_loss += float(loss.detach()) / denominator
+            if world > 1:
+                train_loss = float(ranks.sum(torch.tensor([train_loss], dtype=torch.float64)))
             if not math.isfinite(train_loss):
                 raise FinetuneError(f"The training loss became {train_loss} at step {step + 1}; the run stopped. "
                                     f"Its last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
@@ -268,7 +354,7 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             if step % eval_every == 0 or step == settings.steps:
-                val = evaluate(model, eval_rows, settings.batch_size, pad_id, device)
+                val = validate()
                 if not math.isfinite(val):
                     raise FinetuneError(f"The validation loss became {val} at step {step}; the run stopped. Its "
                                         f"last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
@@ -278,7 +364,10 @@ def finetune(
                     state["best_loss"], state["best_step"] = val, step
                     state["best"] = {k: p.detach().cpu().clone() for k, p in named.items()}
             if step % checkpoint_every == 0 and step < settings.steps:
-                _save_checkpoint(checkpoint, state, named, optimizer, scheduler, settings, loaded.revision)
+                rng_per_rank = _gather_rng(ranks, device)
+                if ranks.is_main:
+                    _save_checkpoint(checkpoint, state, named, optimizer, scheduler, settings, loaded.revision,
+                                     world=world, rng_per_rank=rng_per_rank)
             if on_step is not None:
                 on_step(step)
     finally:
@@ -311,9 +400,67 @@ def finetune(
         trainable_parameters=trainable, trainable_share=trainable / info.num_parameters, training=training,
         best_step=state["best_step"], best_val_loss=state["best_loss"], validation_curve=state["curve"],
     )
-    _write_outputs(out, model, loaded, layers, config, settings)
-    checkpoint.unlink(missing_ok=True)
-    return FinetuneResult(out, config, state["curve"], resumed_from)
+    error = None
+    if ranks.is_main:
+        try:
+            _write_outputs(out, model, loaded, layers, config, settings)
+            checkpoint.unlink(missing_ok=True)
+        except Exception as exc:  # every rank hears of it (and none waits for rank 0 forever)
+            error = exc
+    ranks.check(error)
+    return FinetuneResult(out, config, state["curve"], resumed_from, is_main=ranks.is_main)
+
+
+class _TrainingLoss(torch.nn.Module):
+    """The training loss as a module: DDP prepares its gradient reduction in its own forward, so the
+    loss must run inside it."""
+
+    def __init__(self, model: torch.nn.Module, chunked: bool | None):
+        super().__init__()
+        self.model = model
+        self.chunked = chunked
+
+    def forward(self, ids, attention, labels):
+        return token_nll(self.model, ids, attention, labels, chunked=self.chunked)
+
+
+def _loss_step(model, chunked: bool | None, ranks: Ranks, device, find_unused: bool):
+    """What one micro-batch's loss is computed by: the loss itself in one process; under torchrun the
+    same loss wrapped in DDP, which reduces the trainable weights' gradients only."""
+    loss = _TrainingLoss(model, chunked)
+    if ranks.world == 1:
+        return loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The frozen base is identical on every rank and gets no gradient: DDP neither syncs nor reduces it.
+    ignored = [n for n, p in loss.named_parameters() if not p.requires_grad] + [n for n, _ in loss.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss, ignored)
+    device = torch.device(device)
+    return DistributedDataParallel(loss, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, gradient_as_bucket_view=True,
+                                   find_unused_parameters=find_unused)
+
+
+def _check_on_devices(model) -> None:
+    """With device_map, every weight must be on an accelerator or the CPU, not offloaded (meta)."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise FinetuneError(f"The model does not fit on this machine's devices: {len(offloaded)} of its weights "
+                            f"were offloaded (e.g. {offloaded[0]}), and training needs every weight in memory.",
+                            fix="memory", advice="Use a smaller dtype, or a machine with more GPU memory.")
+
+
+def _gather_rng(ranks: Ranks, device) -> list | None:
+    """Every rank's (CPU, CUDA or None) RNG states, in rank order, for a checkpoint of a data-parallel run."""
+    if ranks.world == 1:
+        return None
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    states: list = [None] * ranks.world
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def _where(registry) -> str:
@@ -366,12 +513,14 @@ def _dense_trainable(model, subset: str, sites) -> dict[str, torch.nn.Parameter]
 
 
 def _save_checkpoint(path: Path, state: dict, named: dict, optimizer, scheduler, settings: FinetuneSettings,
-                     revision: str) -> None:
+                     revision: str, *, world: int = 1, rng_per_rank: list | None = None) -> None:
     payload = {**state, "trainable": {k: p.detach().cpu() for k, p in named.items()},
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "rng": torch.get_rng_state(),
                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                "settings": settings.result_settings(), "model_revision": revision}
+    if world > 1:  # a one-process checkpoint keeps exactly its old keys
+        payload.update(world=world, rng_per_rank=rng_per_rank)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 

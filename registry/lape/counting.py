@@ -69,6 +69,29 @@ def positive_counts(flat: torch.Tensor) -> torch.Tensor:
     return total
 
 
+_FUSED_FAILED = False
+
+
+def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
+    """``into += positive_counts(flat)``: on CUDA in one fused pass (:mod:`neuronreg.lape.kernels`, the
+    same counts bit for bit), elsewhere with the torch path above."""
+    global _FUSED_FAILED
+    if flat.is_cuda and not _FUSED_FAILED:
+        from . import kernels
+
+        if kernels.fused_counting_enabled(flat):
+            try:
+                kernels.add_positive_counts(flat, into)
+                return
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a Triton that cannot compile here: the torch path counts the same
+                _FUSED_FAILED = True
+                log.warning("The fused counting kernel failed (%s: %s); counting uses the torch path.",
+                            type(exc).__name__, exc)
+    into += positive_counts(flat).to(into.device)
+
+
 @contextmanager
 def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterator[torch.Tensor]:
     """Yields an int64 ``[layers, intermediate]`` tensor that every forward pass adds its counts to."""
@@ -80,7 +103,7 @@ def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterat
         def hook(module, inputs, output):
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
             # With a model split over devices (device_map), a layer's counts travel to one place.
-            counts[site.layer] += positive_counts(output.reshape(-1, output.shape[-1])).to(counts.device)
+            add_positive_counts(output.reshape(-1, output.shape[-1]), counts[site.layer])
 
         return hook
 

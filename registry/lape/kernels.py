@@ -1,0 +1,136 @@
+"""The fused counting kernel for CUDA: positive entries per column, one read of the activation.
+
+The torch path (:func:`neuronreg.lape.counting.positive_counts`) makes four passes over a
+``[tokens, I]`` activation (clamp, sign, nan_to_num, sum); on a GPU that elementwise work costs
+about as much as the LM head that counting skips. This Triton kernel reads each activation once.
+
+What it counts is decided on the bits, not by a float comparison, so that no compiler flag
+(flush-to-zero of denormals, fast math) can change it: an IEEE float ``x`` is ``> 0`` exactly when
+its bit pattern, read as a signed integer of the same width, is in ``(0, bits(+inf)]``:
+
+* the sign bit set (negative numbers, -0.0, -inf, NaNs with the sign bit) makes the integer < 0;
+* +0.0 is 0;
+* positive denormals, normals and +inf are 1 .. bits(+inf);
+* NaNs without the sign bit are above bits(+inf).
+
+That is ``x > 0`` as IEEE defines it (``NaN > 0`` is false, ``-0.0 > 0`` is false, a positive
+denormal is > 0), for bfloat16, float16 and float32, and so the same counts as the torch path.
+
+Each program counts a block of columns over a block of rows into int32 (exact: a block has fewer
+than 2**31 rows) and stores it in a small ``[row blocks, I]`` scratch; one ``sum`` then adds the
+row blocks into the int64 counts. No atomics, so the result does not depend on the schedule.
+
+Triton is imported on first use only: CPU-only installs never import it. Set
+``NEURONREG_FUSED_COUNTING=0`` to count with the torch path on CUDA too (for comparisons).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("neuronreg")
+
+# dtype -> (same-width signed integer dtype, bit pattern of +inf in it)
+_BITS = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+}
+BLOCK_COLS = 128
+BLOCK_ROWS = 32
+ENV = "NEURONREG_FUSED_COUNTING"
+
+
+def fused_counting_enabled(tensor: torch.Tensor) -> bool:
+    """Whether :func:`add_positive_counts` takes this tensor: a CUDA tensor of a supported dtype, with
+    Triton installed, and not switched off by ``NEURONREG_FUSED_COUNTING=0``."""
+    return (tensor.is_cuda and tensor.dtype in _BITS and os.environ.get(ENV, "1") != "0"
+            and triton_available())
+
+
+@functools.cache
+def triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        log.debug("Triton is not installed; counting on CUDA uses the torch path.")
+        return False
+    try:
+        _kernel()
+    except Exception as exc:  # an old or broken Triton: the torch path counts the same, only slower
+        log.warning("The fused counting kernel is unavailable (%s: %s); counting uses the torch path.",
+                    type(exc).__name__, exc)
+        return False
+    return True
+
+
+# Bound by _kernel() on first use. Module globals, not locals of _kernel: Triton resolves the names a
+# kernel uses through its module's globals (older Triton versions do not see a closure's variables).
+triton = tl = None
+
+
+@functools.cache
+def _kernel():
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_positive(bits_ptr, partial_ptr, rows, cols, stride_row, rows_per_program,
+                       INF_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        block_col = tl.program_id(0)
+        block_row = tl.program_id(1)
+        col = block_col * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = col < cols
+        start = block_row * rows_per_program
+        end = tl.minimum(start + rows_per_program, rows)
+        acc = tl.zeros([BLOCK_C], dtype=tl.int32)
+        for first in range(start, end, BLOCK_R):
+            row = first + tl.arange(0, BLOCK_R)
+            ok = (row[:, None] < end) & col_ok[None, :]
+            offsets = row[:, None].to(tl.int64) * stride_row + col[None, :]
+            bits = tl.load(bits_ptr + offsets, mask=ok, other=0)  # masked-off lanes read 0: not positive
+            positive = (bits > 0) & (bits <= INF_BITS)
+            acc += tl.sum(positive.to(tl.int32), axis=0)
+        tl.store(partial_ptr + block_row * cols + col, acc, mask=col_ok)
+
+    return count_positive
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's interpreter (TRITON_INTERPRET=1) runs CPU tensors: any small grid will do
+
+
+def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
+    """``into += (flat > 0).sum(0)`` for a 2-D ``flat`` of bfloat16, float16 or float32, in one read.
+
+    ``into`` is an int64 ``[I]`` tensor (a row of the counts); it may live on another device (a model
+    split over GPUs), then the row's counts travel there.
+    """
+    if flat.dim() != 2 or flat.dtype not in _BITS:
+        raise ValueError(f"expected a 2-D bfloat16, float16 or float32 tensor, got {flat.dtype} {tuple(flat.shape)}")
+    rows, cols = flat.shape
+    if rows == 0 or cols == 0:
+        return
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    int_dtype, inf_bits = _BITS[flat.dtype]
+    bits = flat.view(int_dtype)
+    col_blocks = -(-cols // BLOCK_COLS)
+    # About 8 programs per multiprocessor (enough loads in flight to stream at memory bandwidth),
+    # each over whole BLOCK_ROWS tiles.
+    row_blocks = max(1, min(-(-rows // BLOCK_ROWS), -(-8 * _processors(flat.device) // col_blocks)))
+    rows_per_program = -(-(-(-rows // row_blocks)) // BLOCK_ROWS) * BLOCK_ROWS
+    row_blocks = -(-rows // rows_per_program)
+    partial = torch.empty(row_blocks, cols, dtype=torch.int32, device=flat.device)
+    kernel = _kernel()
+    kernel[(col_blocks, row_blocks)](bits, partial, rows, cols, bits.stride(0), rows_per_program,
+                                     INF_BITS=inf_bits, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+    counts = partial.sum(0, dtype=torch.int64)
+    into += counts if counts.device == into.device else counts.to(into.device)

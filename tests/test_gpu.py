@@ -1,0 +1,192 @@
+"""What runs on CUDA: the fused counting kernel (the same counts as the torch path, bit for bit) and the
+chunked loss in bfloat16. The ``gpu`` tests run only where CUDA is; CPU CI checks that nothing here is
+imported without it, and runs the kernel itself in Triton's interpreter when Triton is installed."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from neuronreg.lape import counting, kernels
+from neuronreg.lape.counting import count_activations, positive_counts
+from neuronreg.models import find_mlp_sites
+
+from support.tiny import ARCHS, tiny_model
+
+CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def awkward(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random activations with NaNs of both signs, +-0.0, +-inf and positive and negative denormals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g).to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    specials = torch.tensor([float("nan"), -float("nan"), 0.0, -0.0, float("inf"), -float("inf"),
+                             tiny / 2, -tiny / 2, tiny / 64, tiny], dtype=torch.float32).to(dtype)
+    flat = x.view(-1)
+    where = torch.randint(0, flat.numel(), (max(1, flat.numel() // 5),), generator=g)
+    flat[where] = specials[torch.randint(0, len(specials), (where.numel(),), generator=g)]
+    flat[: len(specials)] = specials[: min(len(specials), flat.numel())]  # every special at least once
+    return x
+
+
+SHAPES = [(1, 1), (3, 5), (31, 129), (64, 128), (257, 300), (4096, 1000)]
+
+
+def test_the_kernel_module_imports_without_triton_or_cuda():
+    code = "import sys, neuronreg.lape.counting, neuronreg.lape.kernels; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert not kernels.fused_counting_enabled(torch.zeros(2, 2))  # a CPU tensor: the torch path
+
+
+def test_the_special_values_are_what_the_torch_path_counts_on_cpu():
+    for dtype in DTYPES:
+        x = awkward(64, 40, dtype)
+        assert torch.equal(positive_counts(x), (x > 0).sum(0))
+        # nan, -nan, 0.0, -0.0, inf, -inf, denormal, -denormal, smaller denormal, smallest normal
+        assert (x.view(-1)[:10] > 0).tolist() == [False, False, False, False, True, False, True, False, True, True]
+        assert x.view(-1)[8] != 0 and x.view(-1)[8].abs() < torch.finfo(dtype).tiny  # really a denormal
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_kernel_counts_like_the_torch_path_in_tritons_interpreter():
+    """The very kernel, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1)."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from test_gpu import SHAPES, DTYPES, awkward
+        from neuronreg.lape.kernels import add_positive_counts
+        from neuronreg.lape.counting import positive_counts
+        for dtype in DTYPES:
+            for rows, cols in SHAPES[:-1]:
+                x = awkward(rows, cols, dtype)
+                into = torch.full((cols,), 7, dtype=torch.int64)
+                add_positive_counts(x, into)
+                assert torch.equal(into, positive_counts(x) + 7), (dtype, rows, cols)
+            x = awkward(50, 90, dtype)[:, ::3]  # not contiguous
+            into = torch.zeros(30, dtype=torch.int64)
+            add_positive_counts(x, into)
+            assert torch.equal(into, positive_counts(x.contiguous()))
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_the_fused_kernel_equals_the_torch_path_bit_for_bit(dtype, shape):
+    assert kernels.triton_available(), "Triton is needed on CUDA machines (it comes with torch's CUDA wheels)"
+    x = awkward(*shape, dtype).cuda()
+    into = torch.full((shape[1],), 5, dtype=torch.int64, device="cuda")
+    kernels.add_positive_counts(x, into)
+    torch_path = positive_counts(x)  # the four-pass torch path, on the GPU
+    assert torch.equal(into.cpu(), torch_path.cpu() + 5)
+    assert torch.equal(into.cpu(), positive_counts(x.cpu()) + 5)  # and the CPU path
+    assert torch.equal(into.cpu(), (x.cpu() > 0).sum(0) + 5)
+    strided = x[:, ::2]
+    into = torch.zeros(strided.shape[1], dtype=torch.int64, device="cuda")
+    kernels.add_positive_counts(strided, into)
+    assert torch.equal(into, positive_counts(strided))
+    if torch.cuda.device_count() > 1:  # counts that live on another GPU (a model split by device_map)
+        into = torch.zeros(shape[1], dtype=torch.int64, device="cuda:1")
+        kernels.add_positive_counts(x, into)
+        assert torch.equal(into.cpu(), torch_path.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_the_kernel_handles_more_rows_than_a_float32_sum_counts_exactly():
+    x = torch.ones((1 << 24) + 3, 2, dtype=torch.bfloat16, device="cuda")
+    into = torch.zeros(2, dtype=torch.int64, device="cuda")
+    kernels.add_positive_counts(x, into)
+    assert into.tolist() == [(1 << 24) + 3] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_counting_a_tiny_model_on_cuda_gives_the_same_counts_fused_or_not(arch, dtype, monkeypatch):
+    model = tiny_model(arch).to("cuda", dtype)
+    sites = find_mlp_sites(model)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 80, (50,), generator=g) for _ in range(6)] + [torch.randint(3, 80, (17,), generator=g)]
+    calls = []
+    real = kernels.add_positive_counts
+    monkeypatch.setattr(kernels, "add_positive_counts", lambda flat, into: (calls.append(1), real(flat, into)))
+    fused = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
+    assert len(calls) == 3 * len(sites)  # 3 batches (4 rows, 2 rows, the short row alone), every layer
+    monkeypatch.setenv(kernels.ENV, "0")
+    torch_path = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
+    assert len(calls) == 3 * len(sites)
+    assert fused.tokens == torch_path.tokens == 6 * 50 + 17
+    assert torch.equal(fused.over_zero, torch_path.over_zero)
+    assert not counting._FUSED_FAILED
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_the_chunked_loss_in_bfloat16_on_cuda_matches_and_saves_memory():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuronreg.evaluation.heldout import chunked_token_nll, token_nll
+    from neuronreg.finetune.deltas import attach_deltas
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32000, (1, 4096), device="cuda")
+    results = []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        layers = attach_deltas(model, [torch.arange(0, 512, 7), torch.arange(3, 512, 5)])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        if chunked:
+            loss, _ = chunked_token_nll(model, ids)
+        else:
+            loss, _ = token_nll(model, ids, chunked=False)
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        results.append((float(loss), [p.grad.float() for layer in layers for p in layer.parameters()], peak))
+    (plain, g_plain, peak_plain), (chunk, g_chunk, peak_chunk) = results
+    assert chunk == pytest.approx(plain, rel=1e-3)
+    for a, b in zip(g_chunk, g_plain):  # bfloat16 logits rounded in other GEMM tiles: compare as vectors
+        assert float((a - b).norm() / b.norm()) < 2e-2
+    # 4096 x 32000 logits: 250 MiB in bf16, then 500 MiB float32 and its gradient in the plain loss.
+    assert peak_chunk < peak_plain / 2, (peak_chunk, peak_plain)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_code_paths_in_small_mode(tmp_path):
+    """scripts/bench_gpu.py --small: every counting mode and fine-tuning method, on a tiny config."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    out = tmp_path / "bench.json"
+    args = ["--small", "--device", "cpu", "--rounds", "1", "--count-batches", "1", "--seqs", "32", "--warmup", "1",
+            "--steps", "1", "--json", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["counting"]["modes"]) == {"forward", "body", "body+gt0", "torch-path", "fused"}
+    assert result["counting"]["fused_equals_torch_path"] is True
+    rows = result["finetune"]
+    assert len(rows) == 5 * 2 and all(row["status"] == "ok" for row in rows)
+    assert "vs forward" in done.stdout and "neuronreg-plain" in done.stdout
