@@ -118,3 +118,117 @@ def neurons_per_layer_png(entry: dict, path: str | Path) -> Path:
     axes.set_title(f"{entry['name']}: language-specific neurons per layer")
     figure.colorbar(image, ax=axes, label="neurons")
     return _save(figure, path)
+
+
+def _group_bounds(groups: list[str]) -> list[int]:
+    """Indices where a new group starts in an ordered list of group names (the first excluded)."""
+    return [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
+
+
+def jaccard_heatmap(values: list[list[float]], labels: list[str], sizes: list[int], path: str | Path, *,
+                    title: str, groups: list[str] | None = None, annotate: bool = True) -> Path:
+    """A square heatmap of Jaccard indices between languages, sequential colours from 0.
+
+    The diagonal (always 1) is drawn grey with each language's neuron count, so that the colour
+    scale spans the off-diagonal values; ``groups`` (one name per row, e.g. the script) adds a
+    white line between groups and names them on the right. ``annotate`` writes every value in its cell.
+    """
+    import numpy as np
+    from matplotlib.colors import Normalize
+
+    data = np.array(values, dtype=float)
+    n = data.shape[0]
+    off = data[~np.eye(n, dtype=bool)]
+    top = float(off.max()) if off.size and off.max() > 0 else 1.0
+    norm = Normalize(vmin=0.0, vmax=top)
+    cell = min(0.5, max(0.12, 7.5 / max(n, 1)))
+    figure = _figure(max(5.0, 3.2 + cell * n), max(3.0, 1.0 + cell * n))
+    axes = figure.add_subplot()
+    shown = np.ma.masked_array(data, mask=np.eye(n, dtype=bool))
+    cmap = _colormap("viridis").with_extremes(bad="#d9d9d9")
+    image = axes.imshow(shown, cmap=cmap, norm=norm, aspect="equal", interpolation="nearest")
+    fontsize = 9 if n <= 20 else 7 if n <= 40 else 5
+    axes.set_xticks(range(n), labels, fontsize=fontsize, rotation=90 if n > 20 else 0)
+    axes.set_yticks(range(n), [f"{label} ({size:,})" for label, size in zip(labels, sizes)], fontsize=fontsize)
+    axes.xaxis.tick_top()
+    axes.tick_params(length=0)
+    axes.set_title(title, fontsize=10, wrap=True)
+    if annotate:
+        for (i, j), value in np.ndenumerate(data):
+            if i == j:
+                text, colour = f"{sizes[i]:,}", "black"
+            else:
+                red, green, blue, _ = cmap(norm(value))
+                text = "0" if value == 0 else f"{value:.2f}" if value >= 0.01 else f"{value:.1g}"
+                colour = "white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black"
+            axes.text(j, i, text, ha="center", va="center", fontsize=7 if n > 12 else 8, color=colour)
+    if groups is not None:
+        for bound in _group_bounds(groups):
+            axes.axhline(bound - 0.5, color="white", linewidth=2)
+            axes.axvline(bound - 0.5, color="white", linewidth=2)
+        starts = [0, *_group_bounds(groups), n]
+        for start, end in zip(starts, starts[1:]):
+            axes.text(n - 0.3, (start + end - 1) / 2, groups[start], ha="left", va="center", fontsize=fontsize,
+                      color="dimgray")
+    axes.set_xlabel("grey diagonal: the language's neuron count", fontsize=8, color="dimgray")
+    colorbar = figure.colorbar(image, ax=axes, shrink=0.8, pad=0.02 if groups is None else 0.1)
+    colorbar.set_label("Jaccard |A ∩ B| / |A ∪ B|", fontsize=9)
+    colorbar.ax.tick_params(labelsize=8)
+    return _save_palette(figure, path)
+
+
+def per_layer_lines(series: dict[str, list[int]], path: str | Path, *, title: str, groups: list[str] | None = None,
+                    ylabel: str = "neurons") -> Path:
+    """One line per language of its neuron count in each layer; the legend goes outside when there are many.
+
+    Languages of one group (``groups``, one name per series, e.g. the script) share a line style,
+    so that groups read apart even where colours repeat.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    styles = ["-", "--", ":", "-."]
+    style_of = {name: styles[i % len(styles)] for i, name in enumerate(dict.fromkeys(groups or []))}
+    colours = _colormap("tab20").colors if len(series) > 10 else _colormap("tab10").colors
+    many = len(series) > 8
+    figure = _figure(9.5 if many else 7.5, 4.5)
+    axes = figure.add_subplot()
+    for i, (label, counts) in enumerate(series.items()):
+        style = style_of.get(groups[i], "-") if groups else "-"
+        shown = f"{label} {groups[i]}" if groups else label
+        axes.plot(range(len(counts)), counts, style, color=colours[i % len(colours)], linewidth=1.4, label=shown,
+                  marker="o" if len(counts) <= 12 else None, markersize=3)
+    axes.set_xlabel("layer", fontsize=9)
+    axes.set_ylabel(ylabel, fontsize=9)
+    axes.set_title(title, fontsize=10, wrap=True)
+    axes.tick_params(labelsize=8)
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3, linewidth=0.5)
+    if many:
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                    ncol=1 if len(series) <= 24 else 2, frameon=False)
+    else:
+        axes.legend(fontsize=8, loc="upper left", frameon=False)
+    return _save_palette(figure, path)
+
+
+def _save_palette(figure, path: str | Path, colours: int = 256) -> Path:
+    """Like :func:`_save`, as a PNG of at most ``colours`` colours: a plot with many lines or labelled
+    cells is a third of the size of full RGBA, and looks the same. Deterministic (no timestamp)."""
+    import numpy as np
+    from PIL import Image
+
+    figure.canvas.draw()
+    image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            tmp, format="png", optimize=True, dpi=(DPI, DPI))
+    return path
+
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]
