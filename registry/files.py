@@ -97,6 +97,21 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def output_folder(folder: str | os.PathLike) -> Path:
+    """An output folder, created and checked writable (before an hour of work, not after)."""
+    from .errors import NeuronregError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise NeuronregError(f"Cannot write to {folder}: {exc.strerror or exc}.", fix="out",
+                             advice="Choose another output folder.") from exc
+    return folder
+
+
 def inside(root: Path, path: Path) -> bool:
     """Whether ``path``, with every link followed, lies inside ``root`` (also with links followed)."""
     try:

@@ -21,7 +21,7 @@ from neuronreg.evaluation.overlap import (
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
 
-from support.cli import assert_one_line_error, run
+from support.cli import assert_one_line_error, neuron_file, run
 from support.tiny import TOP_RATE
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -52,11 +52,13 @@ def mask(language, per_layer_neurons, layers=3, width=10, model="m"):
 def test_jaccard_matrix_equals_an_independent_computation_from_the_parquet_files(planted, tmp_path, top_rate):
     reg, out = tmp_path / "reg", tmp_path / "out"
     compute(planted, reg)
+    chosen = ()
     if top_rate:  # a larger selection, where the languages share neurons
         run("select", "model", "--top-rate", top_rate, "--registry", reg, "-q")
-    result = run("overlap", "model", "--registry", reg, "--out", out)
+        chosen = ("--top-rate", top_rate)
+    result = run("overlap", "model", *chosen, "--registry", reg, "--out", out)
 
-    sets = parquet_sets(reg / "model")
+    sets = parquet_sets(neuron_file(reg, "model", "en", "top30" if top_rate else None).parent)
     assert sorted(sets) == ["el", "en", "ru"]
     data = json.loads((out / "overlap.json").read_text())
     assert data["languages"] == ["ru", "el", "en"]  # by script: Cyrl, Grek, Latn
@@ -88,7 +90,7 @@ def test_jaccard_matrix_equals_an_independent_computation_from_the_parquet_files
     assert core[0] == ["k", "at_least_k", "exactly_k", "layer_0", "layer_1"] and len(core) == 4
     for name in ("overlap.png", "per_layer.png"):
         assert (out / name).read_bytes()[:8] == PNG
-    assert result.stdout.splitlines()[0].split() == ["jaccard", "ru", "el", "en"]
+    assert result.stdout.splitlines()[1].split() == ["jaccard", "ru", "el", "en"]
     assert "shared core" in result.stdout
 
 
@@ -101,15 +103,15 @@ def test_languages_keep_the_users_order_and_json_goes_to_stdout(planted, tmp_pat
     assert data["languages"] == ["en", "el"] and data["grouped_order"] == ["el", "en"]
     assert data == json.loads((out / "overlap.json").read_text())
     table = run("overlap", "model", "--languages", "en,ru", "--registry", reg, "--out", out, "-q").output
-    assert table.splitlines()[0].split() == ["jaccard", "en", "ru"]
-    assert table.splitlines()[1].split() == ["en", "(3)", "1.00", "0"]
+    assert table.splitlines()[1].split() == ["jaccard", "en", "ru"]
+    assert table.splitlines()[2].split() == ["en", "(3)", "1.00", "0"]
 
 
 def test_masks_of_different_dimensions_are_one_line_and_nothing_is_written(planted, tmp_path):
     reg, out = tmp_path / "reg", tmp_path / "out"
     compute(planted, reg)
     # The Greek file now says it is of a model with a wider MLP.
-    path = reg / "model" / "el.parquet"
+    path = neuron_file(reg, "model", "el")
     table = pq.read_table(path)
     record = json.loads(table.schema.metadata[b"neuronreg"])
     record["model"]["intermediate_size"] = 64
@@ -196,3 +198,15 @@ def test_report_table_and_files(tmp_path):
     paths = report.save(tmp_path / "new" / "out")
     assert sorted(p.name for p in paths.values()) == sorted(p.name for p in (tmp_path / "new" / "out").iterdir())
     assert json.loads(paths["json"].read_text())["jaccard"]["en"]["de"] == 0.5
+
+
+def test_a_small_selection_inside_a_large_one_from_the_command_line(planted, tmp_path):
+    reg, out = tmp_path / "reg", tmp_path / "out"
+    compute(planted, reg)
+    run("select", "model", "--top-rate", 0.3, "--registry", reg, "-q")
+    result = run("overlap", "model", "--against", "0.3", "--registry", reg, "--out", out)
+    data = json.loads((out / "overlap.json").read_text())["containment"]
+    assert data["selection"] == "top9.375" and data["against"] == "top30"
+    for lang in ("en", "ru", "el"):  # the smaller selection lies wholly inside the larger one
+        assert data["languages"][lang]["contained"] == 1.0 and data["languages"][lang]["small"] == 3
+    assert "top9.375 inside top30" in result.stdout

@@ -47,7 +47,8 @@ def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, se
         neuronreg ablate smollm2-135m --languages en,de,fr,es,ru,zh --data ./heldout --out ablation/
         neuronreg ablate ./my-model --data ./heldout --out ablation/ --tokens 20k --registry ./reg
     """
-    from ..evaluation.ablation import AblationSettings, ablate, output_folder, save_report, table_lines
+    from ..evaluation.ablation import AblationSettings, ablate, save_report, table_lines
+    from ..files import output_folder
 
     setup_logging(quiet)
     output_folder(out)

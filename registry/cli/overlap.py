@@ -16,11 +16,15 @@ from ._output import result, status
                     "by script].")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for overlap.json, jaccard.csv, shared_core.csv, overlap.png and per_layer.png.")
+@o.which_selection_options
+@click.option("--against", default=None,
+              help="Also compare with this other selection of MODEL (a name, or a top rate such as 0.05): how "
+                   "each language's mask sits inside it.")
 @o.registry_option
 @o.json_option
 @o.quiet_option
 @click.pass_context
-def overlap_cmd(ctx, model, languages, out, registry, as_json, quiet):
+def overlap_cmd(ctx, model, languages, out, selection, which_top_rate, against, registry, as_json, quiet):
     """Compare the languages' neurons of a model: Jaccard matrix, neurons per layer, shared core.
 
     Reads the selected neurons of MODEL's languages from the registry (no model is loaded) and
@@ -28,30 +32,55 @@ def overlap_cmd(ctx, model, languages, out, registry, as_json, quiet):
     (neurons held by at least k of the languages, for every k). Writes the matrix and the counts
     as JSON and CSV, the heatmap (languages grouped by script) and neurons per layer as PNG.
 
+    With --against, also how each language's mask of the chosen selection sits inside its mask of
+    the other one (e.g. how the 1% set sits inside the 5% set).
+
     \b
     Example:
         neuronreg overlap smollm2-135m --out overlap/
         neuronreg overlap mistral-nemo --languages sw,mt,is,en --out overlap/ --json
+        neuronreg overlap mistral-nemo --top-rate 0.01 --against 0.05 --out overlap/
     """
-    from ..evaluation.ablation import output_folder
-    from ..evaluation.overlap import overlap
+    from ..evaluation.overlap import containment, overlap
+    from ..files import output_folder
     from ..resolve import language_codes, resolve_model
 
     output_folder(out)
     manifest, reg = o.manifest(ctx), o.registry(registry)
     name = resolve_model(model, manifest, registry=reg).name
+    entry = reg.selection(name, selection, which_top_rate)
     names = o.names(languages)
-    codes = language_codes(names, manifest, reg.selected_languages(name)) if names else reg.selected_languages(name)
-    report = overlap(reg.read_masks(name, codes), manifest, order=codes if names else None)
+    codes = language_codes(names, manifest, entry.languages) if names else entry.languages
+    masks = reg.read_masks(name, codes, entry.name)
+    report = overlap(masks, manifest, order=codes if names else None)
+    inside = None
+    if against is not None:
+        try:
+            other = reg.selection(name, top_rate=float(against))
+        except ValueError:
+            other = reg.selection(name, against)
+        theirs = reg.read_masks(name, [c for c in codes if c in other.languages], other.name)
+        inside = {"selection": entry.name, "against": other.name,
+                  "languages": {lang: c.to_json() for lang, c in containment(masks, theirs).items()}}
+        report.extra = {"containment": inside}
     paths = report.save(out)
     if as_json:
         result(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
     else:
+        result(f"selection {entry.name} of {name}")
         for line in report.table_lines():
             result(line)
         result()
         for line in report.core_lines():
             result(line)
+        if inside is not None:
+            result()
+            result(f"{entry.name} inside {inside['against']}: {'language':<10} {'neurons':>8} {'inside':>8} "
+                   f"{'share':>7} {'jaccard':>8}")
+            for lang, c in inside["languages"].items():
+                share = "-" if c["contained"] is None else f"{c['contained']:.2f}"
+                result(f"{'':<{len(entry.name) + len(inside['against']) + 9}}{lang:<10} {c['small']:>8} "
+                       f"{c['shared']:>8} {share:>7} {c['jaccard']:>8.2f}")
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 
 

@@ -15,7 +15,6 @@ import csv
 import json
 import logging
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import numpy as np
 
 from .. import __version__
 from ..corpus import CorpusSource, iter_documents, resolve_corpus
-from ..errors import CorpusError, HeldOutOverlap, RegistryError
-from ..files import atomic_path
+from ..errors import CorpusError, HeldOutOverlap
+from ..files import atomic_path, output_folder
 from ..hooks import zeroed_neurons
 from ..manifest import Manifest
 from ..mask import RANDOM, NeuronMask
@@ -327,19 +326,6 @@ def table_lines(report: AblationReport) -> list[str]:
         lines.append(f"{labels[row]:<{first}}" + "".join(f"{number(report.delta(row, lang), sign=True):>{width}}"
                                                         for lang in report.languages))
     return lines
-
-
-def output_folder(folder: str | Path) -> Path:
-    """The output folder, created and checked writable (before an hour of evaluation, not after)."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise RegistryError(f"Cannot write to {folder}: {exc.strerror or exc}.", fix="out",
-                            advice="Choose another output folder.") from exc
-    return folder
 
 
 def save_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:

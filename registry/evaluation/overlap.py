@@ -22,7 +22,7 @@ import csv
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +214,7 @@ class OverlapReport:
     per_layer: dict[str, list[int]]
     core: SharedCore
     selection: dict | None = None  # the selection parameters of the masks, when they record them
+    extra: dict = field(default_factory=dict)  # more results for the JSON (e.g. containment in another selection)
 
     def neurons(self, lang: str) -> int:
         return self.intersections[lang][lang]
@@ -242,6 +243,7 @@ class OverlapReport:
             "intersections": {a: {b: self.intersections[a][b] for b in self.languages} for a in self.languages},
             "jaccard": {a: {b: self.jaccard[a][b] for b in self.languages} for a in self.languages},
             "shared_core": self.core.to_json(),
+            **self.extra,
         }
 
     def table_lines(self) -> list[str]:
@@ -264,7 +266,7 @@ class OverlapReport:
     def save(self, folder: str | Path) -> dict[str, Path]:
         """overlap.json (everything), jaccard.csv, shared_core.csv, overlap.png (the Jaccard heatmap)
         and per_layer.png (neurons per layer per language), each written atomically."""
-        from .ablation import output_folder
+        from ..files import output_folder
 
         folder = output_folder(folder)
         paths = {kind: folder / name for kind, name in FILES.items()}
