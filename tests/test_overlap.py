@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from neuronreg.errors import MaskError
-from neuronreg.evaluation.overlap import (
+from neuronreg.manifest import load_manifest
+from neuronreg.mask import NeuronMask
+from neuronreg.store.overlap import (
     containment,
     intersection_counts,
     jaccard_matrix,
@@ -18,8 +20,6 @@ from neuronreg.evaluation.overlap import (
     per_layer,
     shared_core,
 )
-from neuronreg.manifest import load_manifest
-from neuronreg.mask import NeuronMask
 
 from support.cli import assert_one_line_error, neuron_file, run
 from support.tiny import TOP_RATE

@@ -51,7 +51,10 @@ def test_two_selections_side_by_side_locally_and_on_the_hub(planted, tmp_path, h
         assert list(zip(loaded["layer"], loaded["neuron"])) == rows(neuron_file(reg, "model", "ru", selection))
     published = hub.files("dataset", REPO)
     assert {"model/ru.parquet", "model/top50/ru.parquet", "model/top9.375/ru.parquet",
-            "model/counts/ru.parquet"} <= set(published)
+            "model/counts/ru.parquet", "model/overlap.png", "model/per_layer.png"} <= set(published)
+    card = hub.file_bytes("dataset", REPO, "README.md").decode()
+    assert "(model/overlap.png)" in card and "| top9.375: neurons (share of parameters) | top50:" in card
+    assert hub.file_bytes("dataset", REPO, "model/overlap.png")[:4] == b"\x89PNG"
     fetched = json.loads(run("fetch", "model", "ru", "--top-rate", 0.5, "--repo", REPO, "-q").output)
     assert [[n for n in layer] for layer in fetched["layers"]] == \
         [[n for layer, n in rows(neuron_file(reg, "model", "ru", "top50")) if layer == i] for i in range(2)]

@@ -41,9 +41,9 @@ def overlap_cmd(ctx, model, languages, out, selection, which_top_rate, against, 
         neuronreg overlap mistral-nemo --languages sw,mt,is,en --out overlap/ --json
         neuronreg overlap mistral-nemo --top-rate 0.01 --against 0.05 --out overlap/
     """
-    from ..evaluation.overlap import containment, overlap
     from ..files import output_folder
     from ..resolve import language_codes, resolve_model
+    from ..store.overlap import containment, overlap
 
     output_folder(out)
     manifest, reg = o.manifest(ctx), o.registry(registry)

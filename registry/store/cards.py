@@ -20,6 +20,8 @@ from .index import INDEX_KEY, RegistryIndex, SelectionEntry
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
 PLOT_NAME = "neurons_per_layer.png"
+OVERLAP_NAME = "overlap.png"  # the Jaccard heatmap of the default selection's languages
+PER_LAYER_NAME = "per_layer.png"
 PRETTY_NAME = "Language-specific neurons (LAPE)"
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]|#!~])")
 FEATURES = [{"name": "layer", "dtype": "int32"}, {"name": "neuron", "dtype": "int32"},
@@ -105,6 +107,7 @@ def model_card_entry(registry, model: str, *, remote: bool = False, plot: str | 
     return {"name": model, "model": record.model, "default": selections[0], "selections": selections,
             "languages": languages, "num_layers": record.model.num_layers,
             "intermediate_size": record.model.intermediate_size, "plot": plot,
+            "overlap_plot": None, "per_layer_plot": None,
             # rows for the table: per language, its neurons in each selection
             "table": [{"code": code,
                        "name": next(r["name"] for s in selections for r in s["languages"] if r["code"] == code),

@@ -28,7 +28,7 @@ from ..errors import HubError, MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, write_parquet
 from ..hubcalls import hub_error, hub_errors, retrying
 from ..mask import NeuronMask, read_mask_file
-from .cards import PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
+from .cards import OVERLAP_NAME, PER_LAYER_NAME, PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
 from .figures import neurons_per_layer_png
 from .index import INDEX_KEY, RegistryIndex, SelectionEntry, find_selection, percent
 from .local import CARD, COUNTS, LocalRegistry, read_card_metadata
@@ -261,6 +261,7 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
                 files[f"{model}/{COUNTS}/{lang}.parquet"] = path
             entry = model_card_entry(registry, model, remote=True, plot=f"{model}/{PLOT_NAME}")
             files[f"{model}/{PLOT_NAME}"] = neurons_per_layer_png(entry, staging / model / PLOT_NAME)
+            files.update(_overlap_figures(registry, model, staging, entry))
             entries.append(entry)
         # Models already in the repo but not published now stay on the card.
         kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging)
@@ -300,6 +301,22 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
         with hub_errors(repo_id):
             api.create_tag(repo_id, tag=tag, revision=result.commit, repo_type=REPO_TYPE, exist_ok=False)
     return result
+
+
+def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: dict) -> dict[str, Path]:
+    """The overlap heatmap and neurons-per-layer plot of the model's default selection, for the card."""
+    from ..manifest import load_manifest
+    from .overlap import overlap
+
+    default = registry.default_selection(model)
+    masks = registry.read_masks(model, default.languages, default.name)
+    if len(masks) < 2:
+        return {}
+    report = overlap(masks, load_manifest())
+    names = {"overlap": f"{model}/{OVERLAP_NAME}", "per_layer": f"{model}/{PER_LAYER_NAME}"}
+    report.draw(staging / names["overlap"], staging / names["per_layer"])
+    entry["overlap_plot"], entry["per_layer_plot"] = names["overlap"], names["per_layer"]
+    return {path: staging / path for path in names.values()}
 
 
 def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path):

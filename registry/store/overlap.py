@@ -287,7 +287,7 @@ class OverlapReport:
 
     def draw(self, heatmap_path: str | Path, per_layer_path: str | Path) -> tuple[Path, Path]:
         """The Jaccard heatmap (languages grouped by script) and the neurons-per-layer plot."""
-        from ..store.figures import jaccard_heatmap, per_layer_lines
+        from .figures import jaccard_heatmap, per_layer_lines
 
         order = self.grouped
         scripts = [self.groups[lang].script or "?" for lang in order]
