@@ -368,6 +368,9 @@ class LocalRegistry:
                          "Selection")
         with self._card_lock():
             old = self.index()
+            same = self._unchanged(model, name, masks, default)
+            if same is not None:  # selecting again what is there: nothing to write, nothing to publish
+                return same
             folder = self._next_version(model, name)
             try:
                 folder.mkdir(parents=True)
@@ -387,6 +390,31 @@ class LocalRegistry:
                 raise
             self._collect(model, new)
         return entry
+
+    def _unchanged(self, model: str, name: str, masks: dict[str, NeuronMask], default: bool) -> SelectionEntry | None:
+        """The stored selection ``name`` when it holds exactly ``masks`` (the same neurons, scores and
+        provenance but for creation times), else None."""
+        index = self.index()
+        entry = next((e for e in index.entries(model) if e.name == name), None)
+        if entry is None or sorted(entry.languages) != sorted(masks) or (default and index.models[model].default
+                                                                         != name):
+            return None
+        if not VERSION_DIR.match(entry.path.rsplit("/", 1)[-1]):
+            return None  # neuronreg 0.1's layout: written again, in the current one
+
+        def content(mask: NeuronMask):
+            record = mask.provenance.to_dict()
+            record.pop("created", None)
+            for counts in record.get("counts", {}).values():
+                counts.pop("created", None)
+            return (mask, None if mask.entropy is None else mask.entropy.tolist(),
+                    None if mask.activation_prob is None else mask.activation_prob.tolist(), record)
+
+        try:
+            stored = {lang: self.read_mask(model, lang, name) for lang in masks}
+        except (MaskError, RecordError, RegistryError):
+            return None
+        return entry if all(content(stored[lang]) == content(mask) for lang, mask in masks.items()) else None
 
     def set_default(self, model: str, selection: str) -> SelectionEntry:
         with self._card_lock():
