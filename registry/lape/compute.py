@@ -331,12 +331,16 @@ def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams
                          activation_bar_ratio=params.activation_bar_ratio,
                          filter_threshold=selection.filter_threshold, activation_bar=selection.activation_bar,
                          selected_total=selection.selected, tie_break=TIE_BREAK)
-    counts = {lang: CountSummary(tokens=r.tokens, corpus=r.corpus, seq_len=r.seq_len, dtype=r.dtype,
-                                 revision=r.model.revision, created=r.created) for lang, r in records.items()}
     model_info = records[chosen[0]].model
     for lang in chosen:
+        # Its own counts in full; of the other languages, the token totals the selection divided by (the
+        # whole summary in every file would grow with the square of the languages: 70 KB a file at 128).
+        own = records[lang]
+        counts = {code: CountSummary(tokens=r.tokens) for code, r in records.items()}
+        counts[lang] = CountSummary(tokens=own.tokens, corpus=own.corpus, seq_len=own.seq_len, dtype=own.dtype,
+                                    revision=own.model.revision, created=own.created)
         mask = selection.neurons[lang]
-        mask.provenance = NeuronsRecord(model=model_info, language=records[lang].language, selection=info,
+        mask.provenance = NeuronsRecord(model=model_info, language=own.language, selection=info,
                                         num_neurons=len(mask), counts=counts)
         mask.source = {"registry": str(registry.root)}
     selection.entry = registry.write_selection(name, selection.neurons, over=chosen if languages else None,
