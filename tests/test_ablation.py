@@ -112,10 +112,17 @@ def test_own_ablation_raises_own_loss_and_not_the_others(planted, tmp_path):
             else:
                 assert abs(cell["delta_loss"]) < 0.01, (row, column, cell)
         verdict = report["summary"][row]
-        assert verdict["suffers_most"] and verdict["hurt_most_by_own"]
+        assert verdict["own_hurts_most"] and verdict["hurts_own_most"]
         assert verdict["ratio"] is None or verdict["ratio"] > 100
+        assert verdict["own_relative"] == pytest.approx(report["ablated"][row][row]["relative_perplexity_change"])
         assert f"{row}: own neurons off: perplexity" in result.stdout
-    assert result.stdout.count("suffers most: yes") == 3
+    assert result.stdout.count("of all masks its own hurts it most: yes") == 3
+    assert result.stdout.count("more than any other language: yes") == 3
+    assert "Of 3 languages, 3 are hurt most by their own mask" in result.stdout
+
+    # The columns keep the order the user gave.
+    again = ablate(planted, tmp_path / "out-order", "--languages", "el,en")
+    assert again.stdout.splitlines()[0].split() == ["perplexity", "el", "en"]
     assert "Wrote" not in result.stdout  # status goes to stderr
 
     # Every held-out token is predicted once; with one character per token, characters = tokens.

@@ -83,28 +83,45 @@ def matched_counts(masks) -> list[int]:
 # -- the job ----------------------------------------------------------------------------------------
 @dataclass
 class Verdict:
-    """Does switching off a language's neurons hurt that language more than the others?"""
+    """Does switching off a language's neurons hurt that language, and more than anything else?
+
+    Changes are RELATIVE (ablated / baseline perplexity - 1): baselines differ by an order of
+    magnitude between languages, so absolute changes would favour the languages the model knows
+    worst. Two questions, answered separately:
+
+    * column-wise, the one researchers ask: of all the masks (the random one too), is X's own the
+      one that hurts X most? (``own_hurts_most``, with the strongest rival);
+    * row-wise: does X's own mask hurt X more than it hurts any other language?
+      (``hurts_own_most``, with the language it hurts most otherwise).
+    """
 
     language: str
-    own_increase: float  # perplexity change of the language under its own ablation
-    others_mean_increase: float | None  # mean perplexity change of the other languages under it
-    ratio: float | None  # own / others' mean; None when the others' mean is not > 0
-    suffers_most: bool  # its own change is larger than every other language's under its ablation
-    hurt_most_by_own: bool  # no other mask (nor the random one) raises its perplexity as much
-    random_increase: float | None
-    loss_ratio: float | None  # the same ratio on loss changes (scale free: log of perplexity ratios)
+    own_increase: float  # perplexity change of the language under its own ablation (absolute)
+    own_relative: float  # the same, relative to the baseline
+    others_mean_increase: float | None  # mean absolute perplexity change of the other languages under it
+    ratio: float | None  # own / others' mean, absolute changes; None when the others' mean is not > 0
+    relative_ratio: float | None  # the same on relative changes
+    own_hurts_most: bool  # column-wise: no other mask (nor the random one) raises X's perplexity as much
+    strongest_rival: str | None  # the other mask that raises X's perplexity most
+    rival_relative: float | None
+    hurts_own_most: bool  # row-wise: X's mask raises X's perplexity more than any other language's
+    most_hurt_other: str | None  # the other language X's mask hurts most
+    other_relative: float | None
+    random_relative: float | None
+    loss_ratio: float | None  # own / others' mean on loss changes (log of perplexity ratios)
 
     def line(self, baseline: float, ablated: float) -> str:
-        others = "no other language" if self.others_mean_increase is None else (
-            f"others {number(self.others_mean_increase, sign=True)} on average")
-        if self.ratio is not None:
-            ratio = number(self.ratio)
-        else:
-            ratio = "n/a" if self.others_mean_increase is None else "n/a (the others do not rise on average)"
-        control = "" if self.random_increase is None else f"; random neurons {number(self.random_increase, sign=True)}"
-        most = "n/a" if self.others_mean_increase is None else "yes" if self.suffers_most else "NO"
+        def pct(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:+.3g}%"
+
+        column = "n/a" if self.strongest_rival is None else (
+            f"{'yes' if self.own_hurts_most else 'NO'} (next: {self.strongest_rival} {pct(self.rival_relative)})")
+        row = "n/a" if self.most_hurt_other is None else (
+            f"{'yes' if self.hurts_own_most else 'NO'} (next: {self.most_hurt_other} {pct(self.other_relative)})")
+        control = "" if self.random_relative is None else f"; random neurons {pct(self.random_relative)}"
         return (f"{self.language}: own neurons off: perplexity {number(baseline)} -> {number(ablated)} "
-                f"({number(self.own_increase, sign=True)}), {others}, ratio {ratio}; suffers most: {most}{control}")
+                f"({pct(self.own_relative)}); of all masks its own hurts it most: {column}; its mask hurts it "
+                f"more than any other language: {row}{control}")
 
 
 def number(value: float, sign: bool = False) -> str:
@@ -137,28 +154,47 @@ class AblationReport:
     def delta(self, row: str, column: str, measure: str = "perplexity") -> float:
         return getattr(self.ablated[row][column], measure) - getattr(self.baseline[column], measure)
 
+    def relative(self, row: str, column: str) -> float:
+        """Relative perplexity change of ``column`` with the neurons of ``row`` switched off."""
+        return self.ablated[row][column].perplexity / self.baseline[column].perplexity - 1
+
     def verdicts(self) -> dict[str, Verdict]:
         result = {}
         for lang in self.languages:
-            own = self.delta(lang, lang)
-            others = [self.delta(lang, other) for other in self.languages if other != lang]
-            others_loss = [self.delta(lang, other, "loss") for other in self.languages if other != lang]
-            mean = sum(others) / len(others) if others else None
-            mean_loss = sum(others_loss) / len(others_loss) if others_loss else None
-            rivals = [self.delta(row, lang) for row in self.rows if row != lang]
+            others = [other for other in self.languages if other != lang]
+            mean = sum(self.delta(lang, o) for o in others) / len(others) if others else None
+            mean_relative = sum(self.relative(lang, o) for o in others) / len(others) if others else None
+            mean_loss = sum(self.delta(lang, o, "loss") for o in others) / len(others) if others else None
+            own_relative = self.relative(lang, lang)
+            rivals = {row: self.relative(row, lang) for row in self.rows if row != lang}
+            rival = max(rivals, key=rivals.get) if rivals else None
+            hurt = {other: self.relative(lang, other) for other in others}
+            other = max(hurt, key=hurt.get) if hurt else None
             result[lang] = Verdict(
-                lang, own, mean,
-                own / mean if mean is not None and mean > 0 else None,
-                bool(others) and own > max(others),
-                own > max(rivals, default=-math.inf),
-                self.delta(RANDOM, lang) if RANDOM in self.ablated else None,
-                self.delta(lang, lang, "loss") / mean_loss if mean_loss is not None and mean_loss > 0 else None,
+                language=lang, own_increase=self.delta(lang, lang), own_relative=own_relative,
+                others_mean_increase=mean,
+                ratio=self.delta(lang, lang) / mean if mean is not None and mean > 0 else None,
+                relative_ratio=own_relative / mean_relative if mean_relative is not None and mean_relative > 0
+                else None,
+                own_hurts_most=rival is None or own_relative > rivals[rival], strongest_rival=rival,
+                rival_relative=rivals.get(rival), hurts_own_most=other is None or own_relative > hurt[other],
+                most_hurt_other=other, other_relative=hurt.get(other),
+                random_relative=self.relative(RANDOM, lang) if RANDOM in self.ablated else None,
+                loss_ratio=self.delta(lang, lang, "loss") / mean_loss if mean_loss is not None and mean_loss > 0
+                else None,
             )
         return result
 
     def summary_lines(self) -> list[str]:
-        return [verdict.line(self.baseline[lang].perplexity, self.ablated[lang][lang].perplexity)
-                for lang, verdict in self.verdicts().items()]
+        verdicts = self.verdicts()
+        lines = [verdict.line(self.baseline[lang].perplexity, self.ablated[lang][lang].perplexity)
+                 for lang, verdict in verdicts.items()]
+        if len(verdicts) > 1:
+            column = sum(v.own_hurts_most for v in verdicts.values())
+            row = sum(v.hurts_own_most for v in verdicts.values())
+            lines.append(f"Of {len(verdicts)} languages, {column} are hurt most by their own mask (of all masks, "
+                         f"relative change), and {row} languages' masks hurt their own language more than any other.")
+        return lines
 
     def to_json(self) -> dict:
         return {
