@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from baselines import SeedSplice  # noqa: E402  (the scripts folder is on sys.path)
 
 MODES = ("full", "masked", "seed", "sparse")
 
@@ -55,24 +55,6 @@ def build(args):
     per_layer = [(chosen[chosen // args.intermediate == layer] % args.intermediate).sort().values
                  for layer in range(args.layers)]
     return model, per_layer
-
-
-class SeedSplice(nn.Module):
-    """The seed paper's way: slices as Parameters, spliced into a clone of the full matrix per forward."""
-
-    def __init__(self, base: nn.Linear, index: torch.Tensor, dim: int):
-        super().__init__()
-        self.base, self.dim = base, dim
-        self.register_buffer("index", index)
-        self.trainable = nn.Parameter(base.weight.detach().index_select(dim, index).clone())
-
-    def forward(self, x):
-        weight = self.base.weight.clone()
-        if self.dim == 0:
-            weight[self.index] = self.trainable
-        else:
-            weight[:, self.index] = self.trainable
-        return F.linear(x, weight)
 
 
 def prepare(mode: str, model, per_layer):

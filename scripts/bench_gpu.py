@@ -47,8 +47,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from baselines import SeedSplice  # noqa: E402  (the scripts folder is on sys.path)
 
 # The issue's figures (one H100, Llama-3.1-8B shape, random bf16 weights): the baseline to beat.
 ISSUE_BASELINE = {
@@ -215,25 +215,6 @@ def counting(model, args, device: torch.device, clock: Clock) -> dict:
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------------
-class SeedSplice(nn.Module):
-    """The seed paper's way: the selected slices are Parameters, spliced into a clone of the full matrix
-    on every forward."""
-
-    def __init__(self, base: nn.Linear, index: torch.Tensor, dim: int):
-        super().__init__()
-        self.base, self.dim = base, dim
-        self.register_buffer("index", index.to(base.weight.device))
-        self.trainable = nn.Parameter(base.weight.detach().index_select(dim, self.index).clone())
-
-    def forward(self, x):
-        weight = self.base.weight.clone()
-        if self.dim == 0:
-            weight[self.index] = self.trainable
-        else:
-            weight[:, self.index] = self.trainable
-        return F.linear(x, weight)
-
-
 def random_mask(config, rate: float) -> list[torch.Tensor]:
     layers, inter = config.num_hidden_layers, config.intermediate_size
     total = layers * inter
