@@ -325,3 +325,57 @@ def test_release_uploads_delta_and_card_and_loads_from_the_hub(setup, tmp_path, 
     local = load_sparse_model(out, merge=True)
     for name, w in local.state_dict().items():
         assert torch.equal(w, remote.state_dict()[name]) and torch.equal(w, merged.state_dict()[name]), name
+
+
+# -- bfloat16 must not eat the training ---------------------------------------------------------------------
+def test_dense_baseline_in_bfloat16_updates_float32_master_weights(setup, tmp_path):
+    """lr 1e-4 on bfloat16 weights of magnitude ~0.5 (spacing 2e-3 to 4e-3): updated in place, every step
+    would round away; float32 masters keep them, and merge_dtype float32 saves them."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ffn"
+    result = train(setup, "llama", out, subset="ffn", steps=4, eval_every=2, lr=1e-4, dtype="bfloat16",
+                   merge_dtype="float32")
+    assert result.config.training.master_dtype == "float32"
+    merge = result.config.merge
+    assert (merge.operation, merge.dtype, merge.elements, merge.lost) == ("save", "float32", None, 0)
+    start = AutoModelForCausalLM.from_pretrained(setup / "llama", dtype=torch.bfloat16).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert next(iter(saved.values())).dtype == torch.float32
+    steps = result.config.best_step
+    for name, w in saved.items():
+        change = w - start[name].float()
+        if ".mlp." in name:
+            assert (change != 0).float().mean() > 0.9, name  # without masters: only the tiniest weights move
+            assert change.abs().max() <= steps * 1e-4 * 1.01 + 1e-6, name  # an Adam step moves at most ~lr
+        else:
+            assert torch.equal(change, torch.zeros_like(change)), name
+
+
+def test_saving_and_merging_in_bfloat16_report_what_rounds_away(setup, tmp_path):
+    common = ("--data", setup / "texts", "--steps", 2, "--seq-len", 32, "--eval-every", 1, "--lr", 1e-4,
+              "--dtype", "bfloat16")
+    dense = run("finetune", setup / "llama", "en", "--subset", "ffn", "--out", tmp_path / "ffn", *common)
+    assert "Saved the float32 trained weights in bfloat16:" in dense.stderr and "rounded away" in dense.stderr
+    merge = json.loads((tmp_path / "ffn" / "neuronreg_delta.json").read_text())["merge"]
+    assert merge["operation"] == "save" and merge["lost_share"] > 0.5
+
+    lape = run("finetune", setup / "llama", "en", "--mask", setup / "reg", "--merged", "--out", tmp_path / "bf16",
+               *common)
+    merge = json.loads((tmp_path / "bf16" / "neuronreg_delta.json").read_text())["merge"]
+    assert merge["dtype"] == "bfloat16" and merge["elements"] == 8 * 3 * 32 and merge["lost_share"] > 0.01
+    assert "Merged into bfloat16:" in lape.stderr and "lose part of the training" in lape.stderr  # the warning
+
+    exact = run("finetune", setup / "llama", "en", "--mask", setup / "reg", "--merged", "--merge-dtype", "float32",
+                "--out", tmp_path / "f32", *common)
+    merge = json.loads((tmp_path / "f32" / "neuronreg_delta.json").read_text())["merge"]
+    assert merge["dtype"] == "float32" and merge["lost"] == 0 and merge["relative_error"] < 1e-3
+    assert "Merged into float32: 0.00%" in exact.stderr and "lose part" not in exact.stderr
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(setup / "llama", dtype=torch.bfloat16).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "f32" / "merged").state_dict()
+    deltas = load_file(str(tmp_path / "f32" / "delta.safetensors"))
+    rows = merged["model.layers.0.mlp.gate_proj.weight"][EN[0]] - base["model.layers.0.mlp.gate_proj.weight"][EN[0]]
+    assert merged["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float32
+    torch.testing.assert_close(rows, deltas["model.layers.0.mlp.gate_delta"], rtol=0, atol=1e-7)

@@ -13,6 +13,8 @@ from ..errors import NeuronregError, UnknownLanguage, UnknownModel
 
 # fix -> hint, in CLI terms.
 HINTS = {
+    "adapter_options": "Drop --lora-r/--lora-alpha/--lora-dropout/--target-modules, or pass --subset lora (or ia3 "
+                       "for --target-modules).",
     "again": "Run publish again.",
     "base": "Pass --base with the folder (or Hub id) of that model.",
     "busy": "Wait for it to finish; if it died on another machine, delete its lock file.",
@@ -28,6 +30,7 @@ HINTS = {
     "manifest": "Check --manifest or $NEURONREG_MANIFEST.",
     "mask_model": "Use the mask of this model (or --name to pick the registry entry).",
     "memory": "Use a smaller --dtype, or a machine with more memory.",
+    "merge_dtype": "Add --merged, or drop --merge-dtype.",
     "model_size": "Pass --layers and --intermediate-size (and --hidden-size for the share of parameters).",
     "model_source": "Give the model's Hub id or local folder as MODEL.",
     "models": "Give a manifest alias ('neuronreg models'), a Hub id like org/name, a local folder, or a name "
@@ -48,6 +51,8 @@ HINTS = {
     "selection": "Choose one with --selection NAME or --top-rate RATE ('neuronreg ls' lists them).",
     "selection_name": "Choose one with --selection NAME ('neuronreg ls' lists them).",
     "tag": "Choose another --tag.",
+    "target_modules": "Name linear projections of the model with --target-modules a,b,c, or leave it out for the "
+                      "MLP projections.",
     "text_field": "Name the column with --text-field.",
     "upgrade": "Upgrade neuronreg (pip install -U neuronreg).",
     "write_token": "Use a token with write access (--token).",

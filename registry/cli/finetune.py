@@ -11,6 +11,11 @@ from . import _options as o
 from ._output import result, setup_logging, status
 
 
+def merge_dtype_option(help: str):
+    return click.option("--merge-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                        help=help)
+
+
 @click.command(name="finetune")
 @click.argument("model")
 @click.argument("language")
@@ -22,9 +27,20 @@ from ._output import result, setup_logging, status
               help="Registry folder holding the language's neurons, or one mask file (.parquet/.json/.safetensors, "
                    "as neuronreg fetch -o writes) [default: --registry].")
 @o.which_selection_options
-@click.option("--subset", type=click.Choice(["lape", "random", "ffn", "full"]), default="lape", show_default=True,
+@click.option("--subset", type=click.Choice(["lape", "random", "ffn", "full", "lora", "ia3"]), default="lape",
+              show_default=True,
               help="lape: the language's neurons; random: as many per layer, drawn with --seed; ffn: all MLP "
-                   "weights; full: all weights.")
+                   "weights; full: all weights; lora / ia3: a PEFT adapter on the MLP projections (baselines).")
+@click.option("--lora-r", type=click.IntRange(min=1), default=None, show_default="32",
+              help="LoRA rank (--subset lora).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=None, show_default="64",
+              help="LoRA alpha (scaling alpha / r) (--subset lora).")
+@click.option("--lora-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              show_default="0.1", help="Dropout on the LoRA input (--subset lora).")
+@click.option("--target-modules", default=None, metavar="A,B,C",
+              help="Modules the lora / ia3 adapter adapts, as PEFT matches them (a module name or its ending) "
+                   "[default: the MLP projections: gate_proj,up_proj,down_proj for gated MLPs, the two "
+                   "projections of plain ones].")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Optimizer steps.")
 @o.batch_size_option(2, help="Rows per micro-batch.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
@@ -56,15 +72,17 @@ from ._output import result, setup_logging, status
               help="Spread a model too large for one GPU over all GPUs (needs accelerate); each delta lives on "
                    "its layer's GPU. (For several GPUs data-parallel, start with torchrun instead.)")
 @click.option("--merged", is_flag=True, help="Also save the merged full model (save_pretrained) in OUT/merged.")
+@merge_dtype_option("Dtype of the merged weights (--merged) and of a dense run's saved weights "
+                    "[default: the model's --dtype]; float32 keeps every bit of the training.")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run.")
 @o.model_source_options
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, steps, batch_size,
-                 grad_accum, seq_len, tokens, lr, weight_decay, clip, schedule, warmup_steps, eval_every, eval_data,
-                 checkpoint_every, seed, dtype, device, gradient_checkpointing, chunked_loss, device_map, merged,
-                 overwrite, text_field, name,
+def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, lora_r, lora_alpha,
+                 lora_dropout, target_modules, steps, batch_size, grad_accum, seq_len, tokens, lr, weight_decay, clip,
+                 schedule, warmup_steps, eval_every, eval_data, checkpoint_every, seed, dtype, device,
+                 gradient_checkpointing, chunked_loss, device_map, merged, merge_dtype, overwrite, text_field, name,
                  trust_remote_code, token, registry, quiet):
     """Train only LANGUAGE's neurons of MODEL on its text (sparse fine-tuning), or a baseline subset.
 
@@ -74,6 +92,12 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
     neuronreg_delta.json; an interrupted run resumes from its last checkpoint when the same
     command is run again. Load the result with neuronreg.load_sparse_model(OUT).
 
+    The seed paper's baselines: --subset random, ffn, full, and lora / ia3 (a PEFT adapter on the
+    MLP projections; OUT holds adapter_config.json and adapter_model.safetensors, which
+    peft.PeftModel.from_pretrained loads). Whatever --dtype, the optimizer updates float32
+    weights (deltas, adapters, or float32 master copies of dense weights). --merged reports what
+    merging into --merge-dtype rounded away.
+
     Under torchrun, every process trains on its share of each batch (--batch-size rows each) and
     only the trained weights' gradients are exchanged; rank 0 writes the run folder.
 
@@ -81,6 +105,9 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
     Example:
         neuronreg finetune ./my-model sw --mask ./reg --data ./texts --steps 200 --out runs/sw
         neuronreg finetune ./my-model sw --subset random --mask ./reg --data ./texts --out runs/sw-rand
+        neuronreg finetune ./my-model sw --subset lora --lora-r 32 --data ./texts --out runs/sw-lora
+        neuronreg finetune ./my-model sw --dtype bfloat16 --merged --merge-dtype float32 --mask ./reg \\
+            --data ./texts --out runs/sw-bf16
         neuronreg finetune llama-3.1-8b mt --data ./texts --seq-len 512 --grad-accum 8 --merged --out runs/mt
         torchrun --nproc-per-node 8 -m neuronreg finetune llama-3.1-8b mt --data ./texts --out runs/mt
     """
@@ -92,7 +119,9 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
         seq_len=seq_len, tokens=o.tokens(tokens), lr=lr, weight_decay=weight_decay, clip=clip,
         warmup_steps=warmup_steps, schedule=schedule, eval_every=eval_every, eval_data=eval_data,
         checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, device=device,
-        gradient_checkpointing=gradient_checkpointing, text_field=text_field, merged=merged)
+        gradient_checkpointing=gradient_checkpointing, text_field=text_field, merged=merged, merge_dtype=merge_dtype,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=(o.names(target_modules) or []) if target_modules is not None else None)
     source = Path(mask_source) if mask_source and Path(mask_source).is_file() else o.registry(mask_source or registry)
     run = finetune(model, language, manifest=o.manifest(ctx), registry=source, settings=settings, name=name,
                    overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code, token=token,
@@ -107,6 +136,8 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
         result(f"{point['step']:>6} {train:>10} {point['val_loss']:>10.4f}")
     status(quiet, f"Trained {config.trainable_parameters:,} weights ({100 * config.trainable_share:.3f}% of the "
                   f"model, subset {config.subset}); best validation loss at step {config.best_step}; wrote {run.out}")
+    if config.merge is not None:
+        status(quiet, config.merge.describe())
 
 
 @click.command(name="evaluate")
@@ -154,16 +185,19 @@ def evaluate_cmd(ctx, run, data, languages, tokens, seq_len, batch_size, dtype, 
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @o.repo_option(required=True, help="Model repo on the Hub (org/name); created if missing.")
 @click.option("--merged", is_flag=True, help="Also upload the merged full model at the repo root (for serving).")
+@merge_dtype_option("Dtype of the merged weights (--merged) [default: as RUN/merged was merged, else the "
+                    "model's dtype]; float32 keeps every bit of the training.")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("-m", "--message", default=None, help="Commit message.")
 @o.token_option
 @o.quiet_option
-def release_cmd(run, repo, merged, private, message, token, quiet):
+def release_cmd(run, repo, merged, merge_dtype, private, message, token, quiet):
     """Publish a finetune run to a Hub model repo in ONE commit: delta, its JSON and a model card.
 
     With --merged the merged full model (config.json, safetensors, tokenizer) goes to the repo root
-    too, so transformers and serving engines load the repo directly.
-    neuronreg.load_sparse_model(REPO) downloads only the delta and applies it to the base model.
+    too, so transformers and serving engines load the repo directly; what merging rounded away is
+    reported. neuronreg.load_sparse_model(REPO) downloads only the delta and applies it to the
+    base model. A lora / ia3 run is published as a PEFT adapter repo (in adapter/ with --merged).
 
     \b
     Example:
@@ -173,7 +207,10 @@ def release_cmd(run, repo, merged, private, message, token, quiet):
     from ..finetune.release import release
 
     setup_logging(quiet)
-    outcome = release(run, repo, merged=merged, private=private, token=token, message=message)
+    outcome = release(run, repo, merged=merged, private=private, token=token, message=message,
+                      merge_dtype=merge_dtype)
+    if outcome.merge is not None:
+        status(quiet, outcome.merge.describe())
     status(quiet, f"Uploaded {len(outcome.files)} file(s) in one commit: {', '.join(outcome.files)}")
     result(outcome.url or f"{repo}@{outcome.commit}")
 

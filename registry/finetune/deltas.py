@@ -10,8 +10,9 @@ each projection is wrapped so that its output gets the delta's contribution adde
     second: y = base(h) + h[..., idx] @ delta.T
 
 so gradients and optimizer state exist only for ``[k_l, hidden]`` blocks, and the gradient of a
-delta equals the gradient of the dense weight restricted to those rows/columns. Merging adds the
-blocks into the base weights with ``index_add_``: only the selected rows/columns change.
+delta equals the gradient of the dense weight restricted to those rows/columns. Merging writes
+``base + delta`` (computed in float32, rounded once into the weights' dtype) into the selected
+rows/columns only, and measures what the rounding lost (:mod:`.merging`).
 
 Deltas are float32 (a small master copy) whatever the model's dtype; they are cast to the
 activations' dtype in the forward pass.
@@ -36,6 +37,8 @@ from ..errors import MaskError
 from ..files import atomic_path
 from ..layouts import BY_NAME as LAYOUTS
 from ..models import MLPSite, find_mlp_sites
+from .config import MergeInfo
+from .merging import MergeTally
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -78,16 +81,13 @@ class RowDelta(_Wrapped):
         # out-of-place index_add would copy the whole [tokens, I] output in every forward.
         return y.index_add_(-1, self.index, extra.to(y.dtype))
 
-    def merge_into_base(self) -> nn.Module:
-        with torch.no_grad():
-            w = self.base.weight
-            delta = self.delta.to(w.dtype)
-            if _is_conv1d(self.base):
-                w.index_add_(1, self.index, delta.T)
-            else:
-                w.index_add_(0, self.index, delta)
-            if self.bias_delta is not None:
-                self.base.bias.index_add_(0, self.index, self.bias_delta.to(w.dtype))
+    def merge_into_base(self, tally: MergeTally | None = None) -> nn.Module:
+        if _is_conv1d(self.base):
+            _merge_block(self.base.weight, 1, self.index, self.delta.T, tally)
+        else:
+            _merge_block(self.base.weight, 0, self.index, self.delta, tally)
+        if self.bias_delta is not None:
+            _merge_block(self.base.bias, 0, self.index, self.bias_delta, tally)
         return self.base
 
 
@@ -105,15 +105,25 @@ class ColumnDelta(_Wrapped):
         y = self.base(h)
         return y.add_((h.index_select(-1, self.index) @ self.delta.to(h.dtype).T).to(y.dtype))
 
-    def merge_into_base(self) -> nn.Module:
-        with torch.no_grad():
-            w = self.base.weight
-            delta = self.delta.to(w.dtype)
-            if _is_conv1d(self.base):
-                w.index_add_(0, self.index, delta.T)
-            else:
-                w.index_add_(1, self.index, delta)
+    def merge_into_base(self, tally: MergeTally | None = None) -> nn.Module:
+        if _is_conv1d(self.base):
+            _merge_block(self.base.weight, 0, self.index, self.delta.T, tally)
+        else:
+            _merge_block(self.base.weight, 1, self.index, self.delta, tally)
         return self.base
+
+
+def _merge_block(weight: torch.Tensor, dim: int, index: torch.Tensor, delta: torch.Tensor,
+                 tally: MergeTally | None) -> None:
+    """Rows (``dim`` 0) or columns (1) ``index`` of ``weight`` become base + delta, summed in float32 and
+    rounded once into the weight's dtype."""
+    with torch.no_grad():
+        block = weight.index_select(dim, index)
+        delta = delta.detach().to(device=block.device, dtype=torch.float32)
+        merged = (block.float() + delta).to(weight.dtype)
+        if tally is not None:
+            tally.add(block, merged, change=delta)
+        weight.index_copy_(dim, index, merged)
 
 
 @dataclass
@@ -219,12 +229,25 @@ def attach_deltas(model: nn.Module, per_layer: list[torch.Tensor], sites: list[M
     return layers
 
 
-def merge_deltas(layers: list[LayerDelta]) -> None:
-    """Add every delta into its base weight and put the plain projections back: a plain model again."""
+def merge_deltas(layers: list[LayerDelta], dtype: torch.dtype | None = None) -> MergeInfo | None:
+    """Add every delta into its base weight and put the plain projections back: a plain model again.
+
+    The wrapped projections' weights are first stored in ``dtype`` (None: as they are); each merged row
+    or column is base + delta summed in float32 and rounded once. Returns what the rounding lost (None
+    when there was no layer). The rest of the model keeps its dtype: cast it with ``model.to(dtype)``.
+    """
+    if not layers:
+        return None
+    wrappers = [w for layer in layers for _, w in [*layer.first, layer.second]]
+    dtype = dtype or wrappers[0].base.weight.dtype
+    tally = MergeTally(dtype)
     for layer in layers:
-        mlp_wrappers = [*layer.first, layer.second]
-        for name, wrapper in mlp_wrappers:
-            setattr(layer.mlp, name, wrapper.merge_into_base())
+        for name, wrapper in [*layer.first, layer.second]:
+            with torch.no_grad():
+                for p in wrapper.base.parameters():
+                    p.data = p.data.to(dtype)
+            setattr(layer.mlp, name, wrapper.merge_into_base(tally))
+    return tally.info()
 
 
 def delta_tensors(layers: list[LayerDelta]) -> dict[str, torch.Tensor]:
@@ -250,8 +273,10 @@ def per_layer_from_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, s
     return per_layer
 
 
-def apply_delta_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], merge: bool = False) -> list[LayerDelta]:
-    """Put a saved delta on ``model``: as trainable wrappers, or merged into the weights (``merge``)."""
+def apply_delta_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], merge: bool = False,
+                        dtype: torch.dtype | None = None) -> list[LayerDelta] | MergeInfo | None:
+    """Put a saved delta on ``model``: as trainable wrappers (returned), or merged into the weights
+    (``merge``, stored in ``dtype``; returns what the rounding lost)."""
     sites = find_mlp_sites(model)
     per_layer = per_layer_from_tensors(tensors, model, sites)
     layers = attach_deltas(model, per_layer, sites)
@@ -265,8 +290,7 @@ def apply_delta_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], merg
                                 f"{tuple(tensor.shape)}; the delta is for another model.")
         layer.load_blocks(tensors)
     if merge:
-        merge_deltas(layers)
-        return []
+        return merge_deltas(layers, dtype)
     return layers
 
 

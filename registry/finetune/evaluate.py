@@ -37,8 +37,10 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | Non
     """Perplexity and bits per character per language, before (base model) and after (base + delta) a
     run, on held-out text, measured exactly as ``ablate`` measures them (:mod:`..evaluation.heldout`).
 
-    The tuned model is measured UNMERGED (the base weights plus the float32 deltas in the forward
-    pass), which is exact in every dtype; dense baselines load their saved weights.
+    The tuned model is measured UNMERGED (the base weights plus the float32 deltas, or the float32 PEFT
+    adapter of a lora / ia3 run, in the forward pass), which loses nothing to merging in any dtype; dense
+    baselines load their saved weights in the run's dtype (their float32 master weights rounded as the
+    training's own forward passes used them).
     """
     folder = Path(folder)
     config = read_run_config(folder)

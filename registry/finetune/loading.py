@@ -1,4 +1,5 @@
-"""Loading what a fine-tuning run made: its base model, and the base with the run's delta applied."""
+"""Loading what a fine-tuning run made: its base model, and the base with the run's delta (or PEFT
+adapter) applied, unmerged or merged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from pathlib import Path
 from ..errors import FinetuneError, UnknownModel
 from ..hubcalls import hub_errors
 from ..resolve import ModelRef
-from .config import CONFIG_FILE, DELTA_FILE, FULL_MODEL_DIR, RunConfig, read_run_config
+from .config import (
+    ADAPTER_DIR,
+    ADAPTER_FILES,
+    CONFIG_FILE,
+    DELTA_FILE,
+    FULL_MODEL_DIR,
+    MERGE_DTYPES,
+    RunConfig,
+    read_run_config,
+)
 
 log = logging.getLogger("neuronreg")
 REPO_TYPE = "model"
@@ -67,17 +77,21 @@ def run_folder(folder: str | Path, *, token: str | None = None) -> Path:
 
 def load_sparse_model(folder: str | Path, *, merge: bool = False, dtype: str | None = None,
                       device: str | None = None, token: str | None = None, trust_remote_code: bool = False,
-                      base: str | Path | None = None, allow_other_base: bool = False):
-    """The base model of a ``neuronreg finetune`` run with the run's delta applied.
+                      base: str | Path | None = None, allow_other_base: bool = False,
+                      merge_dtype: str | None = None):
+    """The base model of a ``neuronreg finetune`` run with the run's delta (or adapter) applied.
 
     The base comes from the local folder recorded in the run when it still exists (and still holds the
     same weights), else from the Hub id at the recorded revision. Without ``merge`` the deltas stay
-    separate (wrappers around the projections, exact in any dtype); with ``merge=True`` they are added
-    into the weights and the result is a plain ``transformers`` model (``save_pretrained`` works).
+    separate (wrappers around the projections, exact in any dtype); a ``lora`` / ``ia3`` run comes back
+    as a ``peft.PeftModel`` with its float32 adapter attached. With ``merge=True`` the change is added
+    into the weights (stored in ``merge_dtype``, default the model's; see :func:`merge_run` for what the
+    rounding loses) and the result is a plain ``transformers`` model (``save_pretrained`` works).
     Runs of the dense baselines (``ffn`` / ``full``) load their saved weights. ``folder`` may also be
-    a Hub repo made by ``neuronreg release`` (``org/name``): its delta and JSON are downloaded.
-    ``base`` names the base model (a folder or Hub id) where the recorded one is not at hand, for
-    example a released run of a local model: its weights are checked against the recorded fingerprint.
+    a Hub repo made by ``neuronreg release`` (``org/name``): its delta (or adapter) and JSON are
+    downloaded. ``base`` names the base model (a folder or Hub id) where the recorded one is not at
+    hand, for example a released run of a local model: its weights are checked against the recorded
+    fingerprint.
     """
     from ..models import load_model
 
@@ -88,14 +102,55 @@ def load_sparse_model(folder: str | Path, *, merge: bool = False, dtype: str | N
         ref = ModelRef(config.base_model.name, str(weights.resolve()), None, True)
         return load_model(ref, dtype=dtype or config.training.dtype, device=device, token=token,
                           trust_remote_code=trust_remote_code, tokenizer=False, quiet=True).model
+    if merge:
+        return merge_run(folder, merge_dtype=merge_dtype, dtype=dtype, device=device, token=token,
+                         trust_remote_code=trust_remote_code, base=base, allow_other_base=allow_other_base)[0].model
     model = load_base_model(folder, dtype=dtype, device=device, token=token, trust_remote_code=trust_remote_code,
                             allow_other_base=allow_other_base, base=base).model
-    apply_run_delta(model, folder, merge=merge)
-    return model
+    attached = apply_run_delta(model, folder)
+    return attached if config.is_adapter else model
 
 
-def apply_run_delta(model, folder: Path, *, merge: bool = False) -> list:
-    """Put a run's saved delta on ``model`` (frozen): wrappers, or merged into the weights."""
+def merge_run(folder: str | Path, *, merge_dtype: str | None = None, dtype: str | None = None,
+              device: str | None = None, token: str | None = None, trust_remote_code: bool = False,
+              base: str | Path | None = None, allow_other_base: bool = False, tokenizer: bool = False):
+    """The run's base model with its delta or adapter merged in, and what merging lost (a ``MergeInfo``).
+
+    Each changed weight is base + change summed in float32 and rounded once into ``merge_dtype``
+    (float32, bfloat16 or float16; None: the model's dtype); the whole model is stored in that dtype.
+    Returns ``(LoadedModel, MergeInfo)``; a warning is logged when more than 1% of the change's
+    elements round away or the relative error passes 1e-3."""
+    from ..models import DTYPES
+    from .merging import parse_merge_dtype
+
+    if merge_dtype is not None and merge_dtype not in MERGE_DTYPES:
+        raise FinetuneError(f"Unknown merge_dtype {merge_dtype!r}; use one of {', '.join(MERGE_DTYPES)}.")
+    folder = run_folder(folder, token=token)
+    config = read_run_config(folder)
+    if config.dense:
+        raise FinetuneError(f"{folder} is a {config.subset} run: its trained weights are the model; there is "
+                            "nothing to merge.")
+    loaded = load_base_model(folder, dtype=dtype, device=device, token=token, trust_remote_code=trust_remote_code,
+                             allow_other_base=allow_other_base, tokenizer=tokenizer, base=base)
+    info = apply_run_delta(loaded.model, folder, merge=True,
+                           merge_dtype=parse_merge_dtype(merge_dtype, DTYPES[loaded.dtype]))
+    return loaded, info
+
+
+def apply_run_delta(model, folder: Path, *, merge: bool = False, merge_dtype=None):
+    """Put a run's saved delta (or adapter) on ``model``, frozen. Unmerged: returns the delta wrappers
+    (a list of LayerDelta), or for a lora / ia3 run the ``peft.PeftModel`` around ``model`` (whose own
+    projections now carry the adapter). ``merge``: added into the weights, stored in ``merge_dtype``
+    (a torch dtype; None: the model's), and returns what the rounding lost (a MergeInfo)."""
+    config = read_run_config(folder)
+    if config.is_adapter:
+        from .adapters import load_adapter, merge_adapter
+
+        wrapped = load_adapter(model, Path(folder))
+        if not merge:
+            return wrapped
+        _, info = merge_adapter(wrapped, merge_dtype)
+        return info
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -108,19 +163,24 @@ def apply_run_delta(model, folder: Path, *, merge: bool = False) -> list:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise FinetuneError(f"{path} is damaged ({type(exc).__name__}).") from exc
-    layers = apply_delta_tensors(model, tensors, merge=merge)
+    applied = apply_delta_tensors(model, tensors, merge=merge, dtype=merge_dtype)
+    if merge and merge_dtype is not None:
+        from .merging import cast_model
+
+        cast_model(model, merge_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
-    return layers
+    return applied
 
 
 def download_run(repo_id: str, *, revision: str | None = None, token: str | None = None) -> Path:
-    """The run files of a released repo (delta and JSON only), through the Hub cache."""
+    """The run files of a released repo (delta or adapter, and JSON only), through the Hub cache."""
     from huggingface_hub import snapshot_download
 
     with hub_errors(repo_id):
         path = Path(snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, token=token,
-                                      allow_patterns=[CONFIG_FILE, DELTA_FILE]))
+                                      allow_patterns=[CONFIG_FILE, DELTA_FILE, *ADAPTER_FILES,
+                                                      *(f"{ADAPTER_DIR}/{name}" for name in ADAPTER_FILES)]))
     if read_run_config(path).dense:
         with hub_errors(repo_id):
             path = Path(snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, token=token))

@@ -1,5 +1,12 @@
-"""Publishing a finetune run to a Hub model repo: the delta, its JSON and a model card (and, with
-``merged``, the merged full model at the repo root) in ONE commit."""
+"""Publishing a finetune run to a Hub model repo: the delta (or the PEFT adapter), its JSON and a model
+card (and, with ``merged``, the merged full model at the repo root) in ONE commit.
+
+A ``lora`` / ``ia3`` run is published as a standard PEFT adapter repo (``adapter_config.json`` naming
+the base's Hub id, ``adapter_model.safetensors``; card metadata ``library_name: peft``,
+``base_model_relation: adapter``), so ``peft.PeftModel.from_pretrained(base, repo)`` loads it. With
+``merged`` the merged model takes the repo root (transformers would otherwise load the adapter) and
+the adapter moves to ``adapter/``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,19 @@ from pathlib import Path
 from ..errors import FinetuneError
 from ..hubcalls import hub_errors
 from ..store.cards import front_matter, render
-from .config import CONFIG_FILE, DELTA_FILE, FULL_MODEL_DIR, MERGED_DIR, RunConfig, read_run_config
+from .config import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS_FILE,
+    CONFIG_FILE,
+    DELTA_FILE,
+    FULL_MODEL_DIR,
+    MERGE_DTYPES,
+    MERGED_DIR,
+    MergeInfo,
+    RunConfig,
+    read_run_config,
+)
 
 REPO_TYPE = "model"
 
@@ -23,20 +42,41 @@ class ReleaseResult:
     commit: str
     url: str | None
     files: list[str]
+    merge: MergeInfo | None = None  # what merging (or a dense run's save) lost to rounding
+
+
+def base_hub_id(config: RunConfig) -> str | None:
+    """The base model's Hub id, or None for a local base (whose path is never published)."""
+    base = config.base_model
+    return None if config.base_path or (base.revision or "").startswith("local-") else base.id
 
 
 def delta_card(config: RunConfig, repo_id: str, merged: bool) -> str:
     base, training = config.base_model, config.training
     curve = config.validation_curve or [{}]
     source = config.mask.source if config.mask else {}
+    adapter = config.adapter
     subset_text = {
         "lape": "the gate and up rows and down columns of its LAPE neurons, nothing else",
         "random": "a random neuron subset with the LAPE mask's count per layer (a control)",
-        "ffn": "every MLP weight (a baseline)", "full": "every weight (a baseline)"}[config.subset]
-    hub_id = None if config.base_path or (base.revision or "").startswith("local-") else base.id
-    metadata = {**({"base_model": hub_id} if hub_id else {}), "language": [config.language.code],
-                **({"library_name": "transformers"} if merged else {}),
-                "tags": ["neuronreg", "lape", "language-specific-neurons", "sparse-fine-tuning"]}
+        "ffn": "every MLP weight (a baseline)", "full": "every weight (a baseline)",
+        "lora": "a LoRA adapter (a baseline)",
+        "ia3": "an IA3 adapter (a baseline)"}[config.subset]
+    hub_id = base_hub_id(config)
+    kind = "dense" if config.dense else "adapter" if config.is_adapter else "delta"
+    library = "peft" if kind == "adapter" and not merged else "transformers" if merged else None
+    # The Hub's words for how this repo derives from its base model.
+    relation = "finetune" if kind == "dense" else "merge" if merged else "adapter" if kind == "adapter" else None
+    metadata = {**({"base_model": hub_id} if hub_id else {}),
+                **({"base_model_relation": relation} if hub_id and relation else {}),
+                "language": [config.language.code], **({"library_name": library} if library else {}),
+                "tags": ["neuronreg", "lape", "language-specific-neurons", "sparse-fine-tuning",
+                         *([config.subset, "peft"] if kind == "adapter" else [])]}
+    adapter_text = ""
+    if adapter is not None:
+        adapter_text = ", ".join(adapter.target_modules) + (
+            f"; r {adapter.r}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}" if adapter.method == "lora"
+            else f"; feed-forward {', '.join(adapter.feedforward_modules or [])}")
     # Only a mask's registry NAME or repo is published, never a local path.
     mask_source = source.get("repo") or (Path(source["registry"]).name if source.get("registry") else None) \
         or source.get("file") or "-"
@@ -51,12 +91,19 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool) -> str:
         schedule=training.schedule, seed=training.seed, dtype=training.dtype,
         first_loss=f"{curve[0].get('val_loss', float('nan')):.4f}",
         best_loss="-" if config.best_val_loss is None else f"{config.best_val_loss:.4f}",
-        best_step=config.best_step, tool_version=config.tool_version)
+        best_step=config.best_step, tool_version=config.tool_version, kind=kind, adapter_text=adapter_text,
+        master_dtype=training.master_dtype or "",
+        adapter_subfolder=ADAPTER_DIR if kind == "adapter" and merged else "",
+        merge_text=config.merge.describe() if config.merge and (merged or config.dense) else "")
 
 
 def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: bool = False,
-            token: str | None = None, message: str | None = None) -> ReleaseResult:
-    """Upload a finished run. A dense baseline (``ffn``/``full``) uploads its full weights instead of a delta."""
+            token: str | None = None, message: str | None = None, merge_dtype: str | None = None) -> ReleaseResult:
+    """Upload a finished run. A dense baseline (``ffn``/``full``) uploads its full weights instead of a delta.
+
+    ``merged``: the run's ``merged/`` folder when it was merged in ``merge_dtype`` (None: whatever dtype
+    it was merged in), else a merge made now, in ``merge_dtype`` (None: the model's dtype); what the
+    merge lost to rounding is in the result, the published config and the card."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
@@ -64,30 +111,50 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
     if config.best_step is None or config.best_val_loss is None or not math.isfinite(config.best_val_loss):
         raise FinetuneError(f"{folder} has no finite best validation step; there is nothing worth releasing.",
                             fix="diverged")
+    if merge_dtype is not None:
+        if merge_dtype not in MERGE_DTYPES:
+            raise FinetuneError(f"Unknown merge_dtype {merge_dtype!r}; use one of {', '.join(MERGE_DTYPES)}.")
+        saved = config.merge.dtype if config.merge else config.training.dtype
+        if config.dense and merge_dtype != saved:
+            raise FinetuneError(f"{folder} is a {config.subset} run whose weights were saved in {saved}; they "
+                                f"cannot be released in {merge_dtype}. Release them as saved, or train again with "
+                                f"{merge_dtype} as the merge dtype.")
+        if not merged and not config.dense:
+            raise FinetuneError("merge_dtype applies to a merged release only.", fix="merge_dtype",
+                                advice="Pass merged=True, or leave merge_dtype out.")
     files: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # The published config names the base model and its fingerprint, never a local path.
-        public = tmp / CONFIG_FILE
-        public.write_text(json.dumps(config.public(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        files[CONFIG_FILE] = public
-        if not config.dense:
-            if not (folder / DELTA_FILE).is_file():
-                raise FinetuneError(f"{folder} has no {DELTA_FILE}; the run did not finish.", fix="run_folder")
-            files[DELTA_FILE] = folder / DELTA_FILE
         full = None
         if config.dense:
             full = folder / FULL_MODEL_DIR
         elif merged:
             full = folder / MERGED_DIR
-            if not full.is_dir():
-                from .loading import apply_run_delta, load_base_model
+            if not full.is_dir() or config.merge is None or merge_dtype not in (None, config.merge.dtype):
+                from .loading import merge_run
                 from .training import save_pretrained
 
-                base = load_base_model(folder, device="cpu", tokenizer=True)
-                apply_run_delta(base.model, folder, merge=True)
+                base, config.merge = merge_run(folder, merge_dtype=merge_dtype, device="cpu", tokenizer=True)
                 full = tmp / "merged"
                 save_pretrained(base.model, base.tokenizer, full)
+        # The published config names the base model and its fingerprint, never a local path.
+        public = tmp / CONFIG_FILE
+        public.write_text(json.dumps(config.public(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        files[CONFIG_FILE] = public
+        if config.is_adapter:
+            from .adapters import adapter_folder, public_adapter_config
+
+            where = adapter_folder(folder)
+            prefix = f"{ADAPTER_DIR}/" if merged else ""
+            adapter_config = tmp / ADAPTER_CONFIG_FILE
+            adapter_config.write_text(public_adapter_config(where, base_hub_id(config), config.base_model.revision),
+                                      encoding="utf-8")
+            files[prefix + ADAPTER_CONFIG_FILE] = adapter_config
+            files[prefix + ADAPTER_WEIGHTS_FILE] = where / ADAPTER_WEIGHTS_FILE
+        elif not config.dense:
+            if not (folder / DELTA_FILE).is_file():
+                raise FinetuneError(f"{folder} has no {DELTA_FILE}; the run did not finish.", fix="run_folder")
+            files[DELTA_FILE] = folder / DELTA_FILE
         if full is not None:
             if not full.is_dir():
                 raise FinetuneError(f"{folder} has no {full.name}/ folder; the run did not finish.", fix="run_folder")
@@ -106,4 +173,5 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
                 repo_type=REPO_TYPE,
                 commit_message=message or f"Release {config.language.code} {config.subset} fine-tune "
                                           f"of {config.base_model.name} (neuronreg)")
-    return ReleaseResult(repo_id, commit.oid, commit.commit_url, sorted(files))
+    return ReleaseResult(repo_id, commit.oid, commit.commit_url, sorted(files),
+                         config.merge if merged or config.dense else None)

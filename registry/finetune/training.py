@@ -5,7 +5,15 @@
 * ``lape`` (default): the language's LAPE neurons from a registry, as row-sparse deltas
   (:mod:`neuronreg.finetune.deltas`): optimizer state and gradients scale with the neurons;
 * ``random``: the same number of neurons in every layer, drawn with the seed (the paper's control);
-* ``ffn``: every weight of every MLP (dense ``requires_grad``); ``full``: every weight.
+* ``ffn``: every weight of every MLP (dense ``requires_grad``); ``full``: every weight;
+* ``lora`` / ``ia3``: a PEFT adapter on the MLP projections (:mod:`neuronreg.finetune.adapters`).
+
+The optimizer always updates float32 weights, whatever the model's dtype: the deltas and the PEFT
+adapters are float32 parameters; for ``ffn`` and ``full`` in a lower precision the optimizer holds
+float32 master copies of the trainable weights (:class:`MasterWeights`): the gradients of the model's
+weights are handed to them after the backward pass, and after each step the masters are copied
+(rounded) into the model for the next forward pass. So an update smaller than the model dtype's
+rounding step accumulates instead of vanishing.
 
 Text is packed as ``compute`` packs it (``pack_rows``); the last 2% of the rows (or ``eval_data``)
 are the validation split, evaluated before training, every ``eval_every`` steps and at the end; the
@@ -56,12 +64,15 @@ from ..lape.distributed import Ranks
 from ..layouts import BY_NAME as LAYOUTS
 from ..manifest import Manifest
 from ..mask import NeuronMask
-from ..models import load_model
+from ..models import DTYPES, load_model
 from ..progress import progress
 from ..provenance import LanguageInfo
 from ..resolve import language_code, resolve_model
 from ..store.local import LocalRegistry
+from .adapters import attach_adapter, merge_adapter, save_adapter, trainable_weights
 from .config import (
+    ADAPTER_FILES,
+    ADAPTERS,
     CHECKPOINT_FILE,
     CONFIG_FILE,
     DELTA_FILE,
@@ -74,6 +85,7 @@ from .config import (
     TrainingInfo,
 )
 from .deltas import LayerDelta, attach_deltas, merge_deltas, save_delta
+from .merging import MergeTally, cast_model, exact, parse_merge_dtype
 
 log = logging.getLogger("neuronreg")
 
@@ -255,6 +267,8 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
     torch.manual_seed(settings.seed)
     layers: list[LayerDelta] = []
     per_layer = None
+    adapter = adapter_info = None
+    masters = None
     if settings.subset == "lape":
         per_layer = mask.per_layer()
     elif settings.subset == "random":
@@ -262,10 +276,18 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
     if per_layer is not None:
         layers = attach_deltas(model, per_layer, loaded.sites)
         named = {f"{layer.prefix}.{i}": p for layer in layers for i, p in enumerate(layer.parameters())}
+    elif settings.subset in ADAPTERS:
+        adapter, adapter_info = attach_adapter(model, settings, loaded.sites)
+        named = trainable_weights(adapter)  # the model itself now holds the adapter layers
     else:
-        named = _dense_trainable(model, settings.subset, loaded.sites)
+        masters = MasterWeights(_dense_trainable(model, settings.subset, loaded.sites))
+        named = masters.named
     params = list(named.values())
     trainable = sum(p.numel() for p in params)
+    save_dtype = parse_merge_dtype(settings.merge_dtype, DTYPES[loaded.dtype])
+    # A dense run's trained weights are saved in save_dtype: what that rounding loses is measured
+    # against the weights it started from (kept on the CPU only when there is rounding to measure).
+    initial = masters.snapshot() if masters is not None and save_dtype != torch.float32 else None
 
     model.train()
     if settings.gradient_checkpointing:
@@ -294,6 +316,8 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
         with torch.no_grad():
             for key, p in named.items():
                 p.copy_(saved["trainable"][key])
+        if masters is not None:
+            masters.to_model()
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if ranks.world > 1:
@@ -310,7 +334,7 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
         if ranks.is_main:
             log.info("Resuming %s from step %d.", out, resumed_from)
 
-    step_loss = _loss_step(model, chunked_loss, ranks, device, find_unused=per_layer is None)
+    step_loss = _loss_step(model, chunked_loss, ranks, device, find_unused=masters is not None)
     world, share = ranks.world, slice(ranks.rank * settings.batch_size, (ranks.rank + 1) * settings.batch_size)
     eval_every = settings.eval_every
     checkpoint_every = settings.checkpoint_every or eval_every
@@ -345,11 +369,15 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
                 raise FinetuneError(f"The training loss became {train_loss} at step {step + 1}; the run stopped. "
                                     f"Its last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
                                     fix="diverged", advice="Lower lr, or clip gradients (clip=1.0).")
+            if masters is not None:
+                masters.take_grads()
             if settings.clip:
                 torch.nn.utils.clip_grad_norm_(params, settings.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if masters is not None:
+                masters.to_model()
             state["step"] = step = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
@@ -380,14 +408,18 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
     with torch.no_grad():
         for key, p in named.items():
             p.copy_(state["best"][key])
+    if masters is not None:
+        masters.to_model()
     if settings.gradient_checkpointing:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     model.eval()
 
-    training = TrainingInfo(**settings.result_settings(), dtype=loaded.dtype, device=str(device),
-                            data=source.describe(), eval_data=eval_source.describe() if eval_source else None,
+    training = TrainingInfo(**{k: getattr(settings, k) for k in settings.RESULT_KEYS}, dtype=loaded.dtype,
+                            device=str(device), data=source.describe(),
+                            eval_data=eval_source.describe() if eval_source else None,
                             train_rows=len(train_rows), eval_rows=len(eval_rows),
-                            seconds_this_session=round(seconds, 3), resumed_from_step=resumed_from)
+                            seconds_this_session=round(seconds, 3), resumed_from_step=resumed_from,
+                            master_dtype="float32")
     config = RunConfig(
         base_model=info, base_path=ref.source if ref.local else None, language=LanguageInfo.of(lang),
         subset=settings.subset,
@@ -399,16 +431,54 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
                                                             per_layer=[int(t.numel()) for t in per_layer]),
         trainable_parameters=trainable, trainable_share=trainable / info.num_parameters, training=training,
         best_step=state["best_step"], best_val_loss=state["best_loss"], validation_curve=state["curve"],
+        adapter=adapter_info,
     )
     error = None
     if ranks.is_main:
         try:
-            _write_outputs(out, model, loaded, layers, config, settings)
+            _write_outputs(out, model, loaded, layers, config, settings, adapter=adapter, masters=masters,
+                           initial=initial, save_dtype=save_dtype)
             checkpoint.unlink(missing_ok=True)
         except Exception as exc:  # every rank hears of it (and none waits for rank 0 forever)
             error = exc
     ranks.check(error)
     return FinetuneResult(out, config, state["curve"], resumed_from, is_main=ranks.is_main)
+
+
+class MasterWeights:
+    """float32 master copies of a dense baseline's trainable weights when the model computes in a lower
+    precision (weights already float32 are their own masters).
+
+    The optimizer, clipping, weight decay and checkpoints see only the masters (``named``). The model's
+    own weights keep ``requires_grad`` (so backward, and DDP's reduction, work as ever);
+    :meth:`take_grads` hands their gradients to the masters in float32 and :meth:`to_model` copies the
+    masters back into the model, rounded to its dtype, for the next forward pass."""
+
+    def __init__(self, named: dict[str, torch.nn.Parameter]):
+        self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        self.named: dict[str, torch.nn.Parameter] = {}
+        self.model_weights = named
+        for name, p in named.items():
+            if p.dtype == torch.float32:
+                self.named[name] = p
+            else:
+                master = torch.nn.Parameter(p.detach().float().clone())
+                self.pairs.append((p, master))
+                self.named[name] = master
+
+    def take_grads(self) -> None:
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    def to_model(self) -> None:
+        with torch.no_grad():
+            for p, master in self.pairs:
+                p.copy_(master)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The model's trainable weights as they are now, on the CPU (in the model's dtype)."""
+        return {name: p.detach().cpu().clone() for name, p in self.model_weights.items()}
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -471,7 +541,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"The output {out} is a file; give a folder.")
     if overwrite and out.is_dir():
-        for name in (CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE):
+        for name in (CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, *ADAPTER_FILES):
             (out / name).unlink(missing_ok=True)
     elif (out / CONFIG_FILE).is_file():
         raise FinetuneError(f"{out} already holds a finished run.", fix="overwrite",
@@ -551,18 +621,45 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _write_outputs(out: Path, model, loaded, layers: list[LayerDelta], config: RunConfig,
-                   settings: FinetuneSettings) -> None:
+                   settings: FinetuneSettings, *, adapter=None, masters: MasterWeights | None = None,
+                   initial: dict | None = None, save_dtype: torch.dtype = torch.float32) -> None:
+    """The run's files; the run config last (it marks the run finished). Merged or dense weights are
+    stored in ``save_dtype`` and the run config records what that rounding lost (``merge``)."""
     out.mkdir(parents=True, exist_ok=True)
     if layers:
         save_delta(layers, out / DELTA_FILE, {"base_model": config.base_model.id or "",
                                               "revision": config.base_model.revision or "",
                                               "language": config.language.code})
-    if config.dense:
+    if adapter is not None:
+        save_adapter(adapter, out)
+        if settings.merged:
+            model, config.merge = merge_adapter(adapter, save_dtype)
+            save_pretrained(model, loaded.tokenizer, out / MERGED_DIR)
+    elif config.dense:
+        config.merge = _store_dense(model, masters, initial, save_dtype)
         save_pretrained(model, loaded.tokenizer, out / FULL_MODEL_DIR)
     elif settings.merged:
-        merge_deltas(layers)
+        config.merge = merge_deltas(layers, save_dtype)
+        cast_model(model, save_dtype)
         save_pretrained(model, loaded.tokenizer, out / MERGED_DIR)
     atomic_write_text(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n")
+
+
+def _store_dense(model, masters: MasterWeights, initial: dict | None, dtype: torch.dtype):
+    """A dense baseline's trained weights (its float32 masters) stored in ``dtype`` in the model, and what
+    that rounding lost against the weights the run started from."""
+    # Weights that are their own masters (a float32 model) are cast with the model: keep their values.
+    trained = {name: m.detach().clone() if m is masters.model_weights[name] and m.dtype != dtype else m
+               for name, m in masters.named.items()}
+    cast_model(model, dtype)
+    tally = MergeTally(dtype, operation="save")
+    with torch.no_grad():
+        for name, weight in masters.model_weights.items():
+            master = trained[name]
+            weight.copy_(master)
+            if initial is not None:
+                tally.add(initial[name], weight.detach().cpu(), target=master.detach().cpu())
+    return tally.info() if initial is not None else exact(dtype)
 
 
 def save_pretrained(model, tokenizer, folder: Path) -> None:
