@@ -142,7 +142,15 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 
 @click.command(name="evaluate")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, help="Held-out text: a folder with one <language>.txt/.jsonl/.parquet each.")
+@click.option("--data", default=None, help="Held-out text: a folder with one <language>.txt/.jsonl/.parquet each "
+              "(needed unless --tasks).")
+@click.option("--tasks", default=None, help="Benchmarks through lm-evaluation-harness, comma-separated: flores, "
+              "belebele, sib200, english, or lm-eval task names; results go to RUN/eval/ (pip install "
+              "'neuronreg[eval]').")
+@click.option("--limit", type=float, default=None, help="At most this many examples per task (below 1: a share).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="Examples in the prompt [default: 0].")
+@click.option("--include-path", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A folder of lm-eval task YAML files of your own, for --tasks (repeatable).")
 @o.languages_option("Languages to measure [default: the language the run trained].")
 @o.tokens_option("100k", "Held-out tokens per language.")
 @o.seq_len_option(512, minimum=2)
@@ -156,28 +164,43 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 @o.token_option
 @o.quiet_option
 @click.pass_context
-def evaluate_cmd(ctx, run, data, languages, tokens, seq_len, batch_size, dtype, device, text_field, allow_other_base,
-                 as_json, trust_remote_code, token, quiet):
+def evaluate_cmd(ctx, run, data, tasks, limit, num_fewshot, include_path, languages, tokens, seq_len, batch_size,
+                 dtype, device, text_field, allow_other_base, as_json, trust_remote_code, token, quiet):
     """Perplexity and bits per character per language before and after a finetune run, on held-out text.
 
     Loads the run's base model, measures it, puts the run's delta on it (unmerged: exact in any
     dtype) and measures again, with the same held-out measurement as ablate.
 
+    With --tasks, benchmarks through lm-evaluation-harness on the base model and on the run, in
+    memory (docs/benchmarks.md).
+
     \b
     Example:
         neuronreg evaluate runs/sw --data ./heldout --languages sw,en
+        neuronreg evaluate runs/sw --tasks flores,belebele,sib200,english --limit 100
     """
-    from ..finetune.evaluate import evaluate_run
+    from ..finetune.evaluate import evaluate_benchmarks, evaluate_run
 
     setup_logging(quiet)
+    if not data and not tasks:
+        raise click.UsageError("Give --data (held-out text), --tasks (benchmarks), or both.")
+    bench = evaluate_benchmarks(run, o.names([tasks]), o.names(languages), manifest=o.manifest(ctx), limit=limit,
+                                num_fewshot=num_fewshot, batch_size=batch_size, dtype=dtype, device=device,
+                                token=token, trust_remote_code=trust_remote_code,
+                                allow_other_base=allow_other_base, include_path=include_path,
+                                quiet=quiet) if tasks else None
+    if bench and not as_json:
+        result("\n".join(bench.lines()))
     outcome = evaluate_run(run, data, o.names(languages), manifest=o.manifest(ctx), tokens=o.tokens(tokens),
                            seq_len=seq_len, batch_size=batch_size, dtype=dtype, device=device, text_field=text_field,
-                           token=token, trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
+                           token=token, trust_remote_code=trust_remote_code,
+                           allow_other_base=allow_other_base) if data else None
     if as_json:
-        result(json.dumps({"run": str(outcome.run), "trained_language": outcome.language, "scores": outcome.scores},
-                          indent=2))
+        result(json.dumps({"run": run, **({"trained_language": outcome.language, "scores": outcome.scores}
+                                          if outcome else {}),
+                           **({"benchmarks": bench.as_dict()} if bench else {})}, indent=2))
         return
-    for line in outcome.lines():
+    for line in outcome.lines() if outcome else []:
         result(line)
 
 

@@ -1,16 +1,24 @@
-"""Evaluating a finished run: perplexity and bits per character per language, before and after."""
+"""Evaluating a finished run, before (its base model) and after: perplexity and bits per character
+per language on held-out text (saved to ``eval/heldout.json`` in the run folder), and benchmarks
+through lm-evaluation-harness (``eval/<task>.json``, the base's in ``eval/base/<task>.json``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..corpus import resolve_corpus
 from ..evaluation.heldout import Score, heldout_text, score
+from ..files import atomic_write_text
 from ..manifest import Manifest
+from ..provenance import now, tool_version
 from ..resolve import language_codes
-from .config import read_run_config
+from .config import RunConfig, read_run_config
 from .loading import apply_run_delta, load_base_model, load_sparse_model
+
+log = logging.getLogger("neuronreg")
 
 
 @dataclass
@@ -68,4 +76,125 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | Non
     else:
         apply_run_delta(base.model, folder, merge=False)
         record("tuned", base.model, base.device)
-    return RunEvaluation(folder, trained, scores)
+    outcome = RunEvaluation(folder, trained, scores)
+    _saving(lambda: save_heldout(outcome, config, {
+        "data": Path(data).name, "tokens": tokens, "seq_len": seq_len,
+        "corpora": {code: h.corpus.to_dict() for code, h in heldout.items()}}), folder)
+    return outcome
+
+
+def _saving(write, folder: Path):
+    """Write results into the run folder; one that cannot be written (read-only, a Hub download) costs
+    the files, not the scores: a warning, and the caller still gets them."""
+    try:
+        return write()
+    except OSError as exc:
+        log.warning("Could not save the scores in %s (%s); they are not in its eval/ folder.", folder,
+                    exc.strerror or exc)
+        return None
+
+
+def save_heldout(outcome: RunEvaluation, config: RunConfig, settings: dict) -> Path:
+    """``eval/heldout.json``: what ``evaluate --json`` prints, with the settings and the base model."""
+    from ..evaluation.benchmarks import HELDOUT_FILE, results_folder
+
+    data = {"format": "neuronreg-heldout", "tool_version": tool_version(), "created": now(),
+            "run": outcome.run.name, "trained_language": outcome.language, "scores": outcome.scores,
+            "settings": settings, "base_model": _base_of(config)}
+    return atomic_write_text(results_folder(outcome.run) / HELDOUT_FILE, json.dumps(data, indent=2) + "\n")
+
+
+def _base_of(config: RunConfig) -> dict:
+    return {"name": config.base_model.name, "id": config.base_model.id, "revision": config.base_model.revision}
+
+
+@dataclass
+class BenchmarkEvaluation:
+    run: Path
+    language: str  # the language the run trained
+    base: dict  # task -> TaskResult of the base model (empty when not measured)
+    tuned: dict  # task -> TaskResult of the run
+    files: list[Path] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        rows = [f"{'task':<34} {'metric':<14} {'base':>9} {'tuned':>9} {'change':>9}"]
+        for name, result in self.tuned.items():
+            before = self.base.get(name)
+            for metric, value in result.metrics.items():
+                if metric.endswith("_stderr") or "_stderr[" in metric:
+                    continue
+                old = before.metrics.get(metric) if before else None
+                change = f"{value - old:>+9.4f}" if old is not None else f"{'-':>9}"
+                rows.append(f"{name:<34} {metric:<14} {_cell(old):>9} {value:>9.4f} {change}")
+        return rows
+
+    def as_dict(self) -> dict:
+        return {name: {"base": self.base[name].metrics if name in self.base else None,
+                       "tuned": result.metrics} for name, result in self.tuned.items()}
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: list[str] | str | None = None, *,
+                        manifest: Manifest, limit: int | float | None = None, num_fewshot: int | None = None,
+                        batch_size: int = 4, dtype: str | None = None, device: str | None = None,
+                        token: str | None = None, trust_remote_code: bool = False, allow_other_base: bool = False,
+                        base: bool = True, data: dict | None = None, include_path: list | tuple = (),
+                        quiet: bool = False) -> BenchmarkEvaluation:
+    """Benchmarks through lm-evaluation-harness on the run's base model and on the run, in memory.
+
+    ``tasks`` are benchmarks (``flores``, ``belebele``, ``sib200``, ``english``) or lm-eval task names,
+    resolved per language (default: the language the run trained) through its FLORES-200 code (see
+    :mod:`neuronreg.evaluation.benchmarks`). The base model is measured first (``base=False`` skips
+    it), then the run: what :func:`apply_run_delta` puts on the same model in memory, unmerged (exact
+    in any dtype; where it gives back a model around the base, such as an adapter's, that one), or for
+    the dense baselines what :func:`load_sparse_model` gives (their weights). Results go to
+    ``eval/<task>.json`` and ``eval/base/<task>.json`` in the run folder. ``data`` is passed to the
+    tasks (local FLORES-200 / SIB-200 folders), and ``include_path`` are folders of task YAML files of
+    your own (see :func:`neuronreg.evaluation.benchmarks.task_manager`).
+    """
+    import torch
+
+    from ..evaluation import benchmarks as bm
+
+    folder = Path(folder)
+    config = read_run_config(folder)
+    names = [part.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for part in item.split(",")
+             if part.strip()]
+    codes = language_codes(languages, manifest) if languages else [config.language.code]
+    # The trained language as the manifest knows it now (else as the run recorded it), others from the manifest.
+    langs = [(manifest.lookup(code) or config.language) if code == config.language.code else manifest.language(code)
+             for code in codes]
+    bm.check_settings(limit, num_fewshot)
+    manager = bm.task_manager(data, include_path)
+    chosen = bm.resolve_tasks(names, langs, manager)
+    loaded = bm.load_tasks(chosen, manager, quiet=quiet)  # every task's data before any model is loaded
+    settings = dict(manager=manager, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, quiet=quiet)
+    about = {"run": folder.name, "base_model": _base_of(config), "trained_language": config.language.code}
+    loaded_base = load_base_model(folder, dtype=dtype, device=device, token=token,
+                                  trust_remote_code=trust_remote_code, allow_other_base=allow_other_base,
+                                  tokenizer=True)
+    model, tokenizer = loaded_base.model, loaded_base.tokenizer
+    del loaded_base
+    outcome = BenchmarkEvaluation(folder, config.language.code, {}, {})
+    if base:
+        outcome.base, _ = bm.evaluate_model(model, tokenizer, chosen, loaded=loaded, **settings)
+        for result in outcome.base.values():
+            result.about = {**about, "model": "base"}
+        outcome.files += _saving(lambda: bm.save_results(outcome.base, bm.results_folder(folder, base=True)),
+                                 folder) or []
+        loaded = None  # lm-eval's task objects hold the last run's state: load them afresh
+    if config.dense:  # the baselines' own weights, as the loader gives them
+        del model
+        model = load_sparse_model(folder, merge=False, dtype=dtype, device=device, token=token,
+                                  trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
+    else:  # on the base in memory, unmerged; where the loader gives back a model around it (an adapter), that one
+        applied = apply_run_delta(model, folder, merge=False)
+        model = applied if isinstance(applied, torch.nn.Module) else model
+    outcome.tuned, _ = bm.evaluate_model(model, tokenizer, chosen, loaded=loaded, **settings)
+    for result in outcome.tuned.values():
+        result.about = {**about, "model": "tuned"}
+    outcome.files += _saving(lambda: bm.save_results(outcome.tuned, bm.results_folder(folder)), folder) or []
+    return outcome

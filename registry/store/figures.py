@@ -232,3 +232,54 @@ def _colormap(name: str):
     from matplotlib import colormaps
 
     return colormaps[name]
+
+
+def metric_bars(labels: list[str], values: list[float | None], path: str | Path, *, title: str,
+                ylabel: str) -> Path:
+    """One bar per row of a report (the base model first, in grey), its value written on it; a row
+    without the value gets no bar and says "n/a"."""
+    import numpy as np
+
+    figure = _figure(max(5.0, 1.2 + 0.75 * len(labels)), 4.0)
+    axes = figure.add_subplot()
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    colours = ["0.6"] + [_colormap("tab10").colors[i % 10] for i in range(len(labels) - 1)]
+    heights = np.array([v if v is not None and math.isfinite(v) else 0.0 for v in values], dtype=float)
+    bars = axes.bar(range(len(labels)), heights, color=colours[:len(labels)], width=0.7)
+    top = max((abs(v) for v in present), default=1.0) or 1.0
+    for bar, value in zip(bars, values):
+        text = "n/a" if value is None or not math.isfinite(value) else (f"{value:.4g}")
+        axes.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01 * top, text, ha="center",
+                  va="bottom", fontsize=8)
+    if present and min(present) > 0:
+        axes.set_ylim(0, max(present) * 1.12)
+    axes.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right"
+                    if len(labels) > 4 else "center", fontsize=8)
+    axes.set_ylabel(ylabel, fontsize=9)
+    axes.set_title(title, fontsize=10, wrap=True)
+    axes.grid(axis="y", alpha=0.3, linewidth=0.5)
+    axes.set_axisbelow(True)
+    return _save(figure, path)
+
+
+def tradeoff_scatter(points: list[tuple[str, float, float]], path: str | Path, *, xlabel: str, ylabel: str,
+                     title: str) -> Path:
+    """One labelled point per run at (change in English, change in its trained language), the base model
+    at the origin, with the axes through it: up is a better trained language, right a better English
+    (when higher is better on both)."""
+    figure = _figure(6.5, 5.0)
+    axes = figure.add_subplot()
+    colours = _colormap("tab10").colors
+    axes.axhline(0, color="0.5", linewidth=0.8)
+    axes.axvline(0, color="0.5", linewidth=0.8)
+    axes.scatter([0], [0], color="0.4", marker="s", s=30, zorder=3)
+    axes.annotate("base", (0, 0), textcoords="offset points", xytext=(5, -10), fontsize=8, color="0.3")
+    for i, (label, x, y) in enumerate(points):
+        axes.scatter([x], [y], color=colours[i % 10], s=40, zorder=3)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel(xlabel, fontsize=9)
+    axes.set_ylabel(ylabel, fontsize=9)
+    axes.set_title(title, fontsize=10, wrap=True)
+    axes.grid(alpha=0.3, linewidth=0.5)
+    axes.margins(0.15)
+    return _save(figure, path)

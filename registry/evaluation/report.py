@@ -1,0 +1,411 @@
+"""One table across fine-tuning runs: what each trained, at what cost, and every score it has, against
+its base model.
+
+A run folder holds its config (``neuronreg_delta.json``), and, once evaluated, ``eval/heldout.json``
+(``evaluate --data``: perplexity and bits per character per language) and ``eval/<task>.json`` with
+``eval/base/<task>.json`` (``evaluate --tasks``: lm-eval scores of the run and of its base model).
+:func:`collect` reads them into a :class:`Report`: the base model's row, then one row per run, each
+metric with its change against the base. :func:`save_report` writes it as CSV, JSON and one PNG per
+metric plus a trade-off scatter (the trained language against English); :meth:`Report.markdown`
+is the table for stdout. :func:`model_index` gives a run's scores as a model card's ``model-index``.
+
+This module sits below ``finetune`` (it never imports it), so it reads the few keys of the run
+config it shows from the JSON itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import FinetuneError, NeuronregError
+from ..files import atomic_write_text, output_folder
+from ..provenance import now, tool_version
+from .benchmarks import ENGLISH_SUITE, HELDOUT_FILE, PIVOT, TaskResult, read_results, results_folder
+
+log = logging.getLogger("neuronreg")
+
+RUN_CONFIG_FILE = "neuronreg_delta.json"  # finetune.config.CONFIG_FILE (this layer cannot import it)
+HELDOUT_METRICS = ("perplexity", "bits_per_character")  # lower is better
+BASE_LABEL = "base"
+ENGLISH = "en"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of the report: ``task/metric`` (held-out text: ``heldout_<lang>/<metric>``)."""
+
+    key: str
+    task: str
+    metric: str
+    language: str | None
+    higher_is_better: bool
+    benchmark: str | None = None
+
+
+@dataclass
+class Row:
+    """The base model's row, or one run's."""
+
+    label: str
+    subset: str  # "base" for the base model
+    language: str | None = None  # the language the run trained
+    flores200: str | None = None  # its FLORES-200 code
+    trainable_parameters: int | None = None
+    trainable_share: float | None = None
+    train_tokens: int | None = None  # steps x batch x accumulation x seq-len: the rows its steps saw
+    steps: int | None = None
+    wall_seconds: float | None = None  # training time of the run's last session
+    metrics: dict[str, float] = field(default_factory=dict)
+    folder: Path | None = None
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "subset": self.subset, "language": self.language,
+                "trainable_parameters": self.trainable_parameters, "trainable_share": self.trainable_share,
+                "train_tokens": self.train_tokens, "steps": self.steps, "wall_seconds": self.wall_seconds,
+                "metrics": dict(self.metrics)}
+
+
+@dataclass
+class Report:
+    base_model: dict  # name, id, revision of the model every run trained
+    base: Row
+    runs: list[Row]
+    metrics: list[Metric]
+
+    def change(self, row: Row, key: str) -> float | None:
+        """``row``'s value of ``key`` minus the base's (None when either is missing)."""
+        value, base = row.metrics.get(key), self.base.metrics.get(key)
+        return None if value is None or base is None else value - base
+
+    def rows(self) -> list[Row]:
+        return [self.base, *self.runs]
+
+    def as_dict(self) -> dict:
+        return {"format": "neuronreg-report", "tool_version": tool_version(), "created": now(),
+                "base_model": self.base_model,
+                "metrics": [{"key": m.key, "task": m.task, "metric": m.metric, "language": m.language,
+                             "benchmark": m.benchmark, "higher_is_better": m.higher_is_better} for m in self.metrics],
+                "rows": [{**row.as_dict(), "change": {m.key: self.change(row, m.key) for m in self.metrics
+                                                      if self.change(row, m.key) is not None}
+                          if row is not self.base else {}} for row in self.rows()]}
+
+    def csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        head = ["run", "subset", "language", "trainable_parameters", "trainable_share", "train_tokens", "steps",
+                "wall_seconds"]
+        writer.writerow(head + [c for m in self.metrics for c in (m.key, f"{m.key} change")])
+        for row in self.rows():
+            cells = [row.label, row.subset, row.language, row.trainable_parameters, row.trainable_share,
+                     row.train_tokens, row.steps, row.wall_seconds]
+            for m in self.metrics:
+                change = self.change(row, m.key) if row is not self.base else None
+                cells += [row.metrics.get(m.key), change]
+            writer.writerow(["" if c is None else c for c in cells])
+        return buffer.getvalue()
+
+    def markdown(self) -> list[str]:
+        """The table as Markdown: a run's metric cell is its value and (its change against the base)."""
+        head = ["run", "subset", "trainable", "share", "tokens", "steps", "wall time", *(m.key for m in self.metrics)]
+        lines = ["| " + " | ".join(_md(h) for h in head) + " |",
+                 "|" + "|".join(["---", "---", *["---:"] * (len(head) - 2)]) + "|"]
+        for row in self.rows():
+            cells = [row.label, row.subset, _count(row.trainable_parameters),
+                     "-" if row.trainable_share is None else f"{100 * row.trainable_share:.3f}%",
+                     _count(row.train_tokens), _count(row.steps), _duration(row.wall_seconds)]
+            for m in self.metrics:
+                value = row.metrics.get(m.key)
+                change = self.change(row, m.key) if row is not self.base else None
+                cells.append("-" if value is None else _number(value) + ("" if change is None
+                                                                         else f" ({_signed(change)})"))
+            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        return lines
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:,.2f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.4f}" if abs(value) < 100 else f"{value:+,.2f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+# -- reading runs -------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    folder: Path
+    config: dict
+    heldout: dict | None
+    tuned: dict[str, TaskResult]
+    base: dict[str, TaskResult]
+
+
+def _read_run(folder: str | Path) -> _Run:
+    folder = Path(folder)
+    path = folder / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FinetuneError(f"{folder} holds no {RUN_CONFIG_FILE}, so it is not a finished fine-tuning run.",
+                            fix="run_folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FinetuneError(f"{path} is not readable JSON ({type(exc).__name__}); the run folder is damaged.") from exc
+    base = config.get("base_model") if isinstance(config, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("name"), str) \
+            or not isinstance(config.get("subset"), str):
+        raise FinetuneError(f"{path} is not a run config of neuronreg (no base_model or subset).", fix="run_folder")
+    heldout = None
+    heldout_path = results_folder(folder) / HELDOUT_FILE
+    if heldout_path.is_file():
+        try:
+            heldout = json.loads(heldout_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            log.warning("%s is not readable JSON; its held-out scores are left out.", heldout_path)
+    return _Run(folder, config, heldout if isinstance(heldout, dict) else None, read_results(results_folder(folder)),
+                read_results(results_folder(folder, base=True)))
+
+
+def _base_model(run: _Run) -> dict:
+    base = run.config["base_model"]
+    return {"name": base.get("name"), "id": base.get("id"), "revision": base.get("revision")}
+
+
+def _same_base(runs: list[_Run]) -> dict:
+    first = _base_model(runs[0])
+    for run in runs[1:]:
+        other = _base_model(run)
+        if other["name"] != first["name"] or (first["revision"] and other["revision"]
+                                              and other["revision"] != first["revision"]):
+            raise FinetuneError(
+                f"{run.folder} was trained on {other['name']} ({other['revision'] or 'revision unknown'}), "
+                f"{runs[0].folder} on {first['name']} ({first['revision'] or 'revision unknown'}): a report compares "
+                "runs of one base model; report the others separately.")
+    return first
+
+
+def _heldout_metrics(run: _Run, label: str) -> dict[tuple[str, str], float]:
+    """(language, metric) -> value of the run ("tuned") or of its base ("base")."""
+    found = {}
+    for code, scores in ((run.heldout or {}).get("scores") or {}).items():
+        if not isinstance(scores, dict):
+            continue
+        for metric in HELDOUT_METRICS:
+            value = scores.get(f"{label}_{metric}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found[(code, metric)] = float(value)
+    return found
+
+
+def _task_metrics(results: dict[str, TaskResult]) -> dict[str, tuple[TaskResult, str, float]]:
+    found = {}
+    for name, result in results.items():
+        for metric, value in result.metrics.items():
+            if "_stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            found[f"{name}/{metric}"] = (result, metric, float(value))
+    return found
+
+
+def _label(run: _Run, taken: set[str]) -> str:
+    label = run.folder.name or str(run.folder)
+    if label in taken or label == BASE_LABEL:
+        label = str(run.folder)
+    taken.add(label)
+    return label
+
+
+def _run_row(run: _Run, label: str) -> Row:
+    config, training = run.config, run.config.get("training") or {}
+    steps, batch, accum, seq = (training.get(k) for k in ("steps", "batch_size", "grad_accum", "seq_len"))
+    tokens = steps * batch * accum * seq if all(isinstance(v, int) for v in (steps, batch, accum, seq)) else None
+    metrics = {f"heldout_{code}/{metric}": value for (code, metric), value in _heldout_metrics(run, "tuned").items()}
+    metrics.update({key: value for key, (_, _, value) in _task_metrics(run.tuned).items()})
+    language = config.get("language") if isinstance(config.get("language"), dict) else {}
+    return Row(label=label, subset=config["subset"], language=language.get("code"),
+               flores200=language.get("flores200"), trainable_parameters=config.get("trainable_parameters"),
+               trainable_share=config.get("trainable_share"), train_tokens=tokens, steps=steps,
+               wall_seconds=training.get("seconds_this_session"), metrics=metrics, folder=run.folder)
+
+
+def collect(folders: list[str | Path]) -> Report:
+    """The report over ``folders`` (fine-tuning runs of ONE base model; FinetuneError otherwise).
+
+    The base row takes each base score from the first run that measured it; where two runs measured
+    the base differently (other held-out text, another ``limit``), a warning says so.
+    """
+    if not folders:
+        raise NeuronregError("Name at least one run folder.")
+    runs = [_read_run(folder) for folder in folders]
+    base_model = _same_base(runs)
+    taken: set[str] = set()
+    rows = [_run_row(run, _label(run, taken)) for run in runs]
+    base = Row(label=BASE_LABEL, subset=BASE_LABEL)
+    info: dict[str, Metric] = {}
+    for run in runs:
+        for (code, metric), value in _heldout_metrics(run, "base").items():
+            _keep_base(base, f"heldout_{code}/{metric}", value, run)
+        for key, (_, _, value) in _task_metrics(run.base).items():
+            _keep_base(base, key, value, run)
+        for (code, metric) in _heldout_metrics(run, "tuned"):
+            info.setdefault(f"heldout_{code}/{metric}", Metric(f"heldout_{code}/{metric}", f"heldout_{code}", metric,
+                                                               code, False, "heldout"))
+        for key, (result, metric, _) in [*_task_metrics(run.tuned).items(), *_task_metrics(run.base).items()]:
+            higher = result.higher_is_better.get(metric.split("[")[0], True)
+            info.setdefault(key, Metric(key, result.task, metric, result.language, higher, result.benchmark))
+    return Report(base_model, base, rows, sorted(info.values(), key=_metric_order))
+
+
+def _keep_base(base: Row, key: str, value: float, run: _Run) -> None:
+    if key not in base.metrics:
+        base.metrics[key] = value
+    elif not math.isclose(base.metrics[key], value, rel_tol=1e-6, abs_tol=1e-9):
+        log.warning("The base model's %s differs between runs (%s in %s, not %s): they were measured with other "
+                    "settings; the report shows the first.", key, _number(value), run.folder,
+                    _number(base.metrics[key]))
+
+
+def _metric_order(metric: Metric) -> tuple:
+    kinds = ["heldout", "flores", "belebele", "sib200", "english", None]
+    kind = metric.benchmark if metric.benchmark in kinds else None
+    return (kinds.index(kind), metric.language or "", metric.task, metric.metric)
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", key.replace("++", "pp")).strip("_.") or "metric"
+
+
+def save_report(report: Report, out: str | Path) -> dict[str, Path]:
+    """report.csv, report.json, one PNG per metric (``<task>_<metric>.png``) and ``tradeoff.png``."""
+    from ..store.figures import metric_bars, tradeoff_scatter
+
+    out = output_folder(out)
+    paths = {"csv": atomic_write_text(out / "report.csv", report.csv_text()),
+             "json": atomic_write_text(out / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")}
+    labels = [row.label for row in report.rows()]
+    for metric in report.metrics:
+        values = [row.metrics.get(metric.key) for row in report.rows()]
+        direction = "higher is better" if metric.higher_is_better else "lower is better"
+        paths[metric.key] = metric_bars(labels, values, out / f"{_slug(metric.key)}.png",
+                                        title=f"{metric.key} ({direction})", ylabel=metric.metric)
+    scatter = tradeoff(report)
+    if scatter is not None:
+        points, xlabel, ylabel = scatter
+        paths["tradeoff"] = tradeoff_scatter(points, out / "tradeoff.png", xlabel=xlabel, ylabel=ylabel,
+                                             title="Trained language against English, change vs base model")
+    return paths
+
+
+# The score of the trained language that the trade-off plot takes, the first every run has:
+# (key pattern, axis label); {code} is the language's FLORES-200 code, {lang} neuronreg's.
+TARGET_SCORES = ((f"flores200_{PIVOT}-{{code}}/chrf++", "FLORES-200 eng->X chrF++"),
+                 ("belebele_{code}/acc", "Belebele accuracy"), ("sib200_{code}/acc", "SIB-200 accuracy"),
+                 ("heldout_{lang}/bits_per_character", "held-out bits per character (lower is better)"))
+
+
+def tradeoff(report: Report) -> tuple[list[tuple[str, float, float]], str, str] | None:
+    """Points (run, change in English, change in its trained language) for the trade-off scatter, and the
+    axis labels; None when the runs lack either kind of score.
+
+    English: the mean accuracy over the English suite's tasks that every row has, else the held-out
+    English bits per character. The trained language: the first of ``TARGET_SCORES`` every run has.
+    """
+    runs = [row for row in report.runs if row.language and row.language != ENGLISH]
+    if not runs:  # a run that trained English has no trade-off against it
+        return None
+    english = [f"{task}/acc" for task in ENGLISH_SUITE if all(f"{task}/acc" in row.metrics for row in report.rows())]
+    if english:
+        def english_change(row):
+            return sum(report.change(row, key) for key in english) / len(english)
+        xlabel = f"English suite mean accuracy ({len(english)} tasks), change"
+    elif all("heldout_en/bits_per_character" in row.metrics for row in report.rows()):
+        def english_change(row):
+            return report.change(row, "heldout_en/bits_per_character")
+        xlabel = "English held-out bits per character, change (lower is better)"
+    else:
+        return None
+    for pattern, title in TARGET_SCORES:
+        keys = {row.label: pattern.format(code=row.flores200, lang=row.language) for row in runs}
+        if all(report.change(row, keys[row.label]) is not None for row in runs):
+            points = [(row.label, english_change(row), report.change(row, keys[row.label])) for row in runs]
+            return points, xlabel, f"Trained language: {title}, change"
+    return None
+
+
+# -- for a model card --------------------------------------------------------------------------------
+def card_rows(folder: str | Path) -> tuple[Row, Row]:
+    """The run's row and its base model's row (the scores the run folder holds), for a model card."""
+    report = collect([folder])
+    return report.runs[0], report.base
+
+
+TASK_TYPES = {"flores": ("translation", "Translation"), "belebele": ("multiple-choice", "Reading comprehension"),
+              "sib200": ("text-classification", "Topic classification")}
+
+
+# lm-eval's metric names -> the Hub's metric ids (the original name stays in each metric's "name").
+METRIC_TYPES = {"acc": "accuracy", "acc_norm": "accuracy", "chrf++": "chrf", "chrf": "chrf", "bleu": "bleu",
+                "exact_match": "exact_match", "f1": "f1", "ter": "ter", "perplexity": "perplexity"}
+
+
+def model_index(folder: str | Path, name: str | None = None) -> list[dict]:
+    """The run's scores as a model card's ``model-index`` (Hugging Face's format: one result per task,
+    its dataset, split and metrics); empty when the run has no scores yet."""
+    run = _read_run(folder)
+    results = []
+    for task, result in sorted(run.tuned.items()):
+        config = result.config
+        kind, title = TASK_TYPES.get(result.benchmark or "", ("multiple-choice", "Multiple choice")
+                                     if config.get("output_type") == "multiple_choice"
+                                     else ("text-generation", "Text generation"))
+        dataset = config.get("dataset_path") or config.get("flores200_hub") or config.get("sib200_hub") or task
+        split = config.get("test_split") or config.get("validation_split")
+        kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
+        dataset_config = config.get("dataset_name") or kwargs.get("sib_language") or (
+            f"{kwargs['flores_source']}-{kwargs['flores_target']}" if "flores_source" in kwargs else None)
+        shots = next(iter(result.n_shot.values()), None)
+        metrics = [{"type": METRIC_TYPES.get(metric, metric), "value": value, "name": f"{metric} ({task})",
+                    **({"args": {"num_fewshot": shots}} if shots is not None else {})}
+                   for metric, value in result.metrics.items() if "_stderr" not in metric]
+        if metrics:
+            results.append({"task": {"type": kind, "name": title},
+                            "dataset": {"type": dataset, "name": task, **({"config": dataset_config}
+                                                                           if dataset_config else {}),
+                                        **({"split": split} if split else {})},
+                            "metrics": metrics})
+    heldout = _heldout_metrics(run, "tuned")
+    if heldout:
+        data = ((run.heldout or {}).get("settings") or {}).get("data") or "held-out text"
+        results.append({"task": {"type": "text-generation", "name": "Language modelling"},
+                        "dataset": {"type": "text", "name": f"held-out text ({data})"},
+                        "metrics": [{"type": METRIC_TYPES.get(metric, metric), "value": value,
+                                     "name": f"{metric} ({code})"}
+                                    for (code, metric), value in sorted(heldout.items())]})
+    if not results:
+        return []
+    return [{"name": name or run.folder.name, "results": results}]
