@@ -369,3 +369,36 @@ def test_the_tradeoff_takes_the_trained_languages_score_against_the_english_suit
     assert points == [("sw-lape", pytest.approx(-0.01), 5.0), ("sw-full", pytest.approx(-0.06), 7.0)]
     assert "English suite mean accuracy (6 tasks)" in xlabel and "FLORES-200 eng->X chrF++" in ylabel
     assert save_report(report, tmp_path)["tradeoff"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_adapter_run_is_scored_with_its_adapter_attached(runs, tmp_path):
+    """LoRA runs (PEFT) go through the same in-memory path: the tuned score is the adapter model's."""
+    run_folder = tmp_path / "lora"
+    train(runs, "lora", run_folder)
+    rows = [json.loads(line) for line in (runs / "tasks" / "mc.jsonl").read_text().splitlines()]
+    out = run("evaluate", run_folder, "--tasks", "tiny_mc", "--include-path", runs / "tasks", "--batch-size", 2,
+              "--json", "-q")
+    data = json.loads(out.stdout)["benchmarks"]["tiny_mc"]
+    tuned = load_sparse_model(run_folder).eval()
+    assert type(tuned).__name__ == "PeftModelForCausalLM"
+    assert data["tuned"]["acc"] == pytest.approx(our_accuracy(tuned, make_tokenizer(), rows), abs=1e-12)
+    heldout = write_corpus(tmp_path / "heldout", {"en": "en"}, docs=8, seed=4)
+    scores = json.loads(run("evaluate", run_folder, "--data", heldout, "--seq-len", 32, "--json", "-q").output)
+    assert scores["scores"]["en"]["tuned_loss"] != scores["scores"]["en"]["base_loss"]
+
+
+def test_release_puts_the_scores_in_the_card_and_its_model_index(runs, tmp_path, hub):
+    import shutil
+
+    import yaml
+
+    run_folder = tmp_path / "lape"
+    shutil.copytree(runs / "runs" / "lape", run_folder)
+    run("evaluate", run_folder, "--tasks", "tiny_mc", "--include-path", runs / "tasks", "--batch-size", 2, "-q")
+    run("release", run_folder, "--repo", "acme/tiny-en-lape", "-q")
+    card = hub.file_bytes("model", "acme/tiny-en-lape", "README.md").decode()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    saved = json.loads((run_folder / "eval" / "tiny_mc.json").read_text())
+    [result] = meta["model-index"][0]["results"]
+    assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == saved["metrics"]["acc"]
+    assert "## Evaluation" in card and "| this model |" in card

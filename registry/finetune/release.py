@@ -11,12 +11,13 @@ the adapter moves to ``adapter/``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FinetuneError
+from ..errors import FinetuneError, NeuronregError
 from ..hubcalls import hub_errors
 from ..store.cards import front_matter, render
 from .config import (
@@ -33,6 +34,7 @@ from .config import (
     read_run_config,
 )
 
+log = logging.getLogger("neuronreg")
 REPO_TYPE = "model"
 
 
@@ -51,7 +53,28 @@ def base_hub_id(config: RunConfig) -> str | None:
     return None if config.base_path or (base.revision or "").startswith("local-") else base.id
 
 
-def delta_card(config: RunConfig, repo_id: str, merged: bool) -> str:
+def evaluation_table(folder: Path, repo_id: str) -> tuple[list[dict], list[dict]]:
+    """The run's scores next to its base model's (what ``evaluate`` saved in the run folder), as card
+    rows, and as ``model-index`` metadata; both empty when the run was not evaluated."""
+    from ..evaluation.report import card_rows, model_index
+
+    try:
+        run_row, base_row = card_rows(folder)
+        index = model_index(folder, name=repo_id.split("/")[-1])
+    except NeuronregError as exc:  # a card without scores is still a card
+        log.warning("The card gets no scores: %s", exc.message)
+        return [], []
+    rows = []
+    for metric in sorted(set(run_row.metrics) | set(base_row.metrics)):
+        base, tuned = base_row.metrics.get(metric), run_row.metrics.get(metric)
+        change = tuned - base if base is not None and tuned is not None else None
+        rows.append({"metric": metric, "base": "-" if base is None else f"{base:.4g}",
+                     "tuned": "-" if tuned is None else f"{tuned:.4g}",
+                     "change": "-" if change is None else f"{change:+.4g}"})
+    return rows, index
+
+
+def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | None = None) -> str:
     base, training = config.base_model, config.training
     curve = config.validation_curve or [{}]
     source = config.mask.source if config.mask else {}
@@ -72,6 +95,9 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool) -> str:
                 "language": [config.language.code], **({"library_name": library} if library else {}),
                 "tags": ["neuronreg", "lape", "language-specific-neurons", "sparse-fine-tuning",
                          *([config.subset, "peft"] if kind == "adapter" else [])]}
+    scores, index = evaluation_table(folder, repo_id) if folder is not None else ([], [])
+    if index:
+        metadata["model-index"] = index
     adapter_text = ""
     if adapter is not None:
         adapter_text = ", ".join(adapter.target_modules) + (
@@ -94,7 +120,7 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool) -> str:
         best_step=config.best_step, tool_version=config.tool_version, kind=kind, adapter_text=adapter_text,
         master_dtype=training.master_dtype or "",
         adapter_subfolder=ADAPTER_DIR if kind == "adapter" and merged else "",
-        merge_text=config.merge.describe() if config.merge and (merged or config.dense) else "")
+        merge_text=config.merge.describe() if config.merge and (merged or config.dense) else "", scores=scores)
 
 
 def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: bool = False,
@@ -162,7 +188,7 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
                 if path.is_file() and not path.is_symlink() and path.name not in ("README.md", CONFIG_FILE):
                     files[path.name] = path
         card = tmp / "README.md"
-        card.write_text(delta_card(config, repo_id, merged or config.dense), encoding="utf-8")
+        card.write_text(delta_card(config, repo_id, merged or config.dense, folder), encoding="utf-8")
         files["README.md"] = card
         api = HfApi(token=token)
         with hub_errors(repo_id):
