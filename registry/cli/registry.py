@@ -251,7 +251,8 @@ def languages_cmd(ctx, names, show_sets, as_json):
     chosen = [manifest.language(code) for code in language_codes(names, manifest)] if names else manifest.languages
     if as_json:
         result(json.dumps([{"code": lang.code, "name": lang.name, "iso639_3": lang.iso639_3,
-                            "flores200": lang.flores200, "script": lang.script, "family": lang.family,
+                            "flores200": lang.flores200, "ntrex": lang.ntrex, "script": lang.script,
+                            "family": lang.family,
                             "corpus_config": lang.corpus_config, "corpus_note": lang.corpus_note}
                            for lang in chosen], indent=2, ensure_ascii=False))
         return
