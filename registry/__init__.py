@@ -31,6 +31,7 @@ _EXPORTS = {
     "load_mask": "store.hub",
     "load_sparse_model": "finetune.loading",
     "resolve_model": "resolve",
+    "steer": "evaluation.steering",
 }
 
 __all__ = ["__version__", *_EXPORTS]

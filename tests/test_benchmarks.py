@@ -399,6 +399,6 @@ def test_release_puts_the_scores_in_the_card_and_its_model_index(runs, tmp_path,
     card = hub.file_bytes("model", "acme/tiny-en-lape", "README.md").decode()
     meta = yaml.safe_load(card.split("---\n")[1])
     saved = json.loads((run_folder / "eval" / "tiny_mc.json").read_text())
-    [result] = meta["model-index"][0]["results"]
+    [result] = [r for r in meta["model-index"][0]["results"] if r["dataset"]["name"] == "tiny_mc"]
     assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == saved["metrics"]["acc"]
     assert "## Evaluation" in card and "| this model |" in card

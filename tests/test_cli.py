@@ -46,7 +46,8 @@ def test_provenance_and_counts_file(planted, tmp_path):
     reg = tmp_path / "reg"
     compute(planted, reg)
     counts = pq.read_table(reg / "model" / "counts" / "ru.parquet")
-    assert counts.num_rows == 2 * 48 and counts.column_names == ["layer", "neuron", "count"]
+    assert counts.num_rows == 2 * 48
+    assert counts.column_names == ["layer", "neuron", "count", "activation_sum", "positive_sum"]
     prov = json.loads(counts.schema.metadata[b"neuronreg"])
     assert prov["schema_version"] == "1.0" and prov["kind"] == "counts"
     assert prov["tokens"] == 3000 and prov["model"]["num_layers"] == 2 and prov["model"]["intermediate_size"] == 48

@@ -19,7 +19,7 @@ import sys
 import click
 
 from .. import __version__
-from . import evaluation, finetune, hub, overlap, registry, report
+from . import evaluation, finetune, hub, overlap, registry, report, steer
 from ._errors import message
 
 DEBUG_ENV = "NEURONREG_DEBUG"
@@ -89,7 +89,7 @@ def cli(ctx, manifest):
     ctx.obj["manifest"] = manifest
 
 
-for module in (registry, hub, evaluation, overlap, finetune, report):
+for module in (registry, hub, evaluation, overlap, finetune, report, steer):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -259,7 +259,8 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
         log.info("%s: resumed from a checkpoint", lang.code)
     over_zero = ranks.sum(counts.over_zero)
     tokens = int(ranks.sum(torch.tensor([counts.tokens], dtype=torch.int64)).item())
-    counts = ActivationCounts(over_zero, tokens)
+    # The float64 activation sums add up over ranks like the counts (the means are sums / counts).
+    counts = ActivationCounts(over_zero, tokens, ranks.sum(counts.activation_sum), ranks.sum(counts.positive_sum))
     if counts.tokens == 0:
         checkpoint.remove()
         raise CorpusError(f"The corpus for {lang.code} ({source.label}) holds no text.")
@@ -269,7 +270,8 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
     record = CountsRecord(model=info, language=LanguageInfo.of(lang), corpus=wanted.corpus, tokens=counts.tokens,
                           seq_len=settings.seq_len, dtype=loaded.dtype, settings=wanted)
     if ranks.is_main:
-        registry.write_counts(loaded.name, lang.code, counts.over_zero, record)
+        registry.write_counts(loaded.name, lang.code, counts.over_zero, record, activation_sum=counts.activation_sum,
+                              positive_sum=counts.positive_sum)
         if loaded.ref.local:
             registry.remember_source(loaded.name, loaded.ref.source)
     ranks.barrier()  # the file is in place before any rank drops its share's checkpoint

@@ -4,6 +4,12 @@ The counts come from forward hooks on each layer's activation module, so what is
 model's own ``act_fn(gate_proj(x))`` (or ``act(fc1(x))``), exactly as ``lape.md`` section 1 says.
 Hooks exist only inside :func:`activation_hooks`. The forward pass runs the transformer body
 only: the LM head, the largest matrix of a small model, is never computed.
+
+The same hooks also add up, in float64, every neuron's activation over all positions and over the
+positive ones (:func:`add_activation_sums`): the mean activations that steering sets neurons to
+(``activation_sum / tokens`` and ``positive_sum / over_zero``). NaN activations add 0 and
+infinite ones the largest finite value of their dtype (``torch.nan_to_num``), so the sums are
+always finite; a NaN is never counted as positive, so ``positive_sum`` is 0 wherever the count is.
 """
 
 from __future__ import annotations
@@ -29,14 +35,31 @@ log = logging.getLogger("neuronreg")
 
 @dataclass
 class ActivationCounts:
-    """``over_zero[layer, neuron]``: positions where the activation was > 0, out of ``tokens``."""
+    """``over_zero[layer, neuron]``: positions where the activation was > 0, out of ``tokens``; with
+    statistics, the float64 sums of the activations over all those positions and over the positive ones."""
 
     over_zero: torch.Tensor  # int64, [num_layers, intermediate_size]
     tokens: int
+    activation_sum: torch.Tensor | None = None  # float64, [num_layers, intermediate_size]
+    positive_sum: torch.Tensor | None = None  # float64, the same, over the positions where it was > 0
 
     @property
     def probabilities(self) -> torch.Tensor:
         return self.over_zero.double() / max(self.tokens, 1)
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.activation_sum is not None and self.positive_sum is not None
+
+    @property
+    def mean_activation(self) -> torch.Tensor:
+        """The mean activation over every counted position (float64)."""
+        return self.activation_sum / max(self.tokens, 1)
+
+    @property
+    def mean_positive_activation(self) -> torch.Tensor:
+        """The mean activation over the positions where it was > 0 (0 where it never was)."""
+        return self.positive_sum / self.over_zero.clamp(min=1).double()
 
 
 # Float sums of 0.0/1.0 are exact while every partial sum stays below 2**24.
@@ -92,23 +115,48 @@ def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
     into += positive_counts(flat).to(into.device)
 
 
+# At most this many bytes of float64 at once while summing (a chunk of rows, converted).
+SUM_CHUNK_BYTES = 1 << 25
+
+
+def add_activation_sums(flat: torch.Tensor, activation_sum: torch.Tensor, positive_sum: torch.Tensor) -> None:
+    """Add each neuron's activations over the ``[positions, I]`` rows, and over its positive ones, to the
+    float64 ``[I]`` sums (on any device: CPU, or CUDA beside the fused count kernel)."""
+    finite = torch.nan_to_num(flat, out=_scratch(flat))  # NaN -> 0, +-inf -> the largest finite value
+    rows = max(1, SUM_CHUNK_BYTES // (8 * max(flat.shape[-1], 1)))
+    for chunk in finite.split(rows):
+        activation_sum += chunk.sum(0, dtype=torch.float64).to(activation_sum.device)
+    finite.clamp_(min=0)  # exactly the positive entries stay; NaN already became 0, as NaN > 0 is false
+    for chunk in finite.split(rows):
+        positive_sum += chunk.sum(0, dtype=torch.float64).to(positive_sum.device)
+
+
 @contextmanager
-def activation_hooks(sites: list[MLPSite], device: torch.device | str) -> Iterator[torch.Tensor]:
-    """Yields an int64 ``[layers, intermediate]`` tensor that every forward pass adds its counts to."""
+def activation_hooks(sites: list[MLPSite], device: torch.device | str, *, statistics: bool = True
+                     ) -> Iterator[ActivationCounts]:
+    """Yields :class:`ActivationCounts` (``tokens`` 0) whose int64 ``[layers, intermediate]`` counts, and
+    with ``statistics`` float64 activation sums, every forward pass adds to, in the same hook."""
     if len({site.intermediate_size for site in sites}) != 1:
         raise ValueError("layers of different intermediate sizes are not supported")
-    counts = torch.zeros(len(sites), sites[0].intermediate_size, dtype=torch.int64, device=device)
+    shape = (len(sites), sites[0].intermediate_size)
+    step = ActivationCounts(torch.zeros(shape, dtype=torch.int64, device=device), 0)
+    if statistics:
+        step.activation_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        step.positive_sum = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def make_hook(site: MLPSite):
         def hook(module, inputs, output):
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
             # With a model split over devices (device_map), a layer's counts travel to one place.
-            add_positive_counts(output.reshape(-1, output.shape[-1]), counts[site.layer])
+            flat = output.reshape(-1, output.shape[-1])
+            if statistics:  # before counting: the CPU counting path reuses the same scratch buffer
+                add_activation_sums(flat, step.activation_sum[site.layer], step.positive_sum[site.layer])
+            add_positive_counts(flat, step.over_zero[site.layer])
 
         return hook
 
     with site_hooks(sites, make_hook):
-        yield counts
+        yield step
 
 
 def batches(rows: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -126,20 +174,26 @@ def batches(rows: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Ten
         yield torch.stack(pending)
 
 
+STATISTICS = ("activation_sum", "positive_sum")
+
+
 @dataclass
 class Checkpoint:
-    """Counts so far for one language, saved atomically so an interrupted run resumes.
+    """Counts (and activation sums) so far for one language, saved atomically so an interrupted run resumes.
 
     A checkpoint is used only when everything about it checks out (the settings' fingerprint, the
-    shape and dtype of the counts, counts between 0 and the tokens, rows no more than tokens);
-    anything else is discarded with a warning, so a damaged file costs the work since the last
-    checkpoint, never a wrong count.
+    shape and dtype of the counts and sums, counts between 0 and the tokens, finite sums, positive
+    sums >= 0, rows no more than tokens); anything else is discarded with a warning, so a damaged
+    file costs the work since the last checkpoint, never a wrong count or mean.
     """
 
     path: Path
     fingerprint: str  # the settings; a checkpoint made with other settings is ignored
 
-    def load(self, shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, int, int] | None:
+    def load(self, shape: tuple[int, int] | None = None, *, statistics: bool = False
+             ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor] | None] | None:
+        """``(over_zero, tokens, rows, sums)``; ``sums`` maps ``activation_sum``/``positive_sum`` to float64
+        tensors, or is None for a checkpoint without them (discarded when ``statistics`` are wanted)."""
         if not self.path.exists():
             return None
         try:
@@ -157,25 +211,39 @@ class Checkpoint:
             tokens, rows = int(meta["tokens"]), int(meta["rows"])
         except (KeyError, ValueError):
             return self._discard("its token and row totals are missing")
-        if set(tensors) != {"over_zero"} or over_zero.dtype != torch.int64 or over_zero.dim() != 2:
-            return self._discard("it does not hold one int64 count matrix")
+        if set(tensors) not in ({"over_zero"}, {"over_zero", *STATISTICS}) or over_zero.dtype != torch.int64 \
+                or over_zero.dim() != 2:
+            return self._discard("it does not hold one int64 count matrix (and two float64 sums)")
         if shape is not None and tuple(over_zero.shape) != tuple(shape):
             return self._discard(f"its counts are {tuple(over_zero.shape)}, the model has {tuple(shape)}")
         if rows <= 0 or tokens < rows:
             return self._discard(f"it claims {tokens} tokens in {rows} rows")
         if over_zero.numel() and (int(over_zero.min()) < 0 or int(over_zero.max()) > tokens):
             return self._discard("it holds counts outside [0, tokens]")
-        return over_zero, tokens, rows
+        sums = {key: tensors[key] for key in STATISTICS if key in tensors} or None
+        if sums is not None:
+            if any(t.dtype != torch.float64 or t.shape != over_zero.shape for t in sums.values()):
+                return self._discard("its activation sums are not float64 of the counts' shape")
+            if not all(bool(torch.isfinite(t).all()) for t in sums.values()) \
+                    or bool((sums["positive_sum"] < 0).any()):
+                return self._discard("its activation sums are not finite, or a positive sum is negative")
+        elif statistics:
+            return self._discard("it holds no activation sums (an older neuronreg made it)")
+        return over_zero, tokens, rows, sums
 
     def _discard(self, why: str) -> None:
         log.warning("Discarding the checkpoint %s: %s. Counting starts again for this language.", self.path.name, why)
         self.path.unlink(missing_ok=True)
         return None
 
-    def save(self, over_zero: torch.Tensor, tokens: int, rows: int) -> None:
+    def save(self, over_zero: torch.Tensor, tokens: int, rows: int,
+             sums: dict[str, torch.Tensor] | None = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"over_zero": over_zero.cpu().contiguous()}
+        for key, value in (sums or {}).items():
+            tensors[key] = value.cpu().contiguous()
         with atomic_path(self.path) as tmp:
-            save_file({"over_zero": over_zero.cpu().contiguous()}, str(tmp),
+            save_file(tensors, str(tmp),
                       metadata={"fingerprint": self.fingerprint, "tokens": str(tokens), "rows": str(rows)})
 
     def remove(self) -> None:
@@ -194,48 +262,63 @@ def count_activations(
     total_tokens: int | None = None,
     desc: str = "counting",
     quiet: bool = False,
+    statistics: bool = True,
 ) -> ActivationCounts:
-    """Run ``rows`` through the model body and count positive activations per layer and neuron."""
+    """Run ``rows`` through the model body and count positive activations per layer and neuron; with
+    ``statistics``, also sum the activations in float64 (over all positions and the positive ones)."""
     shape = (len(sites), sites[0].intermediate_size)
-    start = checkpoint.load(shape) if checkpoint else None
+    start = checkpoint.load(shape, statistics=statistics) if checkpoint else None
     done_tokens, done_rows = (start[1], start[2]) if start else (0, 0)
     loaded_rows = done_rows
     rows = itertools.islice(iter(rows), done_rows, None)  # rows are deterministic: skip the counted ones
     forward = body(model)
     bar = progress(total_tokens, desc, quiet=quiet, initial=done_tokens)
     since_save = 0
-    total = None
+    total = sums = None
+
+    def save() -> None:
+        checkpoint.save(total, done_tokens, done_rows, sums)
+
     try:
-        with torch.inference_mode(), activation_hooks(sites, device) as step:
-            total = torch.zeros_like(step)
+        with torch.inference_mode(), activation_hooks(sites, device, statistics=statistics) as step:
+            total = torch.zeros_like(step.over_zero)
+            sums = {key: torch.zeros_like(getattr(step, key)) for key in STATISTICS} if statistics else None
             if start:
                 total += start[0].to(device)
+                for key in sums or {}:
+                    sums[key] += start[3][key].to(device)
             for batch in batches(rows, batch_size):
-                step.zero_()
+                step.over_zero.zero_()
+                for key in sums or {}:
+                    getattr(step, key).zero_()
                 forward(input_ids=batch.to(device), use_cache=False)
                 # Added only once the whole forward is done, so an interrupt never leaves a half batch.
-                total += step
+                total += step.over_zero
+                for key in sums or {}:
+                    sums[key] += getattr(step, key)
                 done_tokens += batch.numel()
                 done_rows += batch.shape[0]
                 since_save += batch.numel()
                 bar.update(batch.numel())
                 if checkpoint and since_save >= checkpoint_tokens:
-                    checkpoint.save(total, done_tokens, done_rows)
+                    save()
                     since_save = 0
             if checkpoint and since_save:
                 # Kept until the caller has stored the result: under torchrun, another rank may
                 # still fail, and this rank's finished share must then not be counted again.
-                checkpoint.save(total, done_tokens, done_rows)
-            result = total.cpu()
+                save()
+            result = ActivationCounts(total.cpu(), done_tokens)
+            if sums is not None:
+                result.activation_sum, result.positive_sum = (sums[key].cpu() for key in STATISTICS)
     except BaseException:
         # Interrupted (Ctrl-C, out of memory, a killed job): keep what whole batches counted. Only
         # when this run counted something: ``total`` then holds the checkpoint plus those batches.
         if checkpoint and total is not None and done_rows > loaded_rows:
-            checkpoint.save(total, done_tokens, done_rows)
+            save()
         raise
     finally:
         bar.close()
-    return ActivationCounts(result, done_tokens)
+    return result
 
 
 def fingerprint(settings: dict) -> str:

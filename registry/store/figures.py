@@ -283,3 +283,37 @@ def tradeoff_scatter(points: list[tuple[str, float, float]], path: str | Path, *
     axes.grid(alpha=0.3, linewidth=0.5)
     axes.margins(0.15)
     return _save(figure, path)
+
+
+def shares_by_strength(strengths: list[float], series: dict[str, list[float]], path: str | Path, *, title: str,
+                       baselines: dict[str, float] | None = None, xlabel: str = "strength",
+                       ylabel: str = "share of outputs") -> Path:
+    """One line per series (e.g. a language) of its share (0 to 1) at each strength.
+
+    Strengths sit at even steps, labelled with their values (a grid such as 0, 0.5, 1, 2, 4 reads
+    better so than on a linear axis). ``baselines`` (a share per series: the same without steering)
+    are drawn as thin dashed lines of the series' colour.
+    """
+    from matplotlib.ticker import PercentFormatter
+
+    colours = _colormap("tab10").colors
+    figure = _figure(7.0, 4.2)
+    axes = figure.add_subplot()
+    positions = list(range(len(strengths)))
+    for i, (label, shares) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        axes.plot(positions, shares, "-o", color=colour, linewidth=1.6, markersize=4, label=label)
+        if baselines and label in baselines:
+            axes.axhline(baselines[label], color=colour, linestyle="--", linewidth=0.9,
+                         label=f"{label}, no steering")
+    axes.set_xticks(positions, [f"{s:g}" for s in strengths], fontsize=8)
+    axes.set_xlim(-0.3, max(len(strengths) - 0.7, 0.3))
+    axes.set_ylim(-0.03, 1.03)
+    axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes.tick_params(labelsize=8)
+    axes.set_xlabel(xlabel, fontsize=9)
+    axes.set_ylabel(ylabel, fontsize=9)
+    axes.set_title(title, fontsize=10, wrap=True)
+    axes.grid(alpha=0.3, linewidth=0.5)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    return _save_palette(figure, path)

@@ -16,7 +16,10 @@ schema metadata under the key ``neuronreg``. Guarantees:
   (:mod:`.index`). A failure before that rename removes the new folder: the registry is left byte
   for byte as it was. Old versions, and the leftovers of a killed run, go on the next write.
 * Counts files are replaced one at a time by an atomic rename, and read back validated: every
-  neuron exactly once, counts between 0 and the tokens counted.
+  neuron exactly once, counts between 0 and the tokens counted, and the optional float64 columns
+  ``activation_sum``/``positive_sum`` (the activations summed over every counted position and over
+  the positive ones; files made before neuronreg recorded them lack both) finite, the positive sums
+  >= 0 and 0 wherever the count is 0.
 * Writers take the model's lock (and the registry's, for the card), so two never interleave.
 * Registries of neuronreg 0.1 (``<model>/<lang>.parquet``, no index) are read as they are and
   migrated on the next write.
@@ -30,6 +33,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MaskError, RecordError, RegistryError
@@ -47,6 +51,49 @@ COUNTS = "counts"
 # Names a model cannot take: they are the registry's own files, or would hide from listings.
 RESERVED = {CARD.lower(), COUNTS, ".partial", ".git", ".gitattributes", ".cache", ".lock", "counts.parquet"}
 LOCK_WAIT = 60.0  # seconds a writer waits for the registry's card (commits take well under a second)
+
+
+# Optional float64 columns of a counts file: the activations summed over every counted position, and
+# over the positions where the activation was > 0. Their means are what steering sets neurons to.
+SUM_COLUMNS = ("activation_sum", "positive_sum")
+
+
+@dataclass
+class ActivationMeans:
+    """One language's per-neuron activation statistics, from its counts file (torch float64 ``[L, I]``)."""
+
+    model: str
+    language: str
+    over_zero: object  # torch int64 [layers, intermediate]
+    tokens: int
+    activation_sum: object
+    positive_sum: object
+    record: CountsRecord
+
+    @property
+    def mean(self):
+        """Mean activation over every counted position of the language's text."""
+        return self.activation_sum / max(self.tokens, 1)
+
+    @property
+    def positive_mean(self):
+        """Mean activation over the positions where it was > 0 (0 for a neuron that never fired)."""
+        return self.positive_sum / self.over_zero.clamp(min=1).double()
+
+
+def _sums_problem(counts, activation_sum, positive_sum) -> str | None:
+    """What is wrong with a counts file's activation sums (numpy arrays of one shape), or None."""
+    import numpy as np
+
+    if activation_sum.shape != counts.shape or positive_sum.shape != counts.shape:
+        return "do not have the counts' shape"
+    if not (np.isfinite(activation_sum).all() and np.isfinite(positive_sum).all()):
+        return "hold values that are not finite"
+    if (positive_sum < 0).any():
+        return "hold a negative sum of positive activations"
+    if (positive_sum[counts == 0] != 0).any():
+        return "hold a positive sum for a neuron that was never positive"
+    return None
 
 
 def default_registry() -> Path:
@@ -238,17 +285,33 @@ class LocalRegistry:
         return path
 
     # -- counts ----------------------------------------------------------------------------------
-    def write_counts(self, model: str, lang: str, over_zero, record: CountsRecord) -> Path:
+    def write_counts(self, model: str, lang: str, over_zero, record: CountsRecord, *, activation_sum=None,
+                     positive_sum=None) -> Path:
+        """Write ``<model>/counts/<lang>.parquet``: the counts and, when given, the float64 activation sums
+        (``activation_sum`` over every counted position, ``positive_sum`` over the positive ones)."""
         import numpy as np
         import pyarrow as pa
 
-        counts = over_zero.cpu().numpy().astype(np.int64) if hasattr(over_zero, "cpu") else np.asarray(over_zero)
+        def flat(values, dtype):
+            return (values.cpu().numpy() if hasattr(values, "cpu") else np.asarray(values)).astype(dtype)
+
+        counts = flat(over_zero, np.int64)
         layers, inter = counts.shape
-        table = pa.table({
+        columns = {
             "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), inter)),
             "neuron": pa.array(np.tile(np.arange(inter, dtype=np.int32), layers)),
             "count": pa.array(counts.reshape(-1)),
-        })
+        }
+        if (activation_sum is None) != (positive_sum is None):
+            raise RegistryError(f"Counts of {lang} for {model}: give both activation sums or neither.")
+        if activation_sum is not None:
+            sums = {key: flat(value, np.float64) for key, value in
+                    (("activation_sum", activation_sum), ("positive_sum", positive_sum))}
+            problem = _sums_problem(counts, sums["activation_sum"], sums["positive_sum"])
+            if problem:
+                raise RegistryError(f"The activation sums of {lang} for {model} {problem}; nothing was written.")
+            columns.update({key: pa.array(value.reshape(-1)) for key, value in sums.items()})
+        table = pa.table(columns)
         path = self.counts_path(model, lang)
         table = table.replace_schema_metadata({META_KEY: json.dumps(record.to_dict(), sort_keys=True).encode()})
         try:
@@ -271,7 +334,29 @@ class LocalRegistry:
 
     def read_counts(self, model: str, lang: str):
         """``over_zero [layers, intermediate]`` (torch int64) and the record, validated: every neuron
-        exactly once, counts between 0 and the tokens counted."""
+        exactly once, counts between 0 and the tokens counted (and any activation sums finite, see
+        :meth:`read_activation_means`)."""
+        over_zero, record, _ = self._read_counts_file(model, lang)
+        return over_zero, record
+
+    def read_activation_means(self, model: str, lang: str) -> ActivationMeans:
+        """The mean activation of every neuron on ``lang``'s text, over all counted positions and over
+        the positive ones, from the counts file's ``activation_sum`` and ``positive_sum`` columns.
+
+        Counts files written before neuronreg recorded them have neither: RegistryError with
+        ``fix="recount"`` (count the language again, ``force=True``).
+        """
+        over_zero, record, sums = self._read_counts_file(model, lang)
+        if sums is None:
+            raise RegistryError(
+                f"The counts of {lang} for {model} in {self.root} hold no mean activations (they were made by an "
+                "older neuronreg).", fix="recount",
+                advice="Count the language again with force=True (neuronreg.lape.compute.compute).")
+        return ActivationMeans(model=model, language=lang, over_zero=over_zero, tokens=record.tokens,
+                               activation_sum=sums["activation_sum"], positive_sum=sums["positive_sum"],
+                               record=record)
+
+    def _read_counts_file(self, model: str, lang: str):
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -304,7 +389,27 @@ class LocalRegistry:
             raise self._damaged(path, f"has counts outside [0, {record.tokens}] (the tokens counted)")
         over_zero = np.empty(layers * inter, dtype=np.int64)
         over_zero[keys] = count
-        return torch.from_numpy(over_zero).view(layers, inter), record
+        sums = None
+        present = [key for key in SUM_COLUMNS if key in table.column_names]
+        if present:  # optional: files written before neuronreg recorded mean activations have neither
+            if len(present) != len(SUM_COLUMNS):
+                raise self._damaged(path, f"has {present[0]} without {({*SUM_COLUMNS} - {*present}).pop()}")
+            try:
+                sums = {}
+                for key in SUM_COLUMNS:
+                    column = table.column(key)
+                    if not pa.types.is_floating(column.type) or column.null_count:
+                        raise TypeError(key)
+                    value = np.empty(layers * inter, dtype=np.float64)
+                    value[keys] = column.to_numpy().astype(np.float64)
+                    sums[key] = value
+            except (pa.ArrowException, ValueError, TypeError) as exc:
+                raise self._damaged(path, "has activation sum columns that are not floats") from exc
+            problem = _sums_problem(over_zero, sums["activation_sum"], sums["positive_sum"])
+            if problem:
+                raise self._damaged(path, problem)
+            sums = {key: torch.from_numpy(value).view(layers, inter) for key, value in sums.items()}
+        return torch.from_numpy(over_zero).view(layers, inter), record, sums
 
     def _damaged(self, path: Path, what: str = "is damaged or not a neuronreg file") -> RegistryError:
         return RegistryError(f"{path} {what}.", fix="recompute", advice="Delete it and compute it again.")
