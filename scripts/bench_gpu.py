@@ -12,11 +12,13 @@ Counting (rows of --count-seq tokens, --count-batch rows per batch, inference mo
   body         the transformer body alone (no LM head), no hooks
   body+gt0     the body with plain hooks ``counts[l] += (act > 0).sum((0, 1))``
   torch-path   neuronreg's ``count_activations`` with the torch counting path (NEURONREG_FUSED_COUNTING=0)
-  fused        neuronreg's ``count_activations`` as it runs by default: the Triton kernel on CUDA
+  fused        neuronreg's ``count_activations`` as it runs by default: the Triton kernel on CUDA, the
+               counts and the float64 activation statistics (steering's means) in one read
+  fused-counts the same without the statistics (``statistics=False``): what the counts alone cost
 Modes are interleaved over --rounds rounds; each round times --count-batches batches with CUDA
 events after a warm-up batch; the table gives the median tokens/s, the median ratio to ``forward``
 taken within each round, and the peak memory above the weights. The fused and torch-path counts
-are compared (they must be identical).
+are compared (they must be identical), and so are their activation sums (to float64 rounding).
 
 Fine-tuning (batch 1, rows of each --seqs length, AdamW lr 1e-4 wd 0.01, clip 1.0, bf16 autocast,
 a --rate mask of random neurons over all layers), with and without transformers' gradient
@@ -58,7 +60,7 @@ ISSUE_BASELINE = {
         "seed": {"ckpt": {"peak_gib": 18.8, "step_s": 0.277}},
     },
 }
-COUNT_MODES = ("forward", "body", "body+gt0", "torch-path", "fused")
+COUNT_MODES = ("forward", "body", "body+gt0", "torch-path", "fused", "fused-counts")
 METHODS = ("neuronreg", "neuronreg-plain", "seed", "masked", "full")
 
 
@@ -161,7 +163,7 @@ def counting(model, args, device: torch.device, clock: Clock) -> dict:
     batches = [torch.randint(0, vocab, (args.count_batch, args.count_seq), generator=g)
                for _ in range(args.count_batches + 1)]
     tokens = args.count_batches * args.count_batch * args.count_seq
-    counts: dict[str, torch.Tensor] = {}
+    counts: dict[str, object] = {}
 
     def plain_hooks():
         totals = torch.zeros(len(sites), sites[0].intermediate_size, dtype=torch.int64, device=device)
@@ -171,11 +173,11 @@ def counting(model, args, device: torch.device, clock: Clock) -> dict:
         return handles
 
     def run(mode: str, rows: list[torch.Tensor]) -> None:
-        if mode in ("torch-path", "fused"):
+        if mode in ("torch-path", "fused", "fused-counts"):
             flat = [row for batch in rows for row in batch]
             with env("NEURONREG_FUSED_COUNTING", "0" if mode == "torch-path" else "1"):
-                result = count_activations(model, sites, flat, batch_size=args.count_batch, device=device, quiet=True)
-            counts[mode] = result.over_zero
+                counts[mode] = count_activations(model, sites, flat, batch_size=args.count_batch, device=device,
+                                                 quiet=True, statistics=mode != "fused-counts")
             return
         handles = plain_hooks() if mode == "body+gt0" else []
         try:
@@ -209,9 +211,14 @@ def counting(model, args, device: torch.device, clock: Clock) -> dict:
     from neuronreg.lape.kernels import fused_counting_enabled
 
     probe = torch.zeros(1, 1, dtype=next(model.parameters()).dtype, device=device)
+    fused, torch_path = counts["fused"], counts["torch-path"]
+    sums_agree = all(torch.allclose(getattr(fused, name).cpu(), getattr(torch_path, name).cpu(), rtol=1e-9, atol=1e-6)
+                     for name in ("activation_sum", "positive_sum"))
     return {"modes": summary, "tokens_per_round": tokens, "rows": f"{args.count_batch} x {args.count_seq}",
             "fused_kernel_used": fused_counting_enabled(probe),
-            "fused_equals_torch_path": bool(torch.equal(counts["fused"].cpu(), counts["torch-path"].cpu()))}
+            "fused_equals_torch_path": all(torch.equal(counts[mode].over_zero.cpu(), torch_path.over_zero.cpu())
+                                           for mode in ("fused", "fused-counts")),
+            "fused_sums_agree": sums_agree}
 
 
 # -- fine-tuning -------------------------------------------------------------------------------------------
@@ -375,7 +382,8 @@ def report(result: dict) -> None:
         c = result["counting"]
         kernel = "Triton kernel" if c["fused_kernel_used"] else "no CUDA/Triton here: the torch path"
         print(f"\nCounting: rows {c['rows']}, {c['tokens_per_round']:,} tokens per round; fused = {kernel}; "
-              f"fused counts == torch-path counts: {c['fused_equals_torch_path']}")
+              f"fused counts == torch-path counts: {c['fused_equals_torch_path']}; "
+              f"activation sums agree: {c.get('fused_sums_agree')}")
         print(f"{'mode':<12} {'tokens/s':>10} {'vs forward':>11} {'(min-max)':>12} {'peak above weights':>19}")
         for mode, m in c["modes"].items():
             print(f"{mode:<12} {m['tok_s']:>10.0f} {m['ratio_to_forward']:>10.3f}x "

@@ -39,6 +39,21 @@ def awkward(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Te
 SHAPES = [(1, 1), (3, 5), (31, 129), (64, 128), (257, 300), (4096, 1000)]
 
 
+def torch_path_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation sums of the torch path, on CPU."""
+    sums = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
+    counting.add_activation_sums(x.cpu(), *sums)
+    return sums
+
+
+def sums_agree(got: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, base: float = 0.0) -> bool:
+    """Float64 sums in another order agree to float64 rounding of the magnitudes summed (a column
+    holding +-max and small values loses the small ones in either order)."""
+    scale = torch.nan_to_num(x.cpu()).double().abs().sum(0)
+    return all(torch.all((g.cpu() - base - want).abs() <= 1e-12 * scale + 1e-300)
+               for g, want in zip(got, torch_path_sums(x), strict=True))
+
+
 def test_the_kernel_module_imports_without_triton_or_cuda():
     code = "import sys, neuronreg.lape.counting, neuronreg.lape.kernels; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -60,7 +75,7 @@ def test_the_kernel_counts_like_the_torch_path_in_tritons_interpreter():
     script = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, sys.argv[1])
-        from test_gpu import SHAPES, DTYPES, awkward
+        from test_gpu import SHAPES, DTYPES, awkward, sums_agree
         from neuronreg.lape.kernels import add_positive_counts
         from neuronreg.lape.counting import positive_counts
         for dtype in DTYPES:
@@ -69,6 +84,11 @@ def test_the_kernel_counts_like_the_torch_path_in_tritons_interpreter():
                 into = torch.full((cols,), 7, dtype=torch.int64)
                 add_positive_counts(x, into)
                 assert torch.equal(into, positive_counts(x) + 7), (dtype, rows, cols)
+                sums = (torch.full((cols,), 0.5, dtype=torch.float64), torch.full((cols,), 0.5, dtype=torch.float64))
+                into = torch.zeros(cols, dtype=torch.int64)
+                add_positive_counts(x, into, sums)
+                assert torch.equal(into, positive_counts(x)), (dtype, rows, cols)
+                assert sums_agree(sums, x, base=0.5), (dtype, rows, cols)
             x = awkward(50, 90, dtype)[:, ::3]  # not contiguous
             into = torch.zeros(30, dtype=torch.int64)
             add_positive_counts(x, into)
@@ -99,6 +119,11 @@ def test_the_fused_kernel_equals_the_torch_path_bit_for_bit(dtype, shape):
     into = torch.zeros(strided.shape[1], dtype=torch.int64, device="cuda")
     kernels.add_positive_counts(strided, into)
     assert torch.equal(into, positive_counts(strided))
+    sums = tuple(torch.zeros(strided.shape[1], dtype=torch.float64, device="cuda") for _ in range(2))
+    into.zero_()
+    kernels.add_positive_counts(strided, into, sums)  # with the activation sums, in the same read
+    assert torch.equal(into, positive_counts(strided))
+    assert sums_agree(sums, strided)
     if torch.cuda.device_count() > 1:  # counts that live on another GPU (a model split by device_map)
         into = torch.zeros(shape[1], dtype=torch.int64, device="cuda:1")
         kernels.add_positive_counts(x, into)
@@ -125,7 +150,7 @@ def test_counting_a_tiny_model_on_cuda_gives_the_same_counts_fused_or_not(arch, 
     rows = [torch.randint(3, 80, (50,), generator=g) for _ in range(6)] + [torch.randint(3, 80, (17,), generator=g)]
     calls = []
     real = kernels.add_positive_counts
-    monkeypatch.setattr(kernels, "add_positive_counts", lambda flat, into: (calls.append(1), real(flat, into)))
+    monkeypatch.setattr(kernels, "add_positive_counts", lambda *args: (calls.append(1), real(*args)))
     fused = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
     assert len(calls) == 3 * len(sites)  # 3 batches (4 rows, 2 rows, the short row alone), every layer
     monkeypatch.setenv(kernels.ENV, "0")
@@ -133,6 +158,9 @@ def test_counting_a_tiny_model_on_cuda_gives_the_same_counts_fused_or_not(arch, 
     assert len(calls) == 3 * len(sites)
     assert fused.tokens == torch_path.tokens == 6 * 50 + 17
     assert torch.equal(fused.over_zero, torch_path.over_zero)
+    for name in ("activation_sum", "positive_sum"):  # the statistics, fused into the same read
+        got, want = getattr(fused, name), getattr(torch_path, name)
+        assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-9, atol=1e-9), name
     assert not counting._FUSED_FAILED
 
 
@@ -185,8 +213,9 @@ def test_the_gpu_benchmark_runs_its_code_paths_in_small_mode(tmp_path):
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["counting"]["modes"]) == {"forward", "body", "body+gt0", "torch-path", "fused"}
+    assert set(result["counting"]["modes"]) == {"forward", "body", "body+gt0", "torch-path", "fused", "fused-counts"}
     assert result["counting"]["fused_equals_torch_path"] is True
+    assert result["counting"]["fused_sums_agree"] is True
     rows = result["finetune"]
     assert len(rows) == 5 * 2 and all(row["status"] == "ok" for row in rows)
     assert "vs forward" in done.stdout and "neuronreg-plain" in done.stdout

@@ -95,16 +95,18 @@ def positive_counts(flat: torch.Tensor) -> torch.Tensor:
 _FUSED_FAILED = False
 
 
-def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
-    """``into += positive_counts(flat)``: on CUDA in one fused pass (:mod:`neuronreg.lape.kernels`, the
-    same counts bit for bit), elsewhere with the torch path above."""
+def add_positive_counts(flat: torch.Tensor, into: torch.Tensor,
+                        sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``into += positive_counts(flat)``, and with ``sums`` (two float64 ``[I]`` tensors) the activation
+    sums of :func:`add_activation_sums`: on CUDA in one fused pass (:mod:`neuronreg.lape.kernels`, the
+    same counts bit for bit, the same sums to float64 rounding), elsewhere with the torch path."""
     global _FUSED_FAILED
     if flat.is_cuda and not _FUSED_FAILED:
         from . import kernels
 
         if kernels.fused_counting_enabled(flat):
             try:
-                kernels.add_positive_counts(flat, into)
+                kernels.add_positive_counts(flat, into, sums)
                 return
             except torch.cuda.OutOfMemoryError:
                 raise
@@ -112,6 +114,8 @@ def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
                 _FUSED_FAILED = True
                 log.warning("The fused counting kernel failed (%s: %s); counting uses the torch path.",
                             type(exc).__name__, exc)
+    if sums is not None:  # before counting: the torch counting path reuses the same scratch buffer
+        add_activation_sums(flat, *sums)
     into += positive_counts(flat).to(into.device)
 
 
@@ -149,9 +153,8 @@ def activation_hooks(sites: list[MLPSite], device: torch.device | str, *, statis
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
             # With a model split over devices (device_map), a layer's counts travel to one place.
             flat = output.reshape(-1, output.shape[-1])
-            if statistics:  # before counting: the CPU counting path reuses the same scratch buffer
-                add_activation_sums(flat, step.activation_sum[site.layer], step.positive_sum[site.layer])
-            add_positive_counts(flat, step.over_zero[site.layer])
+            sums = (step.activation_sum[site.layer], step.positive_sum[site.layer]) if statistics else None
+            add_positive_counts(flat, step.over_zero[site.layer], sums)
 
         return hook
 

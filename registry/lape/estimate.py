@@ -1,7 +1,8 @@
 """How long counting takes, before it starts: from a measured rate, scaled by the model's size.
 
-The one GPU measurement we have (issue 13, one H100 80 GB, bf16, rows of 4096 tokens, one process):
-``count_activations`` on a Llama-3.1-8B-shaped model counts 30,586 tokens/s. Counting is the
+Measured on one H100 80 GB (``scripts/bench_gpu.py``, 2026-11-27, bf16, rows of 4096 tokens, one
+process): ``count_activations`` on a Llama-3.1-8B-shaped model, with the activation statistics (the
+default), counts 29,522 tokens/s. Counting is the
 transformer body's forward pass, whose cost grows with the parameters (2 FLOP per weight per
 token, the LM head skipped), so another model's rate is that rate times 8.03B / its parameters.
 That is an estimate: attention's share grows with the sequence and shrinks with the width, and
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEASURED = {"model": "Llama-3.1-8B", "parameters": 8_030_261_248, "tokens_per_s": 30_586.0,
+MEASURED = {"model": "Llama-3.1-8B", "parameters": 8_030_261_248, "tokens_per_s": 29_522.0,
             "gpu": "H100 80GB", "dtype": "bfloat16", "seq_len": 4096}
 
 

@@ -20,6 +20,12 @@ Each program counts a block of columns over a block of rows into int32 (exact: a
 than 2**31 rows) and stores it in a small ``[row blocks, I]`` scratch; one ``sum`` then adds the
 row blocks into the int64 counts. No atomics, so the result does not depend on the schedule.
 
+With ``sums``, the same read also adds each column's activations, and its positive ones, into
+float64 ``[row blocks, I]`` partial sums (NaN as 0, +-inf as the largest finite value of the dtype,
+as ``torch.nan_to_num`` does on the torch path), so that counting with the activation statistics
+steering needs costs one pass, not four more. Float64 sums in another order than torch's agree to
+within float64 rounding (about 1e-16 relative), not bit for bit; the counts are bit for bit.
+
 Triton is imported on first use only: CPU-only installs never import it. Set
 ``NEURONREG_FUSED_COUNTING=0`` to count with the torch path on CUDA too (for comparisons).
 """
@@ -70,6 +76,7 @@ def triton_available() -> bool:
 # Bound by _kernel() on first use. Module globals, not locals of _kernel: Triton resolves the names a
 # kernel uses through its module's globals (older Triton versions do not see a closure's variables).
 triton = tl = None
+_TRITON_FLOAT: dict = {}  # torch dtype -> Triton dtype, once Triton is imported
 
 
 @functools.cache
@@ -79,8 +86,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def count_positive(bits_ptr, partial_ptr, rows, cols, stride_row, rows_per_program,
-                       INF_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def count_positive(bits_ptr, partial_ptr, sum_ptr, positive_sum_ptr, rows, cols, stride_row,
+                       rows_per_program, INF_BITS: tl.constexpr, FLOAT: tl.constexpr, LARGEST: tl.constexpr,
+                       SUMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         block_col = tl.program_id(0)
         block_row = tl.program_id(1)
         col = block_col * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -88,6 +96,8 @@ def _kernel():
         start = block_row * rows_per_program
         end = tl.minimum(start + rows_per_program, rows)
         acc = tl.zeros([BLOCK_C], dtype=tl.int32)
+        total = tl.zeros([BLOCK_C], dtype=tl.float64)
+        positive_total = tl.zeros([BLOCK_C], dtype=tl.float64)
         for first in range(start, end, BLOCK_R):
             row = first + tl.arange(0, BLOCK_R)
             ok = (row[:, None] < end) & col_ok[None, :]
@@ -95,8 +105,19 @@ def _kernel():
             bits = tl.load(bits_ptr + offsets, mask=ok, other=0)  # masked-off lanes read 0: not positive
             positive = (bits > 0) & (bits <= INF_BITS)
             acc += tl.sum(positive.to(tl.int32), axis=0)
+            if SUMS:  # the same bits as floats; masked-off lanes are +0.0 and add nothing
+                x = bits.to(FLOAT, bitcast=True).to(tl.float64)
+                x = tl.where(x == x, x, 0.0)  # NaN -> 0
+                x = tl.minimum(tl.maximum(x, -LARGEST), LARGEST)  # +-inf -> the largest finite value
+                total += tl.sum(x, axis=0)
+                positive_total += tl.sum(tl.where(positive, x, 0.0), axis=0)
         tl.store(partial_ptr + block_row * cols + col, acc, mask=col_ok)
+        if SUMS:
+            tl.store(sum_ptr + block_row * cols + col, total, mask=col_ok)
+            tl.store(positive_sum_ptr + block_row * cols + col, positive_total, mask=col_ok)
 
+    global _TRITON_FLOAT
+    _TRITON_FLOAT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     return count_positive
 
 
@@ -107,11 +128,13 @@ def _processors(device: torch.device) -> int:
     return 4  # Triton's interpreter (TRITON_INTERPRET=1) runs CPU tensors: any small grid will do
 
 
-def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
+def add_positive_counts(flat: torch.Tensor, into: torch.Tensor,
+                        sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``into += (flat > 0).sum(0)`` for a 2-D ``flat`` of bfloat16, float16 or float32, in one read.
 
     ``into`` is an int64 ``[I]`` tensor (a row of the counts); it may live on another device (a model
-    split over GPUs), then the row's counts travel there.
+    split over GPUs), then the row's counts travel there. ``sums``, two float64 ``[I]`` tensors, get
+    the columns' activation sums and positive-activation sums added in the same read.
     """
     if flat.dim() != 2 or flat.dtype not in _BITS:
         raise ValueError(f"expected a 2-D bfloat16, float16 or float32 tensor, got {flat.dtype} {tuple(flat.shape)}")
@@ -129,8 +152,21 @@ def add_positive_counts(flat: torch.Tensor, into: torch.Tensor) -> None:
     rows_per_program = -(-(-(-rows // row_blocks)) // BLOCK_ROWS) * BLOCK_ROWS
     row_blocks = -(-rows // rows_per_program)
     partial = torch.empty(row_blocks, cols, dtype=torch.int32, device=flat.device)
+    if sums is None:
+        partial_sums = partial_positive = torch.empty(1, dtype=torch.float64, device=flat.device)  # unused
+    else:
+        partial_sums = torch.empty(row_blocks, cols, dtype=torch.float64, device=flat.device)
+        partial_positive = torch.empty_like(partial_sums)
     kernel = _kernel()
-    kernel[(col_blocks, row_blocks)](bits, partial, rows, cols, bits.stride(0), rows_per_program,
-                                     INF_BITS=inf_bits, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
-    counts = partial.sum(0, dtype=torch.int64)
-    into += counts if counts.device == into.device else counts.to(into.device)
+    kernel[(col_blocks, row_blocks)](bits, partial, partial_sums, partial_positive, rows, cols, bits.stride(0),
+                                     rows_per_program, INF_BITS=inf_bits, FLOAT=_TRITON_FLOAT[flat.dtype],
+                                     LARGEST=torch.finfo(flat.dtype).max, SUMS=sums is not None,
+                                     BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+    _add(into, partial.sum(0, dtype=torch.int64))
+    if sums is not None:
+        _add(sums[0], partial_sums.sum(0))
+        _add(sums[1], partial_positive.sum(0))
+
+
+def _add(into: torch.Tensor, value: torch.Tensor) -> None:
+    into += value if value.device == into.device else value.to(into.device)
