@@ -6,6 +6,8 @@ place (``os.replace`` is atomic on one filesystem), so a reader sees the old fil
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shutil
@@ -68,6 +70,18 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
+
+
+def atomic_write_json(target: str | os.PathLike, data) -> Path:
+    """JSON for people and programs alike: indented, non-ASCII text kept, a final newline."""
+    return atomic_write_text(target, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_csv(target: str | os.PathLike) -> Iterator:
+    """A ``csv.writer`` whose file replaces ``target`` only when the block ends without an error."""
+    with atomic_path(target) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        yield csv.writer(f)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import torch
 from neuronreg.cli import cli
 from neuronreg.store.local import LocalRegistry
 
-from support.cli import assert_one_line_error, neuron_file, run
+from support.cli import assert_one_line_error, neuron_file, packing_interrupted, run
 from support.tiny import PLANTED, TOP_RATE, save_model, tiny_config, write_corpus
 
 
@@ -110,26 +110,14 @@ def test_select_show_ls(planted, tmp_path):
 
 
 def test_resume_after_interrupt_gives_the_same_counts(planted, tmp_path, monkeypatch):
-    import neuronreg.lape.compute as compute_module
-
     reg_a, reg_b = tmp_path / "a", tmp_path / "b"
     compute(planted, reg_a, "--checkpoint-tokens", 64, langs=("ru",))
-
-    real_pack = compute_module.pack_rows
-
-    def interrupted_pack(*args, **kwargs):
-        for i, row in enumerate(real_pack(*args, **kwargs)):
-            if i == 20:
-                raise KeyboardInterrupt
-            yield row
-
-    monkeypatch.setattr(compute_module, "pack_rows", interrupted_pack)
-    stopped = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",), ok=False)
+    with packing_interrupted(monkeypatch):
+        stopped = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",), ok=False)
     assert stopped.exit_code == 130 and "resume" in stopped.output
     assert (reg_b / "model" / ".partial" / "ru.safetensors").exists()
     assert not (reg_b / "model" / "counts" / "ru.parquet").exists()
 
-    monkeypatch.setattr(compute_module, "pack_rows", real_pack)
     resumed = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",))
     assert "resumed" in resumed.output
     a = pq.read_table(reg_a / "model" / "counts" / "ru.parquet")

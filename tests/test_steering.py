@@ -19,7 +19,7 @@ from neuronreg.lape.counting import Checkpoint, count_activations
 from neuronreg.models import find_mlp_sites
 from neuronreg.store.local import LocalRegistry
 
-from support.cli import assert_one_line_error, run
+from support.cli import assert_one_line_error, packing_interrupted, run
 from support.tiny import ARCHS, PLANTED, SCRIPTS, TOP_RATE, make_tokenizer, planted_model, tiny_model, vocabulary
 
 LANGS = ("en", "ru", "el")
@@ -145,26 +145,15 @@ def test_nan_and_inf_activations_keep_the_sums_finite():
 
 
 def test_resume_after_interrupt_gives_the_same_statistics(planted, tmp_path, monkeypatch):
-    import neuronreg.lape.compute as compute_module
-
     reg_a, reg_b = tmp_path / "a", tmp_path / "b"
     compute(planted, reg_a, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",))
-    real_pack = compute_module.pack_rows
-
-    def interrupted_pack(*args, **kwargs):
-        for i, row in enumerate(real_pack(*args, **kwargs)):
-            if i == 20:
-                raise KeyboardInterrupt
-            yield row
-
-    monkeypatch.setattr(compute_module, "pack_rows", interrupted_pack)
-    stopped = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",), ok=False)
+    with packing_interrupted(monkeypatch):
+        stopped = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",), ok=False)
     assert stopped.exit_code == 130
     checkpoint = reg_b / "model" / ".partial" / "ru.safetensors"
     from safetensors.torch import load_file
 
     assert set(load_file(str(checkpoint))) == {"over_zero", "activation_sum", "positive_sum"}
-    monkeypatch.setattr(compute_module, "pack_rows", real_pack)
     resumed = compute(planted, reg_b, "--checkpoint-tokens", 64, "--batch-size", 3, langs=("ru",))
     assert "resumed" in resumed.output
     a = LocalRegistry(reg_a).read_activation_means("model", "ru")

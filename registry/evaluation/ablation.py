@@ -11,8 +11,6 @@ shared with ``evaluate``.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,7 +21,7 @@ import numpy as np
 from .. import __version__
 from ..corpus import CorpusSource, iter_documents, resolve_corpus
 from ..errors import CorpusError, HeldOutOverlap
-from ..files import atomic_path, output_folder
+from ..files import atomic_csv, atomic_write_json, output_folder
 from ..hooks import zeroed_neurons
 from ..manifest import Manifest
 from ..mask import RANDOM, NeuronMask
@@ -370,16 +368,13 @@ def save_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:
     folder = output_folder(folder)
     paths = {kind: folder / name for kind, name in FILES.items()}
     data = report.to_json()
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+    atomic_write_json(paths["json"], data)
+    with atomic_csv(paths["csv"]) as writer:
         writer.writerow(["ablated", "neurons", *report.languages])
         for row in report.rows:
             deltas = [repr(report.delta(row, lang)) for lang in report.languages]
             writer.writerow([row, len(report.masks[row]), *deltas])
-    with atomic_path(paths["long_csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+    with atomic_csv(paths["long_csv"]) as writer:
         writer.writerow(["ablated", "evaluated", "neurons", "tokens", "characters", "loss", "perplexity",
                          "bits_per_character", "delta_loss", "delta_perplexity"])
         for row, scores in [(BASELINE, report.baseline), *report.ablated.items()]:

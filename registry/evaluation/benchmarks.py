@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CorpusError, NeuronregError, SettingsError
+from ..errors import CorpusError, FinetuneError, NeuronregError, SettingsError
 from ..files import atomic_write_text
 from ..provenance import now, tool_version
 
@@ -42,6 +42,7 @@ log = logging.getLogger("neuronreg")
 TASKS_PATH = Path(__file__).resolve().parents[1] / "tasks"  # neuronreg's lm-eval task configs
 PIVOT = "eng_Latn"
 ENGLISH_SUITE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
+RUN_CONFIG_FILE = "neuronreg_delta.json"  # a fine-tuning run's config (finetune.config.RunConfig)
 EVAL_DIR = "eval"  # in a run folder: eval/<task>.json (the run), eval/base/<task>.json (its base model)
 BASE_DIR = "base"
 HELDOUT_FILE = "heldout.json"  # eval/heldout.json: evaluate's held-out perplexity (finetune.evaluate writes it)
@@ -355,6 +356,19 @@ def _task_result(task: BenchmarkTask, output: dict, version: str, settings: dict
 def _plain(value):
     """JSON-safe: whatever lm-eval put in (functions, tuples, numpy numbers) as plain values or text."""
     return json.loads(json.dumps(value, default=str))
+
+
+def read_run_json(folder: str | Path) -> tuple[Path, object]:
+    """A finished run's config file and its JSON as it is (not yet validated)."""
+    path = Path(folder) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FinetuneError(f"{folder} holds no {RUN_CONFIG_FILE}, so it is not a finished fine-tuning run.",
+                            fix="run_folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FinetuneError(f"{path} is not readable JSON ({type(exc).__name__}); the run folder is damaged.") from exc
+    return path, data
 
 
 def results_folder(run_folder: str | Path, *, base: bool = False) -> Path:

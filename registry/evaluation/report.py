@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FinetuneError, NeuronregError
-from ..files import atomic_write_text, output_folder
+from ..files import atomic_write_json, atomic_write_text, output_folder
 from ..provenance import now, tool_version
-from .benchmarks import ENGLISH_SUITE, HELDOUT_FILE, PIVOT, TaskResult, read_results, results_folder
+from .benchmarks import ENGLISH_SUITE, HELDOUT_FILE, PIVOT, TaskResult, read_results, read_run_json, results_folder
 
 log = logging.getLogger("neuronreg")
 
-RUN_CONFIG_FILE = "neuronreg_delta.json"  # finetune.config.CONFIG_FILE (this layer cannot import it)
 HELDOUT_METRICS = ("perplexity", "bits_per_character")  # lower is better
 BASE_LABEL = "base"
 ENGLISH = "en"
@@ -167,14 +166,8 @@ class _Run:
 
 def _read_run(folder: str | Path) -> _Run:
     folder = Path(folder)
-    path = folder / RUN_CONFIG_FILE
-    if not path.is_file():
-        raise FinetuneError(f"{folder} holds no {RUN_CONFIG_FILE}, so it is not a finished fine-tuning run.",
-                            fix="run_folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FinetuneError(f"{path} is not readable JSON ({type(exc).__name__}); the run folder is damaged.") from exc
+    # Read as plain JSON, not as a RunConfig: a report also takes runs of older neuronreg versions.
+    path, config = read_run_json(folder)
     base = config.get("base_model") if isinstance(config, dict) else None
     if not isinstance(base, dict) or not isinstance(base.get("name"), str) \
             or not isinstance(config.get("subset"), str):
@@ -306,7 +299,7 @@ def save_report(report: Report, out: str | Path) -> dict[str, Path]:
 
     out = output_folder(out)
     paths = {"csv": atomic_write_text(out / "report.csv", report.csv_text()),
-             "json": atomic_write_text(out / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")}
+             "json": atomic_write_json(out / "report.json", report.as_dict())}
     labels = [row.label for row in report.rows()]
     for metric in report.metrics:
         values = [row.metrics.get(metric.key) for row in report.rows()]

@@ -20,9 +20,7 @@ over a grid of strengths and identifies the language of every output with py3lan
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
-import json
 import logging
 import math
 import re
@@ -36,7 +34,7 @@ import torch
 
 from .. import __version__
 from ..errors import MaskError, RegistryError, SettingsError
-from ..files import atomic_path, output_folder
+from ..files import atomic_csv, atomic_write_json, output_folder
 from ..hooks import NeuronEdit, steered_neurons
 from ..manifest import Manifest
 from ..mask import NeuronMask
@@ -697,18 +695,15 @@ def save_report(report: SteerEvalReport, folder: str | Path) -> dict[str, Path]:
     folder = output_folder(folder)
     paths = {kind: folder / name for kind, name in FILES.items()}
     data = report.to_json()
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+    atomic_write_json(paths["json"], data)
+    with atomic_csv(paths["csv"]) as writer:
         writer.writerow(["condition", "strength", "outputs", "target_share", "source_share", "other_share",
                          "mean_confidence", "distinct_2"])
         measures = ("target_share", "source_share", "other_share", "mean_confidence", "distinct_2")
         for row in data["shares"]:
             writer.writerow([row["condition"], "" if row["strength"] is None else repr(row["strength"]),
                              row["outputs"], *(repr(row[key]) for key in measures)])
-    with atomic_path(paths["outputs_csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+    with atomic_csv(paths["outputs_csv"]) as writer:
         writer.writerow(["condition", "strength", "prompt", "language", "confidence", "text"])
         for row in data["outputs"]:
             writer.writerow([row["condition"], "" if row["strength"] is None else repr(row["strength"]),

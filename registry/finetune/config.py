@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import FinetuneError, RecordError
+from ..evaluation.benchmarks import RUN_CONFIG_FILE, read_run_json
 from ..provenance import CorpusInfo, LanguageInfo, ModelInfo, Record, SelectionInfo, VersionedRecord, now, tool_version
 
 SUBSETS = ("lape", "random", "ffn", "full", "lora", "ia3")
 DENSE = ("ffn", "full")  # subsets that train dense weights and save the whole model
 ADAPTERS = ("lora", "ia3")  # subsets trained as PEFT adapters (saved as a standard PEFT adapter)
 SCHEDULES = ("constant", "linear", "cosine")
-CONFIG_FILE = "neuronreg_delta.json"
+CONFIG_FILE = RUN_CONFIG_FILE  # neuronreg_delta.json
 DELTA_FILE = "delta.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 FULL_MODEL_DIR = "model"  # dense baselines (ffn, full) save their trained weights here
@@ -302,14 +303,5 @@ class RunConfig(VersionedRecord):
 
 def read_run_config(folder: str | Path) -> RunConfig:
     """A finished run's config, typed and validated."""
-    import json
-
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise FinetuneError(f"{folder} holds no {CONFIG_FILE}, so it is not a finished fine-tuning run.",
-                            fix="run_folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FinetuneError(f"{path} is not readable JSON ({type(exc).__name__}); the run folder is damaged.") from exc
+    path, data = read_run_json(folder)
     return RunConfig.from_dict(data, str(path))

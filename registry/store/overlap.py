@@ -18,8 +18,6 @@ Every comparison needs masks of one model shape (layers x MLP width); anything e
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MaskError, UnknownLanguage
-from ..files import atomic_path
+from ..files import atomic_csv, atomic_write_json
 from ..manifest import Manifest
 from ..mask import NeuronMask
 
@@ -270,15 +268,12 @@ class OverlapReport:
 
         folder = output_folder(folder)
         paths = {kind: folder / name for kind, name in FILES.items()}
-        with atomic_path(paths["json"]) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+        atomic_write_json(paths["json"], self.to_json())
+        with atomic_csv(paths["csv"]) as writer:
             writer.writerow(["language", "neurons", *self.languages])
             for a in self.languages:
                 writer.writerow([a, self.neurons(a), *(repr(self.jaccard[a][b]) for b in self.languages)])
-        with atomic_path(paths["core_csv"]) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+        with atomic_csv(paths["core_csv"]) as writer:
             writer.writerow(["k", "at_least_k", "exactly_k", *(f"layer_{i}" for i in range(self.shape[0]))])
             for k, (n, layers) in enumerate(zip(self.core.at_least, self.core.per_layer), start=1):
                 writer.writerow([k, n, self.core.exactly(k), *layers])

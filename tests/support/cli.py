@@ -1,5 +1,7 @@
 """Running the CLI in-process and checking its one-line errors: shared by the test modules."""
 
+from contextlib import contextmanager
+
 from click.testing import CliRunner
 
 from neuronreg.cli import cli
@@ -28,3 +30,23 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@contextmanager
+def packing_interrupted(monkeypatch, after: int = 20):
+    """Inside the block, compute's row packing raises KeyboardInterrupt (a Ctrl-C) at row ``after``."""
+    import neuronreg.lape.compute as compute_module
+
+    real = compute_module.pack_rows
+
+    def interrupted(*args, **kwargs):
+        for i, row in enumerate(real(*args, **kwargs)):
+            if i == after:
+                raise KeyboardInterrupt
+            yield row
+
+    monkeypatch.setattr(compute_module, "pack_rows", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(compute_module, "pack_rows", real)
