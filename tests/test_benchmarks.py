@@ -286,6 +286,43 @@ def test_evaluate_tasks_scores_the_base_and_the_run_as_our_own_computation(runs,
     assert saved_heldout["scores"]["en"]["tuned_perplexity"] > 0 and saved_heldout["trained_language"] == "en"
 
 
+def test_runs_on_one_base_share_one_measurement_of_it(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from neuronreg.finetune import evaluate as ev
+
+    folders = [tmp_path / s for s in ("lape", "random", "ffn")]
+    for folder in folders:
+        shutil.copytree(runs / "runs" / folder.name, folder, ignore=shutil.ignore_patterns("eval"))
+    heldout = write_corpus(tmp_path / "heldout", {"en": "en"}, docs=8, seed=4)
+    lm_eval_calls, heldout_calls = [], []
+    real_lm_eval, real_score = bm.evaluate_model, ev.score
+    monkeypatch.setattr(bm, "evaluate_model", lambda *a, **k: lm_eval_calls.append(1) or real_lm_eval(*a, **k))
+    monkeypatch.setattr(ev, "score", lambda *a, **k: heldout_calls.append(1) or real_score(*a, **k))
+    out = run("evaluate", *folders, "--tasks", "tiny_mc", "--include-path", runs / "tasks", "--batch-size", 2,
+              "--data", heldout, "--seq-len", 32, "--json", "-q")
+    data = json.loads(out.stdout)
+    assert [Path(d["run"]).name for d in data] == ["lape", "random", "ffn"]
+    assert len(lm_eval_calls) == 1 + 3 and len(heldout_calls) == 1 + 3  # the base once, then each run
+    rows = [json.loads(line) for line in (runs / "tasks" / "mc.jsonl").read_text().splitlines()]
+    tokenizer = make_tokenizer()
+    base_acc = our_accuracy(tiny_model("llama").eval(), tokenizer, rows)
+    for folder, scores in zip(folders, data):
+        assert scores["benchmarks"]["tiny_mc"]["base"]["acc"] == pytest.approx(base_acc, abs=1e-12)
+        tuned = load_sparse_model(folder).eval()
+        assert scores["benchmarks"]["tiny_mc"]["tuned"]["acc"] == pytest.approx(our_accuracy(tuned, tokenizer, rows),
+                                                                             abs=1e-12)
+        saved_base = json.loads((folder / "eval" / "base" / "tiny_mc.json").read_text())
+        assert saved_base["run"] == folder.name and saved_base["model"] == "base"
+        assert saved_base["metrics"]["acc"] == scores["benchmarks"]["tiny_mc"]["base"]["acc"]
+    # Each run alone measures exactly what it got from the shared measurement
+    for folder, scores in zip(folders, data):
+        alone = json.loads(run("evaluate", folder, "--data", heldout, "--seq-len", 32, "--batch-size", 2, "--json",
+                               "-q").stdout)
+        assert alone["scores"] == scores["scores"]
+    assert len(heldout_calls) == 4 + 3 * 2
+
+
 def test_report_has_the_base_and_one_row_per_run_with_their_trainable_weights(runs, tmp_path):
     folders = [runs / "runs" / s for s in ("lape", "random", "ffn", "full")]
     heldout = write_corpus(tmp_path / "heldout", {"en": "en"}, docs=8, seed=4)

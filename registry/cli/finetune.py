@@ -141,7 +141,7 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 
 
 @click.command(name="evaluate")
-@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", default=None, help="Held-out text: a folder with one <language>.txt/.jsonl/.parquet each "
               "(needed unless --tasks).")
 @click.option("--tasks", default=None, help="Benchmarks through lm-evaluation-harness, comma-separated: flores, "
@@ -164,44 +164,47 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 @o.token_option
 @o.quiet_option
 @click.pass_context
-def evaluate_cmd(ctx, run, data, tasks, limit, num_fewshot, include_path, languages, tokens, seq_len, batch_size,
+def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, languages, tokens, seq_len, batch_size,
                  dtype, device, text_field, allow_other_base, as_json, trust_remote_code, token, quiet):
-    """Perplexity and bits per character per language before and after a finetune run, on held-out text.
+    """Perplexity and bits per character per language before and after finetune RUNS, on held-out text.
 
-    Loads the run's base model, measures it, puts the run's delta on it (unmerged: exact in any
-    dtype) and measures again, with the same held-out measurement as ablate.
+    Loads each run's base model, measures it, puts the run's delta on it (unmerged: exact in any
+    dtype) and measures again, with the same held-out measurement as ablate. Runs on the same base
+    model share one measurement of it (each run's eval/base/ gets it).
 
-    With --tasks, benchmarks through lm-evaluation-harness on the base model and on the run, in
+    With --tasks, benchmarks through lm-evaluation-harness on the base model and on each run, in
     memory (docs/benchmarks.md).
 
     \b
     Example:
         neuronreg evaluate runs/sw --data ./heldout --languages sw,en
-        neuronreg evaluate runs/sw --tasks flores,belebele,sib200,english --limit 100
+        neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --limit 100
     """
-    from ..finetune.evaluate import evaluate_benchmarks, evaluate_run
+    from ..finetune.evaluate import evaluate_runs
 
     setup_logging(quiet)
     if not data and not tasks:
         raise click.UsageError("Give --data (held-out text), --tasks (benchmarks), or both.")
-    bench = evaluate_benchmarks(run, o.names([tasks]), o.names(languages), manifest=o.manifest(ctx), limit=limit,
-                                num_fewshot=num_fewshot, batch_size=batch_size, dtype=dtype, device=device,
-                                token=token, trust_remote_code=trust_remote_code,
-                                allow_other_base=allow_other_base, include_path=include_path,
-                                quiet=quiet) if tasks else None
-    if bench and not as_json:
-        result("\n".join(bench.lines()))
-    outcome = evaluate_run(run, data, o.names(languages), manifest=o.manifest(ctx), tokens=o.tokens(tokens),
-                           seq_len=seq_len, batch_size=batch_size, dtype=dtype, device=device, text_field=text_field,
-                           token=token, trust_remote_code=trust_remote_code,
-                           allow_other_base=allow_other_base) if data else None
-    if as_json:
-        result(json.dumps({"run": run, **({"trained_language": outcome.language, "scores": outcome.scores}
-                                          if outcome else {}),
-                           **({"benchmarks": bench.as_dict()} if bench else {})}, indent=2))
-        return
-    for line in outcome.lines() if outcome else []:
-        result(line)
+    outcomes = evaluate_runs(
+        runs, tasks=o.names([tasks]) if tasks else None, data=data, languages=o.names(languages),
+        manifest=o.manifest(ctx), dtype=dtype,
+        benchmark_options=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                               include_path=include_path, quiet=quiet),
+        heldout_options=dict(tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size, text_field=text_field),
+        device=device, token=token, trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
+    reports = []
+    for folder, bench, outcome in outcomes:
+        if as_json:
+            reports.append({"run": str(folder), **({"trained_language": outcome.language, "scores": outcome.scores}
+                                                   if outcome else {}),
+                            **({"benchmarks": bench.as_dict()} if bench else {})})
+            continue
+        if len(runs) > 1:
+            result(f"{'' if folder == Path(runs[0]) else chr(10)}== {folder}")
+        for line in (bench.lines() if bench else []) + (outcome.lines() if outcome else []):
+            result(line)
+    if as_json:  # one run: its object, as before; several: a list of them
+        result(json.dumps(reports[0] if len(runs) == 1 else reports, indent=2))
 
 
 @click.command(name="release")

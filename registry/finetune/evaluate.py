@@ -4,6 +4,7 @@ through lm-evaluation-harness (``eval/<task>.json``, the base's in ``eval/base/<
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -41,9 +42,14 @@ class RunEvaluation:
 def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | None, *, manifest: Manifest,
                  tokens: int = 100_000, seq_len: int = 512, batch_size: int = 4, dtype: str | None = None,
                  device: str | None = None, text_field: str | None = None, token: str | None = None,
-                 trust_remote_code: bool = False, allow_other_base: bool = False) -> RunEvaluation:
+                 trust_remote_code: bool = False, allow_other_base: bool = False,
+                 base_scores: dict[str, dict] | None = None) -> RunEvaluation:
     """Perplexity and bits per character per language, before (base model) and after (base + delta) a
     run, on held-out text, measured exactly as ``ablate`` measures them (:mod:`..evaluation.heldout`).
+
+    ``base_scores`` (language -> the ``base_*`` scores of an earlier run's evaluation on the same base
+    model, text and settings, as :func:`evaluate_runs` passes them) are taken as they are instead of
+    measuring the base again for those languages.
 
     The tuned model is measured UNMERGED (the base weights plus the float32 deltas, or the float32 PEFT
     adapter of a lora / ia3 run, in the forward pass), which loses nothing to merging in any dtype; dense
@@ -60,8 +66,13 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | Non
     heldout = {code: heldout_text(source, code, base.tokenizer, seq_len, tokens) for code, source in sources.items()}
     scores: dict[str, dict] = {code: {"tokens": h.tokens, "characters": h.characters} for code, h in heldout.items()}
 
+    known = base_scores or {}
+
     def record(label: str, model, model_device) -> None:
         for code, text in heldout.items():
+            if label == "base" and code in known:
+                scores[code].update({k: known[code][k] for k in BASE_SCORE_KEYS})
+                continue
             result: Score = score(model, text, batch_size=batch_size, device=model_device)
             scores[code][f"{label}_loss"] = result.loss
             scores[code][f"{label}_perplexity"] = result.perplexity
@@ -81,6 +92,47 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | Non
         "data": Path(data).name, "tokens": tokens, "seq_len": seq_len,
         "corpora": {code: h.corpus.to_dict() for code, h in heldout.items()}}), folder)
     return outcome
+
+
+BASE_SCORE_KEYS = ("base_loss", "base_perplexity", "base_bits_per_character")
+
+
+def base_identity(folder: str | Path, dtype: str | None = None) -> tuple:
+    """What makes two runs' base measurements the same: the base model (name, Hub id, revision: a local
+    model's revision is its content fingerprint) and the dtype it is evaluated in."""
+    config = read_run_config(folder)
+    base = config.base_model
+    return base.name, base.id, base.revision, dtype or config.training.dtype
+
+
+def evaluate_runs(folders, *, tasks: list[str] | str | None = None, data: str | None = None,
+                  languages: list[str] | str | None = None, manifest: Manifest, dtype: str | None = None,
+                  benchmark_options: dict | None = None, heldout_options: dict | None = None, **common):
+    """Evaluate several runs, each as :func:`evaluate_benchmarks` (``tasks``) and :func:`evaluate_run`
+    (``data``) do, but measuring each base model once: runs on the same base (:func:`base_identity`)
+    share its scores, task by task and language by language, and each run's ``eval/base/`` gets them.
+    This is what makes the paper's six runs per language cost seven evaluations instead of twelve.
+
+    Yields ``(folder, BenchmarkEvaluation | None, RunEvaluation | None)`` per run, as each is done.
+    ``common`` goes to both (device, token, trust_remote_code, allow_other_base); ``benchmark_options``
+    to the first (limit, num_fewshot, batch_size, data, include_path, quiet), ``heldout_options`` to
+    the second (tokens, seq_len, batch_size, text_field).
+    """
+    benchmarks: dict[tuple, dict] = {}
+    heldout: dict[tuple, dict] = {}
+    for folder in folders:
+        key = base_identity(folder, dtype)
+        bench = evaluate_benchmarks(folder, tasks, languages, manifest=manifest, dtype=dtype,
+                                    base_results=benchmarks.get(key), **common, **(benchmark_options or {})) \
+            if tasks else None
+        if bench:
+            benchmarks.setdefault(key, {}).update(bench.base)
+        outcome = evaluate_run(folder, data, languages, manifest=manifest, dtype=dtype,
+                               base_scores=heldout.get(key), **common, **(heldout_options or {})) if data else None
+        if outcome:
+            heldout.setdefault(key, {}).update({code: {k: s[k] for k in BASE_SCORE_KEYS}
+                                                for code, s in outcome.scores.items()})
+        yield Path(folder), bench, outcome
 
 
 def _saving(write, folder: Path):
@@ -141,8 +193,8 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
                         manifest: Manifest, limit: int | float | None = None, num_fewshot: int | None = None,
                         batch_size: int = 4, dtype: str | None = None, device: str | None = None,
                         token: str | None = None, trust_remote_code: bool = False, allow_other_base: bool = False,
-                        base: bool = True, data: dict | None = None, include_path: list | tuple = (),
-                        quiet: bool = False) -> BenchmarkEvaluation:
+                        base: bool = True, base_results: dict | None = None, data: dict | None = None,
+                        include_path: list | tuple = (), quiet: bool = False) -> BenchmarkEvaluation:
     """Benchmarks through lm-evaluation-harness on the run's base model and on the run, in memory.
 
     ``tasks`` are benchmarks (``flores``, ``belebele``, ``sib200``, ``english``) or lm-eval task names,
@@ -153,7 +205,9 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     the dense baselines what :func:`load_sparse_model` gives (their weights). Results go to
     ``eval/<task>.json`` and ``eval/base/<task>.json`` in the run folder. ``data`` is passed to the
     tasks (local FLORES-200 / SIB-200 folders), and ``include_path`` are folders of task YAML files of
-    your own (see :func:`neuronreg.evaluation.benchmarks.task_manager`).
+    your own (see :func:`neuronreg.evaluation.benchmarks.task_manager`). ``base_results`` (task ->
+    TaskResult of the same base model with the same settings, as :func:`evaluate_runs` passes them) are
+    taken as they are instead of measuring the base again on those tasks.
     """
     import torch
 
@@ -180,12 +234,21 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     del loaded_base
     outcome = BenchmarkEvaluation(folder, config.language.code, {}, {})
     if base:
-        outcome.base, _ = bm.evaluate_model(model, tokenizer, chosen, loaded=loaded, **settings)
+        same = {"limit": bm.check_settings(limit, num_fewshot), "num_fewshot": num_fewshot, "batch_size": batch_size}
+        known = {task.name: base_results[task.name] for task in chosen
+                 if task.name in (base_results or {}) and base_results[task.name].settings == same}
+        missing = [(task, obj) for task, obj in zip(chosen, loaded) if task.name not in known]
+        measured = {}
+        if missing:
+            measured, _ = bm.evaluate_model(model, tokenizer, [t for t, _ in missing],
+                                            loaded=[obj for _, obj in missing], **settings)
+        outcome.base = {task.name: copy.copy(known.get(task.name) or measured[task.name]) for task in chosen}
         for result in outcome.base.values():
             result.about = {**about, "model": "base"}
         outcome.files += _saving(lambda: bm.save_results(outcome.base, bm.results_folder(folder, base=True)),
                                  folder) or []
-        loaded = None  # lm-eval's task objects hold the last run's state: load them afresh
+        if missing:
+            loaded = None  # lm-eval's task objects hold the last run's state: load them afresh
     if config.dense:  # the baselines' own weights, as the loader gives them
         del model
         model = load_sparse_model(folder, merge=False, dtype=dtype, device=device, token=token,
