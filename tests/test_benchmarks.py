@@ -145,14 +145,17 @@ def write_flores(folder: Path, codes=("eng_Latn", "swh_Latn"), sizes=(("dev", 3)
     return folder
 
 
-def test_flores_translation_scores_are_sacrebleus_bleu_and_chrf_plus_plus(tmp_path):
+def test_flores_translation_scores_are_sacrebleus_bleu_and_chrf_plus_plus(tmp_path, capfd):
     flores = write_flores(tmp_path / "flores")
     model, tokenizer = tiny_model("llama").eval(), make_tokenizer()
     manager = bm.task_manager({"flores200_dir": flores})
     sw = load_manifest().language("sw")
     tasks = bm.resolve_tasks(["flores"], [sw], manager)
     assert [t.name for t in tasks] == ["flores200_eng_Latn-swh_Latn", "flores200_swh_Latn-eng_Latn"]
+    capfd.readouterr()
     results, output = bm.evaluate_model(model, tokenizer, tasks, manager=manager, num_fewshot=1, log_samples=True)
+    # lm-eval prints "bootstrapping for stddev" for corpus metrics: on stderr, never among the results
+    assert capfd.readouterr().out == ""
     for task in tasks:
         samples = output["samples"][task.name]
         assert len(samples) == 6
@@ -406,6 +409,15 @@ def test_the_tradeoff_takes_the_trained_languages_score_against_the_english_suit
     assert points == [("sw-lape", pytest.approx(-0.01), 5.0), ("sw-full", pytest.approx(-0.06), 7.0)]
     assert "English suite mean accuracy (6 tasks)" in xlabel and "FLORES-200 eng->X chrF++" in ylabel
     assert save_report(report, tmp_path)["tradeoff"].read_bytes()[:4] == b"\x89PNG"
+    # A score of one's choosing on the trained language's axis, named with {code}; one a run lacks is an error
+    with pytest.raises(NeuronregError, match=r"No score 'belebele_\{code\}/acc' for run\(s\) sw-full"):
+        tradeoff(report, "belebele_{code}/acc")
+    lape.metrics["belebele_swh_Latn/acc"] = 0.45
+    full.metrics["belebele_swh_Latn/acc"] = 0.2
+    points, _, ylabel = tradeoff(report, "belebele_{code}/acc")
+    assert points == [("sw-lape", pytest.approx(-0.01), pytest.approx(0.15)),
+                      ("sw-full", pytest.approx(-0.06), pytest.approx(-0.1))]
+    assert ylabel == "Trained language: Belebele accuracy, change"
 
 
 def test_an_adapter_run_is_scored_with_its_adapter_attached(runs, tmp_path):

@@ -12,8 +12,13 @@ from ._output import result, setup_logging, status
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Folder for report.csv, report.json, one PNG per metric and tradeoff.png.")
+@click.option("--tradeoff", "target", default=None, metavar="METRIC",
+              help="The trained language's score on tradeoff.png, as the report names it; {lang} and {code} "
+                   "stand for the language's code and FLORES-200 code, e.g. 'heldout_{lang}/bits_per_character' "
+                   "[default: the first that every run has of FLORES-200 eng->X chrF++, Belebele, SIB-200, "
+                   "held-out bits per character].")
 @o.quiet_option
-def report_cmd(runs, out, quiet):
+def report_cmd(runs, out, target, quiet):
     """Compare fine-tuning RUNS of one base model in one table: the base model's row, then each run's.
 
     Per run: subset, trainable weights and their share of the model, training tokens (steps x batch x
@@ -25,12 +30,13 @@ def report_cmd(runs, out, quiet):
     \b
     Example:
         neuronreg report runs/sw-lape runs/sw-random runs/sw-ffn runs/sw-full -o report/
+        neuronreg report runs/sw-* -o report/ --tradeoff 'heldout_{lang}/bits_per_character'
     """
     from ..evaluation.report import collect, save_report
 
     setup_logging(quiet)
     report = collect(list(runs))
-    paths = save_report(report, out)
+    paths = save_report(report, out, target=target)
     for line in report.markdown():
         result(line)
     status(quiet, f"Wrote {len(paths)} files to {out}: report.csv, report.json, "

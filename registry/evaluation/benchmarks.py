@@ -235,9 +235,11 @@ def _lm_eval_quiet(quiet: bool = False):
     """lm-eval logs a warning for every model passed in memory and every custom dataset: keep them to
     errors while it runs (NEURONREG_DEBUG shows everything). Where progress bars are off (``quiet``
     or HF_HUB_DISABLE_PROGRESS_BARS), its bars and those of ``datasets`` are off too: lm-eval draws
-    them on stderr with no switch, so stderr goes nowhere meanwhile (our log keeps its own stream)."""
+    them on stderr with no switch, so stderr goes nowhere meanwhile (our log keeps its own stream). What
+it prints goes to stderr (or nowhere) too."""
     import os
-    from contextlib import ExitStack, redirect_stderr
+    import sys
+    from contextlib import ExitStack, redirect_stderr, redirect_stdout
 
     from ..progress import bars_disabled
 
@@ -254,6 +256,8 @@ def _lm_eval_quiet(quiet: bool = False):
                 datasets.disable_progress_bars()
                 stack.callback(datasets.enable_progress_bars)
             stack.enter_context(redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        # lm-eval print()s its chatter ("bootstrapping for stddev: bleu"): stdout holds results only
+        stack.enter_context(redirect_stdout(sys.stderr))
         try:
             yield
         finally:

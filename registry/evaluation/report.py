@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FinetuneError, NeuronregError
+from ..errors import FinetuneError, NeuronregError, SettingsError
 from ..files import atomic_write_json, atomic_write_text, output_folder
 from ..provenance import now, tool_version
 from .benchmarks import ENGLISH_SUITE, HELDOUT_FILE, PIVOT, TaskResult, read_results, read_run_json, results_folder
@@ -293,8 +293,9 @@ def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", key.replace("++", "pp")).strip("_.") or "metric"
 
 
-def save_report(report: Report, out: str | Path) -> dict[str, Path]:
-    """report.csv, report.json, one PNG per metric (``<task>_<metric>.png``) and ``tradeoff.png``."""
+def save_report(report: Report, out: str | Path, *, target: str | None = None) -> dict[str, Path]:
+    """report.csv, report.json, one PNG per metric (``<task>_<metric>.png``) and ``tradeoff.png`` (its
+    trained-language axis: ``target``, see :func:`tradeoff`)."""
     from ..store.figures import metric_bars, tradeoff_scatter
 
     out = output_folder(out)
@@ -306,7 +307,7 @@ def save_report(report: Report, out: str | Path) -> dict[str, Path]:
         direction = "higher is better" if metric.higher_is_better else "lower is better"
         paths[metric.key] = metric_bars(labels, values, out / f"{_slug(metric.key)}.png",
                                         title=f"{metric.key} ({direction})", ylabel=metric.metric)
-    scatter = tradeoff(report)
+    scatter = tradeoff(report, target)
     if scatter is not None:
         points, xlabel, ylabel = scatter
         paths["tradeoff"] = tradeoff_scatter(points, out / "tradeoff.png", xlabel=xlabel, ylabel=ylabel,
@@ -321,12 +322,15 @@ TARGET_SCORES = ((f"flores200_{PIVOT}-{{code}}/chrf++", "FLORES-200 eng->X chrF+
                  ("heldout_{lang}/bits_per_character", "held-out bits per character (lower is better)"))
 
 
-def tradeoff(report: Report) -> tuple[list[tuple[str, float, float]], str, str] | None:
+def tradeoff(report: Report, target: str | None = None) -> tuple[list[tuple[str, float, float]], str, str] | None:
     """Points (run, change in English, change in its trained language) for the trade-off scatter, and the
     axis labels; None when the runs lack either kind of score.
 
     English: the mean accuracy over the English suite's tasks that every row has, else the held-out
-    English bits per character. The trained language: the first of ``TARGET_SCORES`` every run has.
+    English bits per character. The trained language: ``target`` (a metric key as the report names
+    it, where ``{code}`` stands for the language's FLORES-200 code and ``{lang}`` for neuronreg's, e.g.
+    ``heldout_{lang}/bits_per_character``; a SettingsError when a run lacks it), else the first of
+    ``TARGET_SCORES`` every run has.
     """
     runs = [row for row in report.runs if row.language and row.language != ENGLISH]
     if not runs:  # a run that trained English has no trade-off against it
@@ -342,12 +346,25 @@ def tradeoff(report: Report) -> tuple[list[tuple[str, float, float]], str, str] 
         xlabel = "English held-out bits per character, change (lower is better)"
     else:
         return None
-    for pattern, title in TARGET_SCORES:
-        keys = {row.label: pattern.format(code=row.flores200, lang=row.language) for row in runs}
+    if target is not None:
+        titles = dict(TARGET_SCORES)
+        candidates = [(target, titles.get(target, target.replace("{code}", "X").replace("{lang}", "X")))]
+        lacking = [row.label for row in runs if report.change(row, _target_key(target, row)) is None]
+        if lacking:
+            raise SettingsError(f"No score {target!r} for run(s) {', '.join(lacking)} and their base model; the "
+                                f"report has: {', '.join(m.key for m in report.metrics)}.")
+    else:
+        candidates = TARGET_SCORES
+    for pattern, title in candidates:
+        keys = {row.label: _target_key(pattern, row) for row in runs}
         if all(report.change(row, keys[row.label]) is not None for row in runs):
             points = [(row.label, english_change(row), report.change(row, keys[row.label])) for row in runs]
             return points, xlabel, f"Trained language: {title}, change"
     return None
+
+
+def _target_key(pattern: str, row: Row) -> str:
+    return pattern.replace("{code}", row.flores200 or "").replace("{lang}", row.language or "")
 
 
 # -- for a model card --------------------------------------------------------------------------------
