@@ -2,6 +2,7 @@
 deltas of one process with the same global batch, resume per rank, and write once; device_map="auto"
 gives the deltas of a plain run."""
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -117,6 +118,8 @@ def test_two_processes_give_the_deltas_of_one_with_the_same_global_batch_and_res
     outcomes = spawn(setup, tmp_path / "two", tmp_path / "record")  # 2 ranks x 2 rows x 2 micro-batches
     assert outcomes == [f"ok|True|{one.config.best_step}", f"ok|False|{one.config.best_step}"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["delta.safetensors", "neuronreg_delta.json"]
+    recorded = json.loads((tmp_path / "two" / "neuronreg_delta.json").read_text())["training"]
+    assert recorded["world_size"] == 2 and one.config.training.world_size == 1  # the run says how it was spread
     assert_same_deltas(tmp_path / "one", tmp_path / "two", **TOL)
     moved = load_file(str(tmp_path / "two" / "delta.safetensors"))["model.layers.0.mlp.gate_delta"]
     assert moved.abs().max() > 1e-3  # the deltas did train
@@ -145,7 +148,7 @@ def test_device_map_auto_gives_the_deltas_of_a_plain_run(setup, tmp_path):
     pytest.importorskip("accelerate")
     train(setup, tmp_path / "plain", steps=2)
     spread = train(setup, tmp_path / "spread", steps=2, device_map="auto")
-    assert spread.is_main
+    assert spread.is_main and spread.config.training.device_map == "auto"
     assert_same_deltas(tmp_path / "plain", tmp_path / "spread", rtol=1e-6, atol=1e-7)
 
 

@@ -237,8 +237,10 @@ def test_run_configs_without_the_new_fields_still_load_and_an_adapter_run_needs_
     data = json.loads((out / "neuronreg_delta.json").read_text())
     older = {k: v for k, v in data.items() if k not in ("adapter", "merge")}
     older["subset"] = "ffn"
-    older["training"] = {k: v for k, v in data["training"].items() if k != "master_dtype"}
+    older["training"] = {k: v for k, v in data["training"].items()
+                         if k not in ("master_dtype", "world_size", "device_map", "chunked_loss")}
     config = RunConfig.from_dict(older, "old.json")
     assert config.adapter is None and config.merge is None and config.training.master_dtype is None
+    assert (config.training.world_size, config.training.device_map, config.training.chunked_loss) == (1, None, None)
     with pytest.raises(RecordError, match="subset 'lora' needs adapter settings"):
         RunConfig.from_dict({**older, "subset": "lora"}, "bad.json")

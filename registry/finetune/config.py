@@ -192,6 +192,13 @@ class TrainingInfo(Record):
     # The dtype the optimizer updated the trainable weights in (float32 master weights whatever the model's
     # dtype); None in runs of neuronreg versions that did not record it.
     master_dtype: str | None = None
+    # How the work was spread and the loss computed, which change the float rounding but not what is
+    # computed: processes (torchrun ranks, each training on its share of every batch), accelerate's
+    # device_map, and the loss as asked for (True: the chunked cross-entropy, False: the plain one, None:
+    # chosen by the size of the logits). Runs of versions that did not record them read as the defaults.
+    world_size: int = 1
+    device_map: str | None = None
+    chunked_loss: bool | None = None
 
 
 @dataclass(kw_only=True)

@@ -419,7 +419,8 @@ def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: L
                             eval_data=eval_source.describe() if eval_source else None,
                             train_rows=len(train_rows), eval_rows=len(eval_rows),
                             seconds_this_session=round(seconds, 3), resumed_from_step=resumed_from,
-                            master_dtype="float32")
+                            master_dtype="float32", world_size=ranks.world, device_map=device_map,
+                            chunked_loss=chunked_loss)
     config = RunConfig(
         base_model=info, base_path=ref.source if ref.local else None, language=LanguageInfo.of(lang),
         subset=settings.subset,
