@@ -190,8 +190,10 @@ class AblationReport:
         if len(verdicts) > 1:
             column = sum(v.own_hurts_most for v in verdicts.values())
             row = sum(v.hurts_own_most for v in verdicts.values())
-            lines.append(f"Of {len(verdicts)} languages, {column} are hurt most by their own mask (of all masks, "
-                         f"relative change), and {row} languages' masks hurt their own language more than any other.")
+            lines.append(f"Of {len(verdicts)} languages, {column} {'is' if column == 1 else 'are'} hurt most by "
+                         f"{'its' if column == 1 else 'their'} own mask (of all masks, relative change), and "
+                         + (f"{row} language's mask hurts its own language" if row == 1 else
+                            f"{row} languages' masks hurt their own language") + " more than any other.")
         return lines
 
     def to_json(self) -> dict:
