@@ -326,6 +326,32 @@ def test_runs_on_one_base_share_one_measurement_of_it(runs, tmp_path, monkeypatc
     assert len(heldout_calls) == 4 + 3 * 2
 
 
+def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
+    import shutil
+
+    folders = [tmp_path / s for s in ("lape", "ffn")]
+    for folder in folders:
+        shutil.copytree(runs / "runs" / folder.name, folder, ignore=shutil.ignore_patterns("eval"))
+    task = ("--tasks", "tiny_mc", "--include-path", runs / "tasks", "--batch-size", 2, "--json", "-q")
+    first = json.loads(run("evaluate", *folders, *task).stdout)
+    (folders[1] / "eval" / "tiny_mc.json").unlink()  # as if stopped before the second run's own scores
+    calls = []
+    real = bm.evaluate_model
+    monkeypatch.setattr(bm, "evaluate_model", lambda m, t, tasks, **k: calls.append([x.name for x in tasks])
+                        or real(m, t, tasks, **k))
+    again = json.loads(run("evaluate", *folders, *task, "--resume").stdout)
+    assert calls == [["tiny_mc"]]  # only the second run's: the base and the first run's scores were kept
+    assert [d["benchmarks"] for d in again] == [d["benchmarks"] for d in first]
+    assert (folders[1] / "eval" / "tiny_mc.json").is_file()
+    # Other settings are measured afresh, as is everything without --resume (the base once)
+    calls.clear()
+    run("evaluate", *folders, *task, "--resume", "--limit", 3)
+    assert len(calls) == 1 + 2
+    calls.clear()
+    run("evaluate", *folders, *task)
+    assert len(calls) == 1 + 2
+
+
 def test_report_has_the_base_and_one_row_per_run_with_their_trainable_weights(runs, tmp_path):
     folders = [runs / "runs" / s for s in ("lape", "random", "ffn", "full")]
     heldout = write_corpus(tmp_path / "heldout", {"en": "en"}, docs=8, seed=4)

@@ -151,6 +151,9 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 @click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="Examples in the prompt [default: 0].")
 @click.option("--include-path", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A folder of lm-eval task YAML files of your own, for --tasks (repeatable).")
+@click.option("--resume", is_flag=True, help="For --tasks: keep the scores already in each run's eval/ that were "
+              "measured with the same settings, lm-eval version and base model after the run was made; measure "
+              "only the rest.")
 @o.languages_option("Languages to measure [default: the language the run trained].")
 @o.tokens_option("100k", "Held-out tokens per language.")
 @o.seq_len_option(512, minimum=2)
@@ -164,8 +167,8 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 @o.token_option
 @o.quiet_option
 @click.pass_context
-def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, languages, tokens, seq_len, batch_size,
-                 dtype, device, text_field, allow_other_base, as_json, trust_remote_code, token, quiet):
+def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resume, languages, tokens, seq_len,
+                 batch_size, dtype, device, text_field, allow_other_base, as_json, trust_remote_code, token, quiet):
     """Perplexity and bits per character per language before and after finetune RUNS, on held-out text.
 
     Loads each run's base model, measures it, puts the run's delta on it (unmerged: exact in any
@@ -179,6 +182,7 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, langu
     Example:
         neuronreg evaluate runs/sw --data ./heldout --languages sw,en
         neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --limit 100
+        neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --resume   # after an interruption
     """
     from ..finetune.evaluate import evaluate_runs
 
@@ -189,7 +193,7 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, langu
         runs, tasks=o.names([tasks]) if tasks else None, data=data, languages=o.names(languages),
         manifest=o.manifest(ctx), dtype=dtype,
         benchmark_options=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                               include_path=include_path, quiet=quiet),
+                               include_path=include_path, resume=resume, quiet=quiet),
         heldout_options=dict(tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size, text_field=text_field),
         device=device, token=token, trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
     reports = []

@@ -194,7 +194,8 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
                         batch_size: int = 4, dtype: str | None = None, device: str | None = None,
                         token: str | None = None, trust_remote_code: bool = False, allow_other_base: bool = False,
                         base: bool = True, base_results: dict | None = None, data: dict | None = None,
-                        include_path: list | tuple = (), quiet: bool = False) -> BenchmarkEvaluation:
+                        include_path: list | tuple = (), resume: bool = False,
+                        quiet: bool = False) -> BenchmarkEvaluation:
     """Benchmarks through lm-evaluation-harness on the run's base model and on the run, in memory.
 
     ``tasks`` are benchmarks (``flores``, ``belebele``, ``sib200``, ``english``) or lm-eval task names,
@@ -207,7 +208,9 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     tasks (local FLORES-200 / SIB-200 folders), and ``include_path`` are folders of task YAML files of
     your own (see :func:`neuronreg.evaluation.benchmarks.task_manager`). ``base_results`` (task ->
     TaskResult of the same base model with the same settings, as :func:`evaluate_runs` passes them) are
-    taken as they are instead of measuring the base again on those tasks.
+    taken as they are instead of measuring the base again on those tasks. With ``resume``, the scores
+    already in the run's ``eval/`` (and ``eval/base/``) are kept where they were measured with the same
+    settings, lm-eval version and base model, after the run was made; only the rest is measured.
     """
     import torch
 
@@ -227,37 +230,63 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     loaded = bm.load_tasks(chosen, manager, quiet=quiet)  # every task's data before any model is loaded
     settings = dict(manager=manager, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, quiet=quiet)
     about = {"run": folder.name, "base_model": _base_of(config), "trained_language": config.language.code}
-    loaded_base = load_base_model(folder, dtype=dtype, device=device, token=token,
-                                  trust_remote_code=trust_remote_code, allow_other_base=allow_other_base,
-                                  tokenizer=True)
-    model, tokenizer = loaded_base.model, loaded_base.tokenizer
-    del loaded_base
+    same = {"limit": bm.check_settings(limit, num_fewshot), "num_fewshot": num_fewshot, "batch_size": batch_size}
+    done = _kept_results(folder, config, chosen, same, base=False) if resume else {}
+    known = {task.name: base_results[task.name] for task in chosen
+             if task.name in (base_results or {}) and base_results[task.name].settings == same}
+    if resume:
+        known = {**_kept_results(folder, config, chosen, same, base=True), **known}
     outcome = BenchmarkEvaluation(folder, config.language.code, {}, {})
+    missing = [(task, obj) for task, obj in zip(chosen, loaded) if task.name not in known] if base else []
+    model = tokenizer = None
+    if missing or any(task.name not in done for task in chosen):
+        loaded_base = load_base_model(folder, dtype=dtype, device=device, token=token,
+                                      trust_remote_code=trust_remote_code, allow_other_base=allow_other_base,
+                                      tokenizer=True)
+        model, tokenizer = loaded_base.model, loaded_base.tokenizer
+        del loaded_base
+    else:
+        log.info("%s: every score is already in %s; nothing measured.", folder, bm.results_folder(folder))
     if base:
-        same = {"limit": bm.check_settings(limit, num_fewshot), "num_fewshot": num_fewshot, "batch_size": batch_size}
-        known = {task.name: base_results[task.name] for task in chosen
-                 if task.name in (base_results or {}) and base_results[task.name].settings == same}
-        missing = [(task, obj) for task, obj in zip(chosen, loaded) if task.name not in known]
         measured = {}
         if missing:
             measured, _ = bm.evaluate_model(model, tokenizer, [t for t, _ in missing],
                                             loaded=[obj for _, obj in missing], **settings)
+            loaded = None  # lm-eval's task objects hold the last run's state: load them afresh
         outcome.base = {task.name: copy.copy(known.get(task.name) or measured[task.name]) for task in chosen}
         for result in outcome.base.values():
             result.about = {**about, "model": "base"}
         outcome.files += _saving(lambda: bm.save_results(outcome.base, bm.results_folder(folder, base=True)),
                                  folder) or []
-        if missing:
-            loaded = None  # lm-eval's task objects hold the last run's state: load them afresh
-    if config.dense:  # the baselines' own weights, as the loader gives them
-        del model
-        model = load_sparse_model(folder, merge=False, dtype=dtype, device=device, token=token,
-                                  trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
-    else:  # on the base in memory, unmerged; where the loader gives back a model around it (an adapter), that one
-        applied = apply_run_delta(model, folder, merge=False)
-        model = applied if isinstance(applied, torch.nn.Module) else model
-    outcome.tuned, _ = bm.evaluate_model(model, tokenizer, chosen, loaded=loaded, **settings)
-    for result in outcome.tuned.values():
-        result.about = {**about, "model": "tuned"}
-    outcome.files += _saving(lambda: bm.save_results(outcome.tuned, bm.results_folder(folder)), folder) or []
+    todo = [(task, obj) for task, obj in zip(chosen, loaded or [None] * len(chosen)) if task.name not in done]
+    measured = {}
+    if todo:
+        if config.dense:  # the baselines' own weights, as the loader gives them
+            del model
+            model = load_sparse_model(folder, merge=False, dtype=dtype, device=device, token=token,
+                                      trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
+        else:  # on the base in memory, unmerged (for an adapter: the model the loader wraps around it)
+            applied = apply_run_delta(model, folder, merge=False)
+            model = applied if isinstance(applied, torch.nn.Module) else model
+        measured, _ = bm.evaluate_model(model, tokenizer, [t for t, _ in todo],
+                                        loaded=None if loaded is None else [obj for _, obj in todo], **settings)
+        for result in measured.values():
+            result.about = {**about, "model": "tuned"}
+        outcome.files += _saving(lambda: bm.save_results(measured, bm.results_folder(folder)), folder) or []
+    outcome.tuned = {task.name: done.get(task.name) or measured[task.name] for task in chosen}
     return outcome
+
+
+def _kept_results(folder: Path, config: RunConfig, chosen, same: dict, *, base: bool) -> dict:
+    """The scores in the run's eval/ (or eval/base/) that ``resume`` keeps: those of the chosen tasks
+    measured with the same settings and lm-eval version, on the run's base model, after the run was made."""
+    from ..evaluation import benchmarks as bm
+
+    version = bm.lm_eval_version()
+    names = {task.name for task in chosen}
+    kept = {}
+    for name, result in bm.read_results(bm.results_folder(folder, base=base)).items():
+        if name in names and result.settings == same and result.lm_eval_version == version \
+                and result.about.get("base_model") == _base_of(config) and result.created >= config.created:
+            kept[name] = result
+    return kept
