@@ -4,10 +4,13 @@ corpora, publishing, fetching, releasing). Tokens never appear in a message."""
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
 from .errors import HubError, NeuronregError
+
+log = logging.getLogger("neuronreg")
 
 
 def _status(exc) -> int | None:
@@ -122,3 +125,39 @@ def retrying(call, attempts: int = 3, delay: float = 0.5):
             if not is_network_error(exc) or isinstance(exc, e.OfflineModeIsEnabled) or attempt == attempts - 1:
                 raise
         time.sleep(delay * 2**attempt)
+
+
+@contextmanager
+def repo_for_commit(api, repo_id: str, repo_type: str, *, private: bool = False, what: str = "this commit"):
+    """The repo ``repo_id``, created (``private`` or not) when it does not exist yet; if the block then
+    fails, a repo created here is deleted again, so a failed publish or release leaves no empty repo
+    behind. Yields whether it was created."""
+    from huggingface_hub import errors as e
+
+    created = False
+    with hub_errors(repo_id):
+        try:
+            retrying(lambda: api.repo_info(repo_id, repo_type=repo_type))
+        except Exception as exc:
+            if not isinstance(exc, e.RepositoryNotFoundError) or isinstance(exc, e.GatedRepoError):
+                raise
+            api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+            created = True
+    try:
+        yield created
+    except BaseException:
+        if created:
+            try:
+                api.delete_repo(repo_id, repo_type=repo_type)
+            except Exception as exc:  # the error that matters is the one being raised
+                log.warning("Could not delete the repo %s created for %s (%s).", repo_id, what, type(exc).__name__)
+        raise
+
+
+def check_new_tag(api, repo_id: str, repo_type: str, tag: str | None) -> dict[str, str]:
+    """The repo's tags (name -> commit) when ``tag`` is asked for; checked BEFORE committing, so that a
+    command refused for its tag has changed nothing."""
+    if not tag:
+        return {}
+    with hub_errors(repo_id):
+        return {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=repo_type).tags}

@@ -327,6 +327,44 @@ def test_release_uploads_delta_and_card_and_loads_from_the_hub(setup, tmp_path, 
         assert torch.equal(w, remote.state_dict()[name]) and torch.equal(w, merged.state_dict()[name]), name
 
 
+def test_release_to_a_branch_with_a_tag_or_as_a_pull_request(setup, tmp_path, hub):  # noqa: F811
+    from huggingface_hub import HfApi
+
+    out = tmp_path / "run"
+    train(setup, "llama", out, steps=2)
+    repo = f"{TEST_USER}/tiny-en-versions"
+    run("release", out, "--repo", repo, "--revision", "experiments", "--tag", "v1", "-q")
+    api = HfApi()
+    refs = api.list_repo_refs(repo)
+    branch = {b.name: b.target_commit for b in refs.branches}
+    assert {t.name: t.target_commit for t in refs.tags} == {"v1": branch["experiments"]}
+    assert "delta.safetensors" in api.list_repo_files(repo, revision="v1")
+    assert "delta.safetensors" not in hub.files("model", repo)  # main is untouched
+    # The same tag again is refused before anything is committed
+    before = hub.commits("model", repo, "experiments")
+    assert_one_line_error(run("release", out, "--repo", repo, "--revision", "experiments", "--tag", "v1", ok=False),
+                          "already has the tag 'v1'", "--tag")
+    assert hub.commits("model", repo, "experiments") == before
+    # A pull request: printed, and main still untouched
+    url = run("release", out, "--repo", repo, "--create-pr", "-q").stdout.strip()
+    assert "/discussions/" in url and "delta.safetensors" not in hub.files("model", repo)
+    # A release into a new repo that fails at any request leaves either no repo or the whole release
+    for k in range(0, 20):
+        new = f"{TEST_USER}/tiny-en-failing"
+        hub.fail_after(k, 400)
+        result = run("release", out, "--repo", new, "--tag", "v1", ok=False)
+        hub._fail.clear()
+        if result.exit_code == 0:
+            assert "delta.safetensors" in hub.files("model", new)
+            assert [t.name for t in api.list_repo_refs(new).tags] == ["v1"]
+            assert k >= 5  # it failed, and was undone, at the repo's creation, the upload, the commit and the tag
+            break
+        assert_one_line_error(result)
+        assert hub.files_or_none("model", new) is None, k
+    else:
+        raise AssertionError("release never succeeded")
+
+
 # -- bfloat16 must not eat the training ---------------------------------------------------------------------
 def test_dense_baseline_in_bfloat16_updates_float32_master_weights(setup, tmp_path):
     """lr 1e-4 on bfloat16 weights of magnitude ~0.5 (spacing 2e-3 to 4e-3): updated in place, every step

@@ -20,6 +20,16 @@ registry_option = _option(
 quiet_option = _option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (stderr).")
 json_option = _option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 revision_option = _option("--revision", default=None, help="Branch, tag or commit on the Hub [default: main].")
+
+
+def commit_options(f):
+    """Committing to a Hub repo (publish, release): to which branch, tagged, or as a pull request."""
+    f = _option("--create-pr", is_flag=True, help="Open a pull request (against --revision) instead of committing.")(f)
+    f = _option("--tag", default=None, help="Tag the commit (e.g. v1.0); a tag that exists already is refused "
+                "before anything is committed.")(f)
+    return _option("--revision", default=None,
+                   help="Branch to commit to, created from main if missing [default: main].")(f)
+
 token_option = _option("--token", default=None, help="Hub token [default: HF_TOKEN or your Hub login]; never printed.")
 device_option = _option("--device", default=None, help="cuda, cuda:1, cpu ... [default: cuda when present, else cpu].")
 dtype_option = _option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,

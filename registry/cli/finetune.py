@@ -218,10 +218,11 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resum
 @merge_dtype_option("Dtype of the merged weights (--merged) [default: as RUN/merged was merged, else the "
                     "model's dtype]; float32 keeps every bit of the training.")
 @click.option("--private", is_flag=True, help="Create the repo private.")
+@o.commit_options
 @click.option("-m", "--message", default=None, help="Commit message.")
 @o.token_option
 @o.quiet_option
-def release_cmd(run, repo, merged, merge_dtype, private, message, token, quiet):
+def release_cmd(run, repo, merged, merge_dtype, private, revision, tag, create_pr, message, token, quiet):
     """Publish a finetune run to a Hub model repo in ONE commit: delta, its JSON and a model card.
 
     With --merged the merged full model (config.json, safetensors, tokenizer) goes to the repo root
@@ -233,16 +234,17 @@ def release_cmd(run, repo, merged, merge_dtype, private, message, token, quiet):
     Example:
         neuronreg release runs/sw --repo acme/tiny-sw-lape
         neuronreg release runs/sw --repo acme/tiny-sw-lape --merged --private
+        neuronreg release runs/sw-v2 --repo acme/tiny-sw-lape --tag v2 --create-pr
     """
     from ..finetune.release import release
 
     setup_logging(quiet)
     outcome = release(run, repo, merged=merged, private=private, token=token, message=message,
-                      merge_dtype=merge_dtype)
+                      merge_dtype=merge_dtype, revision=revision, tag=tag, create_pr=create_pr)
     if outcome.merge is not None:
         status(quiet, outcome.merge.describe())
     status(quiet, f"Uploaded {len(outcome.files)} file(s) in one commit: {', '.join(outcome.files)}")
-    result(outcome.url or f"{repo}@{outcome.commit}")
+    result(outcome.pr_url or outcome.url or f"{repo}@{outcome.commit}")
 
 
 COMMANDS = [finetune_cmd, evaluate_cmd, release_cmd]

@@ -16,9 +16,7 @@ from ._output import result, setup_logging, status
 @click.argument("models", nargs=-1)
 @o.repo_option(required=True, help="Dataset repo on the Hub (org/name); created if missing.")
 @click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--tag", default=None, help="Tag the published commit (e.g. v1.0).")
-@o.revision_option
-@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@o.commit_options
 @click.option("-m", "--message", default=None, help="Commit message.")
 @o.token_option
 @o.registry_option

@@ -17,8 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FinetuneError, NeuronregError
-from ..hubcalls import hub_errors
+from ..errors import FinetuneError, HubError, NeuronregError
+from ..hubcalls import check_new_tag, hub_errors, repo_for_commit
 from ..store.cards import front_matter, render
 from .config import (
     ADAPTER_CONFIG_FILE,
@@ -45,6 +45,7 @@ class ReleaseResult:
     url: str | None
     files: list[str]
     merge: MergeInfo | None = None  # what merging (or a dense run's save) lost to rounding
+    pr_url: str | None = None  # with create_pr: the pull request opened
 
 
 def base_hub_id(config: RunConfig) -> str | None:
@@ -124,13 +125,18 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | Non
 
 
 def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: bool = False,
-            token: str | None = None, message: str | None = None, merge_dtype: str | None = None) -> ReleaseResult:
+            token: str | None = None, message: str | None = None, merge_dtype: str | None = None,
+            revision: str | None = None, tag: str | None = None, create_pr: bool = False) -> ReleaseResult:
     """Upload a finished run. A dense baseline (``ffn``/``full``) uploads its full weights instead of a delta.
 
     ``merged``: the run's ``merged/`` folder when it was merged in ``merge_dtype`` (None: whatever dtype
     it was merged in), else a merge made now, in ``merge_dtype`` (None: the model's dtype); what the
-    merge lost to rounding is in the result, the published config and the card."""
+    merge lost to rounding is in the result, the published config and the card. ``revision``: the
+    branch to commit to (created from main if missing); ``create_pr``: open a pull request (against
+    ``revision``) instead; ``tag``: tag the commit (a tag that exists already is refused before anything
+    is committed). A repo created for the release is deleted again if the release fails."""
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import validate_repo_id
 
     folder = Path(folder)
     config = read_run_config(folder)
@@ -192,12 +198,21 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
         files["README.md"] = card
         api = HfApi(token=token)
         with hub_errors(repo_id):
-            api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
-            commit = api.create_commit(
-                repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                          for name, path in sorted(files.items())],
-                repo_type=REPO_TYPE,
-                commit_message=message or f"Release {config.language.code} {config.subset} fine-tune "
-                                          f"of {config.base_model.name} (neuronreg)")
+            validate_repo_id(repo_id)
+        with repo_for_commit(api, repo_id, REPO_TYPE, private=private, what="this release"):
+            if tag in check_new_tag(api, repo_id, REPO_TYPE, tag):
+                raise HubError(f"{repo_id} already has the tag {tag!r}; nothing was released.", fix="tag",
+                               advice="Choose another tag.")
+            with hub_errors(repo_id):
+                if revision and revision != "main" and not create_pr:
+                    api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
+                commit = api.create_commit(
+                    repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                              for name, path in sorted(files.items())],
+                    repo_type=REPO_TYPE, revision=revision, create_pr=create_pr,
+                    commit_message=message or f"Release {config.language.code} {config.subset} fine-tune "
+                                              f"of {config.base_model.name} (neuronreg)")
+                if tag:
+                    api.create_tag(repo_id, tag=tag, revision=commit.oid, repo_type=REPO_TYPE, exist_ok=False)
     return ReleaseResult(repo_id, commit.oid, commit.commit_url, sorted(files),
-                         config.merge if merged or config.dense else None)
+                         config.merge if merged or config.dense else None, commit.pr_url)

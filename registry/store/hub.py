@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import HubError, MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, write_parquet
-from ..hubcalls import hub_error, hub_errors, retrying
+from ..hubcalls import check_new_tag, hub_error, hub_errors, repo_for_commit, retrying
 from ..mask import NeuronMask, read_mask_file
 from .cards import OVERLAP_NAME, PER_LAYER_NAME, PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
 from .figures import neurons_per_layer_png
@@ -174,34 +174,15 @@ def publish(
     local = _local_files(registry, models)  # everything read back and validated before the Hub is touched
 
     api = HfApi(token=token)
-    created = False
-    with hub_errors(repo_id):
-        try:
-            info = retrying(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, files_metadata=True))
-        except Exception as exc:
-            from huggingface_hub import errors as e
-
-            if not isinstance(exc, e.RepositoryNotFoundError) or isinstance(exc, e.GatedRepoError):
-                raise
-            api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
-            created = True
-    try:
+    with repo_for_commit(api, repo_id, REPO_TYPE, private=private, what="this publish"):
         with hub_errors(repo_id):
             if revision and revision != "main" and not create_pr:
                 api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
             info = retrying(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision,
                                                   files_metadata=True))
-            tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=REPO_TYPE).tags} \
-                if tag else {}
+        tags = check_new_tag(api, repo_id, REPO_TYPE, tag)
         result = _publish(api, registry, repo_id, models, local, info, revision=revision, create_pr=create_pr,
                           token=token, message=message, tag=tag, tags=tags)
-    except BaseException:
-        if created:  # a failed publish leaves no empty repo behind
-            try:
-                api.delete_repo(repo_id, repo_type=REPO_TYPE)
-            except Exception as exc:  # the error that matters is the one being raised
-                log.warning("Could not delete the repo %s created for this publish (%s).", repo_id, type(exc).__name__)
-        raise
     return result
 
 
