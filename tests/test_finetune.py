@@ -245,7 +245,8 @@ def test_errors_are_one_line(setup, tmp_path):
                 setup / "empty", "-q", ok=False)
     assert_one_line_error(empty, "holds no text")
     assert_one_line_error(run("finetune", setup / "phi3", "en", "--out", tmp_path / "e", *common[:-3], "--mask",
-                              tmp_path / "nothing", "-q", ok=False), "no neurons for phi3")
+                              tmp_path / "nothing", "-q", ok=False), "no neurons for phi3",
+                          "neuronreg fetch MODEL LANG -o mask.parquet")
     run("finetune", setup / "llama", "en", "--out", tmp_path / "f", *common)
     assert_one_line_error(run("finetune", setup / "llama", "en", "--out", tmp_path / "f", *common, ok=False),
                           "already holds a finished run", "--overwrite")

@@ -19,6 +19,8 @@ HINTS = {
     "base": "Pass --base with the folder (or Hub id) of that model.",
     "busy": "Wait for it to finish; if it died on another machine, delete its lock file.",
     "compute": "Run 'neuronreg compute MODEL LANG...' first (or pass --registry).",
+    "compute_or_fetch": "Run 'neuronreg compute MODEL LANG...' first, or fetch published neurons ('neuronreg fetch "
+                        "MODEL LANG -o mask.parquet') and pass --mask mask.parquet.",
     "corpus": "Give --corpus a folder of <language>.txt/.jsonl/.parquet files, or 'hf'.",
     "device": "Pass --device cpu, or a device this machine has.",
     "diverged": "Lower --lr, or clip gradients (--clip 1.0).",

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from ..corpus import iter_documents, pack_rows, resolve_corpus
-from ..errors import CorpusError, FinetuneError, MaskError
+from ..errors import CorpusError, FinetuneError, MaskError, RegistryError
 from ..evaluation.heldout import IGNORE, token_nll
 from ..files import atomic_folder, atomic_path, atomic_write_text
 from ..lape.distributed import Ranks
@@ -107,7 +107,16 @@ def read_mask(source: LocalRegistry | Path, model: str, language: str, manifest:
     error saying what is there."""
     if isinstance(source, Path):
         return NeuronMask.load(source, model=model, language=language)
-    entry = source.selection(model, selection, top_rate)
+    try:
+        entry = source.selection(model, selection, top_rate)
+    except RegistryError as exc:
+        if exc.fix != "compute":
+            raise
+        # Training is where published neurons are most wanted: say how to use them, not only how to count.
+        raise RegistryError(exc.message, fix="compute_or_fetch",
+                            advice="Compute them, or fetch published ones "
+                                   "(neuronreg.load_mask(model, language).save('mask.parquet')) and pass that file "
+                                   "as the mask.") from exc
     code = language_code(language, manifest, entry.languages)
     return source.read_mask(model, code, entry.name)
 
