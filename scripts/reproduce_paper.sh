@@ -81,9 +81,10 @@ for subset in lape random ffn full lora ia3; do
   fi
   [ -f "$run/.evaluated" ] || todo+=("$run")
 done
-# One evaluate for every run not evaluated yet: the base model is measured once for all of them.
+# One evaluate for every run not evaluated yet: the base model is measured once for all of them, and
+# the benchmark scores a stopped evaluation already has are kept (--resume).
 if [ ${#todo[@]} -gt 0 ]; then
-  $NEURONREG evaluate "${todo[@]}" "${EVALUATE[@]}" -q > /dev/null
+  $NEURONREG evaluate "${todo[@]}" "${EVALUATE[@]}" --resume -q > /dev/null   # an interrupted one picks up
   for run in "${todo[@]}"; do touch "$run/.evaluated"; done
 fi
 $NEURONREG report "$OUT"/runs/* -o "$OUT" "${REPORT[@]}" > "$OUT/report.md.tmp"
