@@ -127,6 +127,14 @@ def retrying(call, attempts: int = 3, delay: float = 0.5):
         time.sleep(delay * 2**attempt)
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A one-line HubError for a repo id the Hub would refuse; called before any long work."""
+    from huggingface_hub.utils import validate_repo_id
+
+    with hub_errors(repo_id):
+        validate_repo_id(repo_id)
+
+
 @contextmanager
 def repo_for_commit(api, repo_id: str, repo_type: str, *, private: bool = False, what: str = "this commit"):
     """The repo ``repo_id``, created (``private`` or not) when it does not exist yet; if the block then

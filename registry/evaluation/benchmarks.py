@@ -277,6 +277,12 @@ def check_settings(limit: int | float | None, num_fewshot: int | None) -> int | 
     return int(limit) if limit is not None and limit >= 1 else limit
 
 
+def result_settings(limit: int | float | None, num_fewshot: int | None, batch_size: int) -> dict:
+    """The settings a TaskResult records (and that decide whether two results are comparable): the limit
+    as lm-eval takes it (checked), the few-shot count and the batch size."""
+    return {"limit": check_settings(limit, num_fewshot), "num_fewshot": num_fewshot, "batch_size": batch_size}
+
+
 def evaluate_model(model, tokenizer, tasks: Sequence[BenchmarkTask], *, manager, limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 1, log_samples: bool = False,
                    loaded: list | None = None, quiet: bool = False) -> tuple[dict[str, TaskResult], dict]:
@@ -290,14 +296,13 @@ def evaluate_model(model, tokenizer, tasks: Sequence[BenchmarkTask], *, manager,
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    limit = check_settings(limit, num_fewshot)
+    settings = result_settings(limit, num_fewshot, batch_size)
     objects = loaded if loaded is not None else load_tasks(tasks, manager, quiet=quiet)
     with _lm_eval_quiet(quiet):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(model=lm, tasks=list(objects), task_manager=manager, limit=limit,
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(objects), task_manager=manager, limit=settings["limit"],
                                          num_fewshot=num_fewshot, batch_size=batch_size, log_samples=log_samples)
     version = lm_eval_version()
-    settings = {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}
     return {task.name: _task_result(task, output, version, settings) for task in tasks}, output
 
 

@@ -120,8 +120,8 @@ def evaluate_runs(folders, *, tasks: list[str] | str | None = None, data: str | 
     """
     benchmarks: dict[tuple, dict] = {}
     heldout: dict[tuple, dict] = {}
-    for folder in folders:
-        key = base_identity(folder, dtype)
+    keys = [base_identity(folder, dtype) for folder in folders]  # every run folder read before hours of work
+    for folder, key in zip(folders, keys):
         bench = evaluate_benchmarks(folder, tasks, languages, manifest=manifest, dtype=dtype,
                                     base_results=benchmarks.get(key), **common, **(benchmark_options or {})) \
             if tasks else None
@@ -207,8 +207,8 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     ``eval/<task>.json`` and ``eval/base/<task>.json`` in the run folder. ``data`` is passed to the
     tasks (local FLORES-200 / SIB-200 folders), and ``include_path`` are folders of task YAML files of
     your own (see :func:`neuronreg.evaluation.benchmarks.task_manager`). ``base_results`` (task ->
-    TaskResult of the same base model with the same settings, as :func:`evaluate_runs` passes them) are
-    taken as they are instead of measuring the base again on those tasks. With ``resume``, the scores
+    TaskResult of the same base model, as :func:`evaluate_runs` passes them) are taken as they are,
+    where measured with the same settings, instead of measuring the base again. With ``resume``, the scores
     already in the run's ``eval/`` (and ``eval/base/``) are kept where they were measured with the same
     settings, lm-eval version and base model, after the run was made; only the rest is measured.
     """
@@ -224,18 +224,26 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     # The trained language as the manifest knows it now (else as the run recorded it), others from the manifest.
     langs = [(manifest.lookup(code) or config.language) if code == config.language.code else manifest.language(code)
              for code in codes]
-    bm.check_settings(limit, num_fewshot)
+    same = bm.result_settings(limit, num_fewshot, batch_size)  # checked before any work
     manager = bm.task_manager(data, include_path)
     chosen = bm.resolve_tasks(names, langs, manager)
     loaded = bm.load_tasks(chosen, manager, quiet=quiet)  # every task's data before any model is loaded
     settings = dict(manager=manager, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, quiet=quiet)
     about = {"run": folder.name, "base_model": _base_of(config), "trained_language": config.language.code}
-    same = {"limit": bm.check_settings(limit, num_fewshot), "num_fewshot": num_fewshot, "batch_size": batch_size}
-    done = _kept_results(folder, config, chosen, same, base=False) if resume else {}
-    known = {task.name: base_results[task.name] for task in chosen
-             if task.name in (base_results or {}) and base_results[task.name].settings == same}
-    if resume:
-        known = {**_kept_results(folder, config, chosen, same, base=True), **known}
+    version = bm.lm_eval_version()
+
+    def reusable(pool: dict) -> dict:
+        """The chosen tasks' results in ``pool`` measured as this call would measure them, after the run."""
+        return {task.name: pool[task.name] for task in chosen if task.name in pool
+                and pool[task.name].settings == same and pool[task.name].lm_eval_version == version
+                and pool[task.name].about.get("base_model") == about["base_model"]
+                and pool[task.name].created >= config.created}
+
+    def saved(base: bool) -> dict:
+        return bm.read_results(bm.results_folder(folder, base=base)) if resume else {}
+
+    done = reusable(saved(False))
+    known = reusable({**saved(True), **(base_results or {})})
     outcome = BenchmarkEvaluation(folder, config.language.code, {}, {})
     missing = [(task, obj) for task, obj in zip(chosen, loaded) if task.name not in known] if base else []
     model = tokenizer = None
@@ -275,18 +283,3 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
         outcome.files += _saving(lambda: bm.save_results(measured, bm.results_folder(folder)), folder) or []
     outcome.tuned = {task.name: done.get(task.name) or measured[task.name] for task in chosen}
     return outcome
-
-
-def _kept_results(folder: Path, config: RunConfig, chosen, same: dict, *, base: bool) -> dict:
-    """The scores in the run's eval/ (or eval/base/) that ``resume`` keeps: those of the chosen tasks
-    measured with the same settings and lm-eval version, on the run's base model, after the run was made."""
-    from ..evaluation import benchmarks as bm
-
-    version = bm.lm_eval_version()
-    names = {task.name for task in chosen}
-    kept = {}
-    for name, result in bm.read_results(bm.results_folder(folder, base=base)).items():
-        if name in names and result.settings == same and result.lm_eval_version == version \
-                and result.about.get("base_model") == _base_of(config) and result.created >= config.created:
-            kept[name] = result
-    return kept

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FinetuneError, HubError, NeuronregError
-from ..hubcalls import check_new_tag, hub_errors, repo_for_commit
+from ..hubcalls import check_new_tag, check_repo_id, hub_errors, repo_for_commit
 from ..store.cards import front_matter, render
 from .config import (
     ADAPTER_CONFIG_FILE,
@@ -136,8 +136,8 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
     ``revision``) instead; ``tag``: tag the commit (a tag that exists already is refused before anything
     is committed). A repo created for the release is deleted again if the release fails."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.utils import validate_repo_id
 
+    check_repo_id(repo_id)  # before a merge that may take minutes
     folder = Path(folder)
     config = read_run_config(folder)
     if config.best_step is None or config.best_val_loss is None or not math.isfinite(config.best_val_loss):
@@ -197,8 +197,6 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
         card.write_text(delta_card(config, repo_id, merged or config.dense, folder), encoding="utf-8")
         files["README.md"] = card
         api = HfApi(token=token)
-        with hub_errors(repo_id):
-            validate_repo_id(repo_id)
         with repo_for_commit(api, repo_id, REPO_TYPE, private=private, what="this release"):
             if tag in check_new_tag(api, repo_id, REPO_TYPE, tag):
                 raise HubError(f"{repo_id} already has the tag {tag!r}; nothing was released.", fix="tag",

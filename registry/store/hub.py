@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import HubError, MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, write_parquet
-from ..hubcalls import check_new_tag, hub_error, hub_errors, repo_for_commit, retrying
+from ..hubcalls import check_new_tag, check_repo_id, hub_error, hub_errors, repo_for_commit, retrying
 from ..mask import NeuronMask, read_mask_file
 from .cards import OVERLAP_NAME, PER_LAYER_NAME, PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
 from .figures import neurons_per_layer_png
@@ -154,7 +154,6 @@ def publish(
     ``models`` are anything the resolver accepts (alias, Hub id, folder, registry name).
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import validate_repo_id
 
     from ..manifest import load_manifest
     from ..resolve import resolve_model
@@ -169,8 +168,7 @@ def publish(
     if missing:
         raise RegistryError(f"No neurons for {', '.join(missing)} in {registry.root} (available: "
                             f"{', '.join(available)}).")
-    with hub_errors(repo_id):
-        validate_repo_id(repo_id)
+    check_repo_id(repo_id)
     local = _local_files(registry, models)  # everything read back and validated before the Hub is touched
 
     api = HfApi(token=token)
