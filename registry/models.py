@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import SettingsError, UnknownModel, UnsupportedArchitecture
 from .files import atomic_write_text
+from .hubcalls import first_line
 from .layouts import LAYOUTS, SUPPORTED, Layout
 from .provenance import ModelInfo
 from .resolve import ModelRef
@@ -304,8 +305,3 @@ def load_error(ref: ModelRef, exc: BaseException) -> Exception:
         return UnknownModel(f"Not enough memory to load {ref.describe()}.", fix="memory",
                             advice="Use a smaller dtype or a machine with more memory.")
     return UnknownModel(f"Cannot load model {ref.describe()}: {type(exc).__name__}: {first_line(exc)}")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import FinetuneError, NeuronregError, SettingsError
 from ..files import atomic_write_json, atomic_write_text, output_folder
+from ..progress import duration
 from ..provenance import now, tool_version
 from .benchmarks import ENGLISH_SUITE, HELDOUT_FILE, PIVOT, TaskResult, read_results, read_run_json, results_folder
 
@@ -118,7 +119,7 @@ class Report:
         for row in self.rows():
             cells = [row.label, row.subset, _count(row.trainable_parameters),
                      "-" if row.trainable_share is None else f"{100 * row.trainable_share:.3f}%",
-                     _count(row.train_tokens), _count(row.steps), _duration(row.wall_seconds)]
+                     _count(row.train_tokens), _count(row.steps), duration(row.wall_seconds)]
             for m in self.metrics:
                 value = row.metrics.get(m.key)
                 change = self.change(row, m.key) if row is not self.base else None
@@ -144,14 +145,6 @@ def _number(value: float) -> str:
 
 def _signed(value: float) -> str:
     return f"{value:+.4f}" if abs(value) < 100 else f"{value:+,.2f}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 # -- reading runs -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
 from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError
 from ..manifest import Language, Manifest
+from ..progress import duration
 from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, NeuronsRecord, SelectionInfo
 from ..resolve import ModelRef, language_codes, languages, resolve_model
 from ..store.local import LocalRegistry
@@ -111,15 +112,7 @@ def _announce(loaded, languages: int, settings: CountSettings, world: int) -> No
     log.info("Counting %d language(s) x %s tokens = %s tokens with %s on %s%s: about %s at %s tokens/s "
              "(measured on one batch; the first batches run slower).", languages, f"{settings.tokens:,}",
              f"{total:,}", loaded.name, loaded.device, f" x {world} processes" if world > 1 else "",
-             _duration(seconds), f"{rate:,.0f}")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+             duration(seconds), f"{rate:,.0f}")
 
 
 def compute(
