@@ -3,10 +3,12 @@
 Layers, lowest first (a module imports only from its own layer or lower ones):
 
 * root modules: ``errors``, ``files``, ``layouts``, ``manifest``, ``resolve``, ``provenance``, ``mask``,
-  ``progress``, ``hubcalls`` (no torch), then ``models``, ``hooks``, ``corpus``;
-* ``store``: the local registry, the Hub registry, the authors' file format, cards and figures;
-* ``lape``: counting, selection, distributed counting, and the compute job;
-* ``evaluation``: held-out loss (the one measurement) and ablation;
+  ``progress``, ``hubcalls``, ``overlap``, ``plots`` (no torch), then ``models``, ``hooks``, ``corpus``,
+  ``distributed`` (processes under torchrun);
+* ``store``: the local registry, the Hub registry, the authors' file format and cards;
+* ``lape``: counting, selection and the compute job;
+* ``steering``: steering plans, steered generation and its evaluation;
+* ``evaluation``: held-out loss (the one measurement), ablation, benchmarks, the report across runs;
 * ``finetune``: settings and run config, row-sparse deltas, training, loading, evaluation, release;
 * ``cli``: thin Click commands over all of the above.
 
@@ -31,7 +33,7 @@ _EXPORTS = {
     "load_mask": "store.hub",
     "load_sparse_model": "finetune.loading",
     "resolve_model": "resolve",
-    "steer": "evaluation.steering",
+    "steer": "steering",
 }
 
 __all__ = ["__version__", *_EXPORTS]

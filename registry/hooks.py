@@ -6,7 +6,7 @@ gated MLPs, ``act(fc1(x))`` of plain ones) and removes every one of them in ``fi
 block raises. The weights are never modified.
 
 :func:`zeroed_neurons` switches a mask's neurons off (ablation); :func:`steered_neurons` sets chosen
-neurons to given values or adds values to them (steering, :mod:`neuronreg.evaluation.steering`).
+neurons to given values or adds values to them (steering, :mod:`neuronreg.steering`).
 """
 
 from __future__ import annotations

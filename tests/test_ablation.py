@@ -280,7 +280,7 @@ def test_characters_of_a_stream_cut_inside_a_document(tmp_path):
 
 
 def test_heatmap_is_a_png_of_the_expected_size(planted, tmp_path):
-    from neuronreg.store.figures import ablation_heatmap, heatmap_pixels
+    from neuronreg.plots import ablation_heatmap, heatmap_pixels
 
     ablate(planted, tmp_path / "out")
     for path, shape in [(tmp_path / "out" / "ablation.png", (4, 3)), (None, (7, 6))]:

@@ -11,7 +11,7 @@ import pytest
 from neuronreg.errors import MaskError
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
-from neuronreg.store.overlap import (
+from neuronreg.overlap import (
     containment,
     intersection_counts,
     jaccard_matrix,

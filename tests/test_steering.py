@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import neuronreg
-import neuronreg.evaluation.steering as steering
+import neuronreg.steering as steering
 from neuronreg.errors import RegistryError, SettingsError
 from neuronreg.hooks import NeuronEdit, steered_neurons
 from neuronreg.lape.counting import Checkpoint, count_activations
 from neuronreg.models import find_mlp_sites
+from neuronreg.steering.evaluate import Condition, draw_shares
+from neuronreg.steering.plan import layer_ranges, parse_layers, parse_strengths
 from neuronreg.store.local import LocalRegistry
 
 from support.cli import assert_one_line_error, packing_interrupted, run
@@ -317,9 +319,9 @@ def test_layers_limit_the_steering(reg):
             pass
     for bad in ("3-1", "a-b", "", [0.5], 7):
         with pytest.raises(SettingsError):
-            steering.parse_layers(bad, 2)
-    assert steering.parse_layers("0-3,20-22, 7", 30) == [0, 1, 2, 3, 7, 20, 21, 22]
-    assert steering.layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+            parse_layers(bad, 2)
+    assert parse_layers("0-3,20-22, 7", 30) == [0, 1, 2, 3, 7, 20, 21, 22]
+    assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert hooks_on(model) == 0
 
 
@@ -410,10 +412,10 @@ def test_settings_are_checked_before_anything_runs(reg):
             with neuronreg.steer(model, registry=reg, model_name="model", **kwargs):
                 pass
     assert hooks_on(model) == 0
-    assert steering.parse_strengths("0, 0.5,1,1,4") == [0.0, 0.5, 1.0, 4.0]
+    assert parse_strengths("0, 0.5,1,1,4") == [0.0, 0.5, 1.0, 4.0]
     for bad in ("a", "1,nan", "", "inf"):
         with pytest.raises(SettingsError):
-            steering.parse_strengths(bad)
+            parse_strengths(bad)
 
 
 # -- the commands -----------------------------------------------------------------------------------------
@@ -455,12 +457,12 @@ def test_steer_eval_end_to_end_with_the_real_identifier(planted, reg, tmp_path):
     assert len(data["outputs"]) == 4 * 3 and {o["prompt"] for o in data["outputs"]} == {0, 1, 2}
     assert (out / "steering.csv").read_text().splitlines()[0] == \
         "condition,strength,outputs,target_share,source_share,other_share,mean_confidence,distinct_2"
-    loop = steering.Condition("x", 1.0, ["a b a b a b a b", "one two three four", "hi"], ["en"] * 3, [0.5] * 3)
+    loop = Condition("x", 1.0, ["a b a b a b a b", "one two three four", "hi"], ["en"] * 3, [0.5] * 3)
     assert loop.distinct_2() == pytest.approx((2 / 7 + 1 + 1) / 3) and loop.mean_confidence() == 0.5
     assert len((out / "outputs.csv").read_text(encoding="utf-8").strip().splitlines()) >= 1 + 12
     png = (out / "steering.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (700, 420)
-    again = steering.draw_shares(data, tmp_path / "again.png")
+    again = draw_shares(data, tmp_path / "again.png")
     assert again.read_bytes() == png  # drawn from the JSON alone, byte for byte
 
 
@@ -504,7 +506,7 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, reg, tmp_path, monkey
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(steering, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(steering.evaluate, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     assert_one_line_error(run("steer-eval", planted / "model", "--from", "en", "--to", "ru", "--out", blocker / "o",
                               "--registry", reg, ok=False), "Cannot write to", "--out")
 

@@ -2,7 +2,8 @@
 
 This root module makes the group and registers the commands of its leaf modules (``registry``:
 compute, select, ls, show, languages, models; ``hub``: publish, fetch, import, export;
-``evaluation``: ablate; ``finetune``: finetune, evaluate, release). Leaves never import the root.
+``evaluation``: ablate, evaluate, report; ``finetune``: finetune, release; ``overlap``; ``steer``:
+generate, steer-eval). Leaves never import the root.
 Commands import the library where they need it, so ``neuronreg --help`` and the listing commands
 never load torch.
 
@@ -19,7 +20,7 @@ import sys
 import click
 
 from .. import __version__
-from . import evaluation, finetune, hub, overlap, registry, report, steer
+from . import evaluation, finetune, hub, overlap, registry, steer
 from ._errors import message
 
 DEBUG_ENV = "NEURONREG_DEBUG"
@@ -89,7 +90,7 @@ def cli(ctx, manifest):
     ctx.obj["manifest"] = manifest
 
 
-for module in (registry, hub, evaluation, overlap, finetune, report, steer):
+for module in (registry, hub, evaluation, overlap, finetune, steer):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -1,6 +1,10 @@
-"""``neuronreg ablate``: switch off each language's neurons and measure perplexity on every language."""
+"""Commands that measure models and runs: ablate (switch off each language's neurons), evaluate (runs before
+and after, held-out text and benchmarks) and report (runs side by side)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import click
 
@@ -67,4 +71,113 @@ def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, se
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 
 
-COMMANDS = [ablate_cmd]
+@click.command(name="evaluate")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", default=None, help="Held-out text: a folder with one <language>.txt/.jsonl/.parquet each "
+              "(needed unless --tasks).")
+@click.option("--tasks", default=None, help="Benchmarks through lm-evaluation-harness, comma-separated: flores, "
+              "belebele, sib200, english, or lm-eval task names; results go to RUN/eval/ (pip install "
+              "'neuronreg[eval]').")
+@click.option("--limit", type=float, default=None, help="At most this many examples per task (below 1: a share).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="Examples in the prompt [default: 0].")
+@click.option("--include-path", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A folder of lm-eval task YAML files of your own, for --tasks (repeatable).")
+@click.option("--resume", is_flag=True, help="For --tasks: keep the scores already in each run's eval/ that were "
+              "measured with the same settings, lm-eval version and base model after the run was made; measure "
+              "only the rest.")
+@o.languages_option("Languages to measure [default: the language the run trained].")
+@o.tokens_option("100k", "Held-out tokens per language.")
+@o.seq_len_option(512, minimum=2)
+@o.batch_size_option(4)
+@click.option("--dtype", type=click.Choice(o.DTYPES), default=None, help="Weights' dtype [default: the run's].")
+@o.device_option
+@o.text_field_option
+@click.option("--allow-other-base", is_flag=True, help="Apply the delta even if the base model's weights changed.")
+@o.json_option
+@o.trust_remote_code_option
+@o.token_option
+@o.quiet_option
+@click.pass_context
+def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resume, languages, tokens, seq_len,
+                 batch_size, dtype, device, text_field, allow_other_base, as_json, trust_remote_code, token, quiet):
+    """Perplexity and bits per character per language before and after finetune RUNS, on held-out text.
+
+    Loads each run's base model, measures it, puts the run's delta on it (unmerged: exact in any
+    dtype) and measures again, with the same held-out measurement as ablate. Runs on the same base
+    model share one measurement of it (each run's eval/base/ gets it).
+
+    With --tasks, benchmarks through lm-evaluation-harness on the base model and on each run, in
+    memory (docs/benchmarks.md).
+
+    \b
+    Example:
+        neuronreg evaluate runs/sw --data ./heldout --languages sw,en
+        neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --limit 100
+        neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --resume   # after an interruption
+    """
+    from ..finetune.evaluate import evaluate_runs
+
+    setup_logging(quiet)
+    if not data and not tasks:
+        raise click.UsageError("Give --data (held-out text), --tasks (benchmarks), or both.")
+    outcomes = evaluate_runs(
+        runs, tasks=o.names([tasks]) if tasks else None, data=data, languages=o.names(languages),
+        manifest=o.manifest(ctx), dtype=dtype,
+        benchmark_options=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                               include_path=include_path, resume=resume, quiet=quiet),
+        heldout_options=dict(tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size, text_field=text_field),
+        device=device, token=token, trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
+    reports = []
+    for folder, bench, outcome in outcomes:
+        if as_json:
+            reports.append({"run": str(folder), **({"trained_language": outcome.language, "scores": outcome.scores}
+                                                   if outcome else {}),
+                            **({"benchmarks": bench.as_dict()} if bench else {})})
+            continue
+        if len(runs) > 1:
+            result(f"{'' if folder == Path(runs[0]) else chr(10)}== {folder}")
+        for line in (bench.lines() if bench else []) + (outcome.lines() if outcome else []):
+            result(line)
+    if as_json:  # one run: its object, as before; several: a list of them
+        result(json.dumps(reports[0] if len(runs) == 1 else reports, indent=2))
+
+
+
+
+
+@click.command(name="report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.csv, report.json, one PNG per metric and tradeoff.png.")
+@click.option("--tradeoff", "target", default=None, metavar="METRIC",
+              help="The trained language's score on tradeoff.png, as the report names it; {lang} and {code} "
+                   "stand for the language's code and FLORES-200 code, e.g. 'heldout_{lang}/bits_per_character' "
+                   "[default: the first that every run has of FLORES-200 eng->X chrF++, Belebele, SIB-200, "
+                   "held-out bits per character].")
+@o.quiet_option
+def report_cmd(runs, out, target, quiet):
+    """Compare fine-tuning RUNS of one base model in one table: the base model's row, then each run's.
+
+    Per run: subset, trainable weights and their share of the model, training tokens (steps x batch x
+    accumulation x seq-len), steps, wall time of its last session, and every score its folder holds
+    (held-out perplexity and bits per character from 'evaluate --data', lm-eval scores from
+    'evaluate --tasks') with the change against the base model. Markdown on stdout; CSV, JSON and
+    plots (one per metric, and the trained language against English) in --out.
+
+    \b
+    Example:
+        neuronreg report runs/sw-lape runs/sw-random runs/sw-ffn runs/sw-full -o report/
+        neuronreg report runs/sw-* -o report/ --tradeoff 'heldout_{lang}/bits_per_character'
+    """
+    from ..evaluation.report import collect, save_report
+
+    setup_logging(quiet)
+    report = collect(list(runs))
+    paths = save_report(report, out, target=target)
+    for line in report.markdown():
+        result(line)
+    status(quiet, f"Wrote {len(paths)} files to {out}: report.csv, report.json, "
+                  f"{len(report.metrics)} metric plot(s){', tradeoff.png' if 'tradeoff' in paths else ''}")
+
+
+COMMANDS = [ablate_cmd, evaluate_cmd, report_cmd]

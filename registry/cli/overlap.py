@@ -42,8 +42,8 @@ def overlap_cmd(ctx, model, languages, out, selection, which_top_rate, against, 
         neuronreg overlap mistral-nemo --top-rate 0.01 --against 0.05 --out overlap/
     """
     from ..files import output_folder
+    from ..overlap import containment, overlap
     from ..resolve import language_codes, resolve_model
-    from ..store.overlap import containment, overlap
 
     output_folder(out)
     manifest, reg = o.manifest(ctx), o.registry(registry)

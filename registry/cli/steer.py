@@ -17,7 +17,7 @@ STATISTICS = ("mean", "positive")
 
 def _strength(ctx, param, value):
     from ..errors import SettingsError
-    from ..evaluation.steering import check_strength
+    from ..steering.plan import check_strength
 
     try:
         return check_strength(value)
@@ -27,7 +27,7 @@ def _strength(ctx, param, value):
 
 def _strengths(ctx, param, value):
     from ..errors import SettingsError
-    from ..evaluation.steering import parse_strengths
+    from ..steering.plan import parse_strengths
 
     try:
         return parse_strengths(value)
@@ -78,7 +78,7 @@ def model_options(f):
 
 
 def _generation(max_new_tokens, sample, temperature, seed, repetition_penalty, batch_size):
-    from ..evaluation.steering import GenerationSettings
+    from ..steering.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, seed=seed,
                               batch_size=batch_size, repetition_penalty=repetition_penalty)
@@ -129,7 +129,8 @@ def generate_cmd(ctx, model, prompt, prompts_file, deactivate, activate, strengt
         neuronreg generate smollm2-135m "The capital of France is" --deactivate en --activate fr
         neuronreg generate ./my-model --prompts prompts.txt --activate sw --strength 2 --layers 20-29
     """
-    from ..evaluation.steering import SteeringSettings, check_prompts, read_prompts, steered_generation
+    from ..steering.generation import check_prompts, read_prompts, steered_generation
+    from ..steering.plan import SteeringSettings
 
     setup_logging(quiet)
     prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
@@ -185,8 +186,9 @@ def steer_eval_cmd(ctx, model, source, target, prompts_file, out, strengths, mod
         neuronreg steer-eval smollm2-135m --from en --to fr --out steer/
         neuronreg steer-eval mistral-nemo --from en --to sw --prompts prompts.txt --out steer/ --strengths 0,1,2,4
     """
-    from ..evaluation.steering import SteerEvalSettings, read_prompts, save_report, steer_eval, table_lines
     from ..files import output_folder
+    from ..steering.evaluate import SteerEvalSettings, save_report, steer_eval, table_lines
+    from ..steering.generation import read_prompts
 
     setup_logging(quiet)
     output_folder(out)

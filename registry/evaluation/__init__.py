@@ -1,2 +1,3 @@
 """Measuring models: next-token loss on held-out text (``heldout``, the one measurement that every
-command uses) and ablation of language masks (``ablation``)."""
+command uses), ablation of language masks (``ablation``), benchmarks through lm-evaluation-harness
+(``benchmarks``, with neuronreg's task configs in ``tasks/``) and the report across runs (``report``)."""

@@ -392,7 +392,7 @@ def save_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:
 
 def draw_heatmap(data: dict, path: str | Path) -> Path:
     """The perplexity-change heatmap of an ``ablation.json`` (as written by :func:`save_report`)."""
-    from ..store.figures import ablation_heatmap
+    from ..plots import ablation_heatmap
 
     languages, rows = data["languages"], list(data["ablated"])
     exclusive = "exclusive " if data["settings"].get("exclusive") else ""

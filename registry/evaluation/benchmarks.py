@@ -6,9 +6,9 @@ FLORES-200 code (``Language.flores200``, e.g. ``swh_Latn``):
 ========== =================================================== ======================================
 benchmark  lm-eval task(s)                                      defined by
 ========== =================================================== ======================================
-flores     ``flores200_eng_Latn-<code>``, ``flores200_<code>-eng_Latn``  neuronreg (``neuronreg/tasks``)
+flores     ``flores200_eng_Latn-<code>``, ``flores200_<code>-eng_Latn``  neuronreg (``neuronreg/evaluation/tasks``)
 belebele   ``belebele_<code>``                                  lm-eval
-sib200     ``sib200_<code>``                                    neuronreg (``neuronreg/tasks``)
+sib200     ``sib200_<code>``                                    neuronreg (``neuronreg/evaluation/tasks``)
 english    hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu   lm-eval (no language)
 ========== =================================================== ======================================
 
@@ -39,7 +39,7 @@ from ..provenance import now, tool_version
 
 log = logging.getLogger("neuronreg")
 
-TASKS_PATH = Path(__file__).resolve().parents[1] / "tasks"  # neuronreg's lm-eval task configs
+TASKS_PATH = Path(__file__).resolve().parent / "tasks"  # neuronreg's lm-eval task configs
 PIVOT = "eng_Latn"
 ENGLISH_SUITE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
 RUN_CONFIG_FILE = "neuronreg_delta.json"  # a fine-tuning run's config (finetune.config.RunConfig)

@@ -289,7 +289,7 @@ def _slug(key: str) -> str:
 def save_report(report: Report, out: str | Path, *, target: str | None = None) -> dict[str, Path]:
     """report.csv, report.json, one PNG per metric (``<task>_<metric>.png``) and ``tradeoff.png`` (its
     trained-language axis: ``target``, see :func:`tradeoff`)."""
-    from ..store.figures import metric_bars, tradeoff_scatter
+    from ..plots import metric_bars, tradeoff_scatter
 
     out = output_folder(out)
     paths = {"csv": atomic_write_text(out / "report.csv", report.csv_text()),

@@ -57,10 +57,10 @@ from pathlib import Path
 import torch
 
 from ..corpus import iter_documents, pack_rows, resolve_corpus
+from ..distributed import Ranks
 from ..errors import CorpusError, FinetuneError, MaskError, RegistryError
 from ..evaluation.heldout import IGNORE, token_nll
 from ..files import atomic_folder, atomic_path, atomic_write_text
-from ..lape.distributed import Ranks
 from ..layouts import BY_NAME as LAYOUTS
 from ..manifest import Manifest
 from ..mask import NeuronMask

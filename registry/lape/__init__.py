@@ -1,2 +1,3 @@
-"""LAPE itself: counting activations (``counting``, ``distributed``), selecting neurons (``selection``)
-and the job that does both over a registry (``compute``)."""
+"""LAPE itself: counting activations (``counting``, with the CUDA kernel in ``kernels``), selecting
+neurons (``selection``), the time estimate (``estimate``) and the job that does both over a registry
+(``compute``)."""

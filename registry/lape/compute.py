@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
+from ..distributed import Ranks
 from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError
 from ..manifest import Language, Manifest
 from ..progress import duration
@@ -22,7 +23,6 @@ from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, Neu
 from ..resolve import ModelRef, language_codes, languages, resolve_model
 from ..store.local import LocalRegistry
 from .counting import ActivationCounts, Checkpoint, count_activations, fingerprint
-from .distributed import Ranks
 from .selection import Selection, SelectionParams, select_neurons
 
 log = logging.getLogger("neuronreg")

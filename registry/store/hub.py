@@ -28,8 +28,8 @@ from ..errors import HubError, MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, write_parquet
 from ..hubcalls import check_new_tag, check_repo_id, hub_error, hub_errors, repo_for_commit, retrying
 from ..mask import NeuronMask, read_mask_file
+from ..plots import neurons_per_layer_png
 from .cards import OVERLAP_NAME, PER_LAYER_NAME, PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
-from .figures import neurons_per_layer_png
 from .index import INDEX_KEY, RegistryIndex, SelectionEntry, find_selection, percent
 from .local import CARD, COUNTS, LocalRegistry, read_card_metadata
 
@@ -285,7 +285,7 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
 def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: dict) -> dict[str, Path]:
     """The overlap heatmap and neurons-per-layer plot of the model's default selection, for the card."""
     from ..manifest import load_manifest
-    from .overlap import overlap
+    from ..overlap import overlap
 
     default = registry.default_selection(model)
     masks = registry.read_masks(model, default.languages, default.name)

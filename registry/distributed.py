@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from ..errors import NeuronregError
+from .errors import NeuronregError
 
 
 class RankFailed(NeuronregError):

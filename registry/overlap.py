@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..errors import MaskError, UnknownLanguage
-from ..files import atomic_csv, atomic_write_json
-from ..manifest import Manifest
-from ..mask import NeuronMask
+from . import __version__
+from .errors import MaskError, UnknownLanguage
+from .files import atomic_csv, atomic_write_json
+from .manifest import Manifest
+from .mask import NeuronMask
 
 FILES = {"json": "overlap.json", "csv": "jaccard.csv", "core_csv": "shared_core.csv", "png": "overlap.png",
          "per_layer_png": "per_layer.png"}
@@ -264,7 +264,7 @@ class OverlapReport:
     def save(self, folder: str | Path) -> dict[str, Path]:
         """overlap.json (everything), jaccard.csv, shared_core.csv, overlap.png (the Jaccard heatmap)
         and per_layer.png (neurons per layer per language), each written atomically."""
-        from ..files import output_folder
+        from .files import output_folder
 
         folder = output_folder(folder)
         paths = {kind: folder / name for kind, name in FILES.items()}
@@ -282,7 +282,7 @@ class OverlapReport:
 
     def draw(self, heatmap_path: str | Path, per_layer_path: str | Path) -> tuple[Path, Path]:
         """The Jaccard heatmap (languages grouped by script) and the neurons-per-layer plot."""
-        from .figures import jaccard_heatmap, per_layer_lines
+        from .plots import jaccard_heatmap, per_layer_lines
 
         order = self.grouped
         scripts = [self.groups[lang].script or "?" for lang in order]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..files import atomic_path
+from .files import atomic_path
 
 DPI = 100
 

@@ -1,6 +1,6 @@
 """Write the per-language task files of flores200/ and sib200/ from flores200_languages.tsv.
 
-Run ``python registry/tasks/generate.py`` after changing the list or the naming; a test checks that
+Run ``python registry/evaluation/tasks/generate.py`` after changing the list or the naming; a test checks that
 the files shipped are exactly what this writes. Every task file includes its benchmark's template
 (``_flores200_template_yaml``, ``_sib200_template_yaml``) and adds only what differs per language.
 """
