@@ -83,17 +83,6 @@ class Manifest:
                 "ntrex": tuple(lang.code for lang in self.languages if lang.ntrex),
                 **self.language_sets}
 
-    def language(self, name: str) -> Language:
-        """Resolve a language given by any of its codes or its name (case-insensitive).
-
-        Prefer :func:`neuronreg.resolve.resolve_language`, which also accepts codes a registry holds.
-        """
-        found = self.lookup(name)
-        if found is not None:
-            return found
-        raise UnknownLanguage(f"Unknown language {name!r}.{self.suggest(name)}", fix="languages",
-                              advice="neuronreg.load_manifest().languages lists them; or add it to the manifest.")
-
     def lookup(self, name: str) -> Language | None:
         """The language ``name`` stands for, None when it stands for none; UnknownLanguage when ambiguous."""
         found = self._index.get(_norm(name), []) if isinstance(name, str) else []

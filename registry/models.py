@@ -17,6 +17,7 @@ from .errors import SettingsError, UnknownModel, UnsupportedArchitecture
 from .files import atomic_write_text
 from .hubcalls import first_line
 from .layouts import LAYOUTS, SUPPORTED, Layout
+from .options import DTYPE_CHOICES, LoadOptions, load_options
 from .provenance import ModelInfo
 from .resolve import ModelRef
 
@@ -218,7 +219,6 @@ def check_device(device: str | None) -> str:
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
@@ -235,34 +235,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def load_model(
-    ref: ModelRef,
-    *,
-    dtype: str | None = None,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    token: str | None = None,
-    quiet: bool = False,
-    device_map: str | None = None,
-    revision: str | None = None,
-    tokenizer: bool = True,
-) -> LoadedModel:
-    """Load weights (and the tokenizer). Remote code runs only when the caller asks for it.
+def load_model(ref: ModelRef, options: LoadOptions | None = None, *, revision: str | None = None,
+               tokenizer: bool = True) -> LoadedModel:
+    """Load weights (and the tokenizer) as ``options`` say. Remote code runs only when they ask for it.
 
     ``revision`` pins a Hub commit (a run's recorded base); by default the manifest's pin or main.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .progress import bars_disabled
+    from .progress import progress_bars_disabled
 
+    options = load_options(options)
+    device_map, token, trust_remote_code = options.device_map, options.token, options.trust_remote_code
     if ref.source is None:
         raise UnknownModel(f"The registry knows {ref.name} only by name, not where its weights are.",
                            fix="model_source", advice="Give its Hub id or local folder.")
-    if bars_disabled(quiet):
+    if progress_bars_disabled():
         hf_logging.disable_progress_bar()
-    device = check_device(device) if not device_map else (device or default_device())
-    torch_dtype = parse_dtype(dtype, device)
+    device = check_device(options.device) if not device_map else (options.device or default_device())
+    torch_dtype = parse_dtype(options.dtype, device)
     kwargs = dict(revision=revision or ref.revision, trust_remote_code=trust_remote_code, token=token)
     try:
         config = AutoConfig.from_pretrained(ref.source, **kwargs)

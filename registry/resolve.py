@@ -7,7 +7,8 @@ command accepted, every other command accepts and means the same thing:
   holding a saved ``transformers`` model, or a registry name (``facebook--opt-6.7b``, what a Hub id
   is stored as). Each resolves to a :class:`ModelRef` with one safe registry name;
 * a language is any of its codes (ISO 639-1/3, FLORES-200, NTREX), its name, case-insensitive, or a
-  code that a registry holds; a misspelling gets "did you mean".
+  code that a registry holds; a misspelling gets "did you mean". :func:`language` is the one door
+  (the manifest itself only looks names up).
 
 Nothing here loads weights or imports torch.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .errors import UnknownLanguage, UnknownModel
 from .files import safe_name
-from .manifest import Manifest, ModelEntry
+from .manifest import Language, Manifest, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,27 @@ def language_code(name: str, manifest: Manifest, available: Iterable[str] = ()) 
                           advice="neuronreg.load_manifest().languages lists them; or add it to the manifest.")
 
 
+def language(name: str, manifest: Manifest, known: Iterable = ()) -> Language:
+    """THE door for a language: its manifest entry, given by any of its codes or its name.
+
+    ``known`` are the languages a registry or run holds (codes, or records with ``code``, ``name``,
+    ``iso639_3``, ``script``, ``flores200`` such as :class:`~neuronreg.provenance.LanguageInfo`): one of
+    them the manifest does not know is accepted as it is, so every command takes what ``show`` takes.
+    """
+    infos = {getattr(k, "code", k): k for k in known}
+    code = language_code(name, manifest, infos)
+    found = manifest.lookup(code)
+    if found is not None:
+        return found
+    info = infos[code]
+
+    def field(key: str) -> str | None:
+        return getattr(info, key, None)
+
+    return Language(code=code, name=field("name") or code, iso639_3=field("iso639_3") or "",
+                    script=field("script") or "", flores200=field("flores200"), corpus_config="{code}")
+
+
 def language_codes(names: Iterable[str] | str | None, manifest: Manifest, available: Iterable[str] = ()
                    ) -> list[str]:
     """Canonical codes of comma-separated names, each once, in the order given. ``@name`` stands for a
@@ -158,6 +180,8 @@ def language_codes(names: Iterable[str] | str | None, manifest: Manifest, availa
     return list(dict.fromkeys(codes))
 
 
-def languages(names: Iterable[str] | str | None, manifest: Manifest):
-    """The manifest's :class:`Language` entries for names that must all be in the manifest."""
-    return [manifest.language(code) for code in language_codes(names, manifest)]
+def languages(names: Iterable[str] | str | None, manifest: Manifest, known: Iterable = ()) -> list[Language]:
+    """:func:`language` for comma-separated names and sets."""
+    known = list(known)
+    return [language(code, manifest, known) for code in language_codes(names, manifest,
+                                                                          [getattr(k, "code", k) for k in known])]

@@ -177,7 +177,7 @@ def counting(model, args, device: torch.device, clock: Clock) -> dict:
             flat = [row for batch in rows for row in batch]
             with env("NEURONREG_FUSED_COUNTING", "0" if mode == "torch-path" else "1"):
                 counts[mode] = count_activations(model, sites, flat, batch_size=args.count_batch, device=device,
-                                                 quiet=True, statistics=mode != "fused-counts")
+                                                 show=False, statistics=mode != "fused-counts")
             return
         handles = plain_hooks() if mode == "body+gt0" else []
         try:

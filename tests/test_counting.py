@@ -74,7 +74,7 @@ def test_counts_equal_independent_computation(arch):
     model = tiny_model(arch)
     sites = find_mlp_sites(model)
     rows = random_rows(model.config.vocab_size, [40, 40, 40, 40, 40, 17])
-    counts = count_activations(model, sites, rows, batch_size=3, quiet=True)
+    counts = count_activations(model, sites, rows, batch_size=3)
     expected = independent_counts(model, rows)
     assert counts.tokens == 40 * 5 + 17
     assert torch.equal(counts.over_zero, expected)
@@ -95,7 +95,7 @@ def test_hooks_exist_only_during_the_run():
         raise RuntimeError("corpus broke")
 
     with pytest.raises(RuntimeError):
-        count_activations(model, sites, failing_rows(), quiet=True)
+        count_activations(model, sites, failing_rows())
     assert all(len(site.activation._forward_hooks) == 0 for site in sites)
 
 
@@ -109,7 +109,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
     model = tiny_model("qwen2")
     sites = find_mlp_sites(model)
     rows = random_rows(model.config.vocab_size, [32] * 9 + [5], seed=3)
-    whole = count_activations(model, sites, rows, batch_size=2, quiet=True)
+    whole = count_activations(model, sites, rows, batch_size=2)
 
     checkpoint = Checkpoint(tmp_path / "ckpt.safetensors", fingerprint="settings-1")
 
@@ -120,11 +120,10 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
             yield row
 
     with pytest.raises(KeyboardInterrupt):
-        count_activations(model, sites, interrupted(), batch_size=2, checkpoint=checkpoint, checkpoint_tokens=10**9,
-                          quiet=True)
+        count_activations(model, sites, interrupted(), batch_size=2, checkpoint=checkpoint, checkpoint_tokens=10**9)
     saved = checkpoint.load()
     assert saved is not None and saved[2] == 4  # two whole batches were counted, the third never finished
-    resumed = count_activations(model, sites, rows, batch_size=2, checkpoint=checkpoint, quiet=True)
+    resumed = count_activations(model, sites, rows, batch_size=2, checkpoint=checkpoint)
     assert resumed.tokens == whole.tokens
     assert torch.equal(resumed.over_zero, whole.over_zero)
     # A checkpoint made with other settings is not used.

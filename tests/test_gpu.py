@@ -151,10 +151,10 @@ def test_counting_a_tiny_model_on_cuda_gives_the_same_counts_fused_or_not(arch, 
     calls = []
     real = kernels.add_positive_counts
     monkeypatch.setattr(kernels, "add_positive_counts", lambda *args: (calls.append(1), real(*args)))
-    fused = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
+    fused = count_activations(model, sites, rows, batch_size=4, device="cuda")
     assert len(calls) == 3 * len(sites)  # 3 batches (4 rows, 2 rows, the short row alone), every layer
     monkeypatch.setenv(kernels.ENV, "0")
-    torch_path = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
+    torch_path = count_activations(model, sites, rows, batch_size=4, device="cuda")
     assert len(calls) == 3 * len(sites)
     assert fused.tokens == torch_path.tokens == 6 * 50 + 17
     assert torch.equal(fused.over_zero, torch_path.over_zero)

@@ -127,12 +127,12 @@ def test_statistics_equal_an_independent_computation_on_every_layout(arch):
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, model.config.vocab_size, (n,), generator=g) for n in [40] * 5 + [17]]
-    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=3, quiet=True)
+    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=3)
     total, positive = independent_sums(model, rows)
     torch.testing.assert_close(counts.activation_sum, total, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(counts.positive_sum, positive, rtol=1e-10, atol=1e-9)
     assert bool((counts.positive_sum[counts.over_zero == 0] == 0).all())
-    assert count_activations(model, find_mlp_sites(model), rows, quiet=True, statistics=False).activation_sum is None
+    assert count_activations(model, find_mlp_sites(model), rows, statistics=False).activation_sum is None
 
 
 def test_nan_and_inf_activations_keep_the_sums_finite():
@@ -529,7 +529,7 @@ def test_statistics_and_steering_on_cuda(fused, monkeypatch):
     sites = find_mlp_sites(model)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 80, (50,), generator=g) for _ in range(6)] + [torch.randint(3, 80, (17,), generator=g)]
-    counts = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
+    counts = count_activations(model, sites, rows, batch_size=4, device="cuda")
     total, positive = independent_sums(model, rows)
     torch.testing.assert_close(counts.activation_sum, total, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(counts.positive_sum, positive, rtol=1e-10, atol=1e-9)

@@ -264,18 +264,19 @@ def count_activations(
     checkpoint_tokens: int = 1_000_000,
     total_tokens: int | None = None,
     desc: str = "counting",
-    quiet: bool = False,
     statistics: bool = True,
+    show: bool = True,
 ) -> ActivationCounts:
     """Run ``rows`` through the model body and count positive activations per layer and neuron; with
-    ``statistics``, also sum the activations in float64 (over all positions and the positive ones)."""
+    ``statistics``, also sum the activations in float64 (over all positions and the positive ones).
+    ``show=False`` draws no progress bar (a process other than rank 0)."""
     shape = (len(sites), sites[0].intermediate_size)
     start = checkpoint.load(shape, statistics=statistics) if checkpoint else None
     done_tokens, done_rows = (start[1], start[2]) if start else (0, 0)
     loaded_rows = done_rows
     rows = itertools.islice(iter(rows), done_rows, None)  # rows are deterministic: skip the counted ones
     forward = body(model)
-    bar = progress(total_tokens, desc, quiet=quiet, initial=done_tokens)
+    bar = progress(total_tokens, desc, initial=done_tokens, show=show)
     since_save = 0
     total = sums = None
 

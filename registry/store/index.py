@@ -115,9 +115,65 @@ class RegistryIndex(VersionedRecord):
         return RegistryIndex(models=models, extra=dict(self.extra))
 
 
-def find_selection(index: RegistryIndex, model: str, selection: str | None = None,
+@dataclass(frozen=True)
+class SelectionRef:
+    """Which of a model's selections: by ``name``, by ``top_rate``, or (neither) the model's default.
+
+    The one spelling of a selection everywhere (``--selection``, ``--top-rate``, ``overlap --against``,
+    ``selection=`` in Python): :meth:`of` takes a SelectionRef, a name (``"top5-mt-sw"``), a rate as a number
+    or as text (``0.05``, ``"0.05"``, ``"5%"``) or None."""
+
+    name: str | None = None
+    top_rate: float | None = None
+
+    @classmethod
+    def of(cls, selection: SelectionRef | str | float | None = None, top_rate: float | None = None) -> SelectionRef:
+        if isinstance(selection, SelectionRef):
+            ref = selection
+        elif isinstance(selection, bool):
+            raise RegistryError(f"A selection is a name or a top rate, not {selection!r}.", fix="selection")
+        elif isinstance(selection, (int, float)):
+            ref = cls(top_rate=float(selection))
+        elif isinstance(selection, str) and selection.strip():
+            ref = cls.parse(selection.strip())
+        else:
+            ref = cls()
+        if top_rate is not None:
+            if ref.name is not None or ref.top_rate is not None:
+                raise RegistryError("Give a selection by name or by top rate, not both.", fix="selection")
+            ref = cls(top_rate=float(top_rate))
+        if ref.top_rate is not None and not (math.isfinite(ref.top_rate) and 0 < ref.top_rate <= 1):
+            raise RegistryError(f"A top rate is a number in (0, 1], not {ref.top_rate!r}.", fix="selection")
+        return ref
+
+    @classmethod
+    def parse(cls, text: str) -> SelectionRef:
+        """``"0.05"`` or ``"5%"``: a top rate; anything else: a name."""
+        number = text[:-1] if text.endswith("%") else text
+        try:
+            value = float(number)
+        except ValueError:
+            return cls(name=text)
+        return cls(top_rate=value / 100 if text.endswith("%") else value)
+
+    @property
+    def is_default(self) -> bool:
+        return self.name is None and self.top_rate is None
+
+    def expected_name(self) -> str | None:
+        """The name the selection most likely has (a plain LAPE selection of a rate is ``top<percent>``)."""
+        return self.name if self.name is not None else (f"top{percent(self.top_rate)}" if self.top_rate else None)
+
+
+# Whatever names a selection: a SelectionRef, a name, a top rate, or None (the model's default).
+Which = SelectionRef | str | float | None
+
+
+def find_selection(index: RegistryIndex, model: str, selection: Which = None,
                    top_rate: float | None = None, where: str = "the registry") -> SelectionEntry:
     """The selection a user asked for: by name, by top rate, or the model's default."""
+    ref = SelectionRef.of(selection, top_rate)
+    selection, top_rate = ref.name, ref.top_rate
     entries = index.entries(model)
     if not entries:
         if index.models:

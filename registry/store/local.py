@@ -39,8 +39,8 @@ from pathlib import Path
 from ..errors import MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, TEMP_SUFFIX, atomic_path, atomic_write_text, inside, safe_name, write_parquet
 from ..mask import META_KEY, NeuronMask, mask_from_table, read_neuron_table
-from ..provenance import CountsRecord
-from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, find_selection, selection_name
+from ..provenance import CountsRecord, MaskSource
+from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, Which, find_selection, selection_name
 from .locks import lock
 
 log = logging.getLogger("neuronreg")
@@ -261,7 +261,7 @@ class LocalRegistry:
         """The model's selections, its default first."""
         return self.index().entries(model)
 
-    def selection(self, model: str, selection: str | None = None, top_rate: float | None = None) -> SelectionEntry:
+    def selection(self, model: str, selection: Which = None, top_rate: float | None = None) -> SelectionEntry:
         """The selection asked for by name or top rate, or the model's default; RegistryError listing
         the selections there are."""
         return find_selection(self.index(), model, selection, top_rate, where=str(self.root))
@@ -269,14 +269,14 @@ class LocalRegistry:
     def default_selection(self, model: str) -> SelectionEntry | None:
         return self.index().default(model)
 
-    def selected_languages(self, model: str, selection: str | None = None, top_rate: float | None = None
+    def selected_languages(self, model: str, selection: Which = None, top_rate: float | None = None
                            ) -> list[str]:
         """The languages of a selection (default: the model's default one); [] when the model has none."""
         if not self.index().entries(model):
             return []
         return list(self.selection(model, selection, top_rate).languages)
 
-    def neuron_path(self, model: str, lang: str, selection: str | None = None, top_rate: float | None = None
+    def neuron_path(self, model: str, lang: str, selection: Which = None, top_rate: float | None = None
                     ) -> Path:
         entry = self.selection(model, selection, top_rate)
         path = self.root / entry.path / f"{safe_name(lang, 'Language')}.parquet"
@@ -430,7 +430,7 @@ class LocalRegistry:
         return path if isinstance(path, str) and (Path(path) / "config.json").is_file() else None
 
     # -- selections ------------------------------------------------------------------------------
-    def read_mask(self, model: str, lang: str, selection: str | None = None, top_rate: float | None = None
+    def read_mask(self, model: str, lang: str, selection: Which = None, top_rate: float | None = None
                   ) -> NeuronMask:
         entry = self.selection(model, selection, top_rate)
         if lang not in entry.languages:
@@ -438,9 +438,10 @@ class LocalRegistry:
                                 f"{', '.join(entry.languages)}).")
         path = self.neuron_path(model, lang, entry.name)
         table, record = read_neuron_table(path, str(path))
-        return mask_from_table(table, record, model, lang, {"registry": str(self.root), "selection": entry.name})
+        return mask_from_table(table, record, model, lang, MaskSource(kind="registry", selection=entry.name),
+                               str(path), location=self.root)
 
-    def read_masks(self, model: str, langs: list[str], selection: str | None = None,
+    def read_masks(self, model: str, langs: list[str], selection: Which = None,
                    top_rate: float | None = None) -> dict[str, NeuronMask]:
         """Several languages' masks of one selection, or one error naming what is there."""
         entry = self.selection(model, selection, top_rate)
