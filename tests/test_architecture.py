@@ -15,7 +15,7 @@ from support.cli import assert_one_line_error, run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "registry"
 # Lower layers first; a module may import its own layer or lower ones only.
-LAYERS = ["root", "store", "lape", "steering", "evaluation", "finetune", "cli"]
+LAYERS = ["root", "store", "lape", "steering", "evaluation", "finetune", "analysis", "cli"]
 
 
 def modules() -> dict[str, Path]:

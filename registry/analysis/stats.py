@@ -18,8 +18,11 @@ Definitions (``x`` one group's values, ``n`` their number):
 
 Student's t distribution: P(|T_df| >= |t|) = I_x(df/2, 1/2) with x = df / (df + t^2), the regularized
 incomplete beta function, computed by its continued fraction (modified Lentz's method, as in
-Numerical Recipes' ``betacf``) to a relative 1e-16, with the symmetry I_x(a, b) = 1 - I_{1-x}(b, a)
-where the fraction converges slowly. Quantiles invert the CDF by bisection to float precision.
+Numerical Recipes' ``betacf``) until a step changes it by less than a relative 1e-16, with the symmetry
+I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly, and 1 - x computed as
+t^2 / (df + t^2) rather than by subtraction. Quantiles invert the CDF by bisection to float precision.
+Tested against scipy.stats to 1e-10 (the prefactor's log-gammas limit it near 1e-11 at df = 1e5), and
+against the closed forms of df 1 and 2, where scipy 1.17 is 1.6e-9 off for |t| < 1e-6 at df 1.
 """
 
 from __future__ import annotations
