@@ -15,6 +15,7 @@ from support.cli import assert_one_line_error, run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "registry"
 # Lower layers first; a module may import its own layer or lower ones only.
+# analysis holds pure computations over models and tensors (no registry, no runs): the methods use it.
 LAYERS = ["root", "analysis", "store", "lape", "steering", "evaluation", "finetune", "cli"]
 
 
