@@ -371,10 +371,14 @@ class AdapterMethod(FinetuneMethod):
                         relation="merge" if merged else "adapter", details=details)
 
     def updates(self, folder: Path, config, model):
-        """Each adapted projection's change as PEFT computes it (``get_delta_weight``), on the base ``model``."""
-        from ..analysis.updates import adapter_updates
+        """Each adapted MLP projection's change: merged into a float32 copy of the base ``model``, minus the
+        base (exact for any adapter; LoRA overrides it with its low-rank form)."""
+        import copy
 
-        return adapter_updates(load_adapter(model, Path(folder)))
+        from ..analysis.updates import DenseUpdate, mlp_weights
+
+        tuned, _ = self.merge(copy.deepcopy(model).float(), Path(folder), config, torch.float32)
+        return DenseUpdate(mlp_weights(model), mlp_weights(tuned))
 
 
 @register_method
@@ -392,6 +396,17 @@ class LoraMethod(AdapterMethod):
         return config, AdapterInfo(method="lora", target_modules=targets, r=options.r, alpha=options.alpha,
                                    dropout=options.dropout, fan_in_fan_out=fan_in_fan_out,
                                    peft_version=peft.__version__)
+
+    def updates(self, folder: Path, config, model):
+        """``B @ A * alpha / r`` of each adapted MLP projection, from the adapter's files."""
+        from safetensors.torch import load_file
+
+        from ..analysis.updates import low_rank_update
+
+        where = adapter_folder(folder)
+        check_adapter_files(where)
+        settings = json.loads((where / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+        return low_rank_update(load_file(str(where / ADAPTER_WEIGHTS_FILE)), settings, model)
 
 
 @register_method

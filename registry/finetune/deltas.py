@@ -392,13 +392,9 @@ class LapeMethod(FinetuneMethod):
 
     def updates(self, folder: Path, config, model):
         """The row-sparse change of every layer with neurons (``model`` is the base, for its module paths)."""
-        from ..analysis.updates import row_sparse_updates
+        from ..analysis.updates import row_sparse_update
 
-        tensors = read_run_delta(folder, config)
-        paths = module_paths(model)
-        sites = find_mlp_sites(model)
-        prefixes = {paths[id(site.mlp)]: site for site in sites}
-        return row_sparse_updates(tensors, prefixes)
+        return row_sparse_update(read_run_delta(folder, config), model)
 
 
 @register_method

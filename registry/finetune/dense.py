@@ -169,10 +169,11 @@ class FfnMethod(FinetuneMethod):
         return CardText("dense", self.trains, library="transformers", relation="finetune")
 
     def updates(self, folder: Path, config, model):
-        """tuned - base for every trained weight of the MLPs (``model`` is the base)."""
-        from ..analysis.updates import dense_updates
+        """tuned - base for every weight of the MLPs (``model`` is the base)."""
+        from ..analysis.updates import DenseUpdate, mlp_weights
 
-        return dense_updates(model, self.tuned_model(folder, config, _cpu(config)))
+        tuned = self.tuned_model(folder, config, _cpu(config))
+        return DenseUpdate(mlp_weights(model), mlp_weights(tuned))
 
 
 @register_method
