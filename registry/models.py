@@ -17,6 +17,7 @@ from .errors import SettingsError, UnknownModel, UnsupportedArchitecture
 from .files import atomic_write_text
 from .hubcalls import first_line
 from .layouts import LAYOUTS, SUPPORTED, Layout
+from .limits import load_json
 from .provenance import ModelInfo
 from .resolve import ModelRef
 
@@ -173,7 +174,7 @@ def local_fingerprint(folder: Path) -> str:
     folder = Path(folder)
     cache_path = _cache_file()
     try:
-        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        cache = load_json(cache_path.read_text(encoding="utf-8"))
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}

@@ -66,7 +66,7 @@ def _unchanged(remote, data: bytes) -> bool:
 def ours(path: str) -> bool:
     """A repo path of neuronreg's layout: safe names only, no '..', nothing absolute."""
     parts = path.split("/")
-    return (0 < len(parts) <= 4 and all(SAFE_NAME.match(p) and ".." not in p for p in parts)
+    return (0 < len(parts) <= 4 and all(SAFE_NAME.fullmatch(p) and ".." not in p for p in parts)
             and not path.startswith("/"))
 
 
@@ -118,11 +118,11 @@ def _only_ours(index: RegistryIndex, repo: str) -> RegistryIndex:
     """The index without entries whose names or paths are not neuronreg's (a hostile or foreign card)."""
     clean = RegistryIndex()
     for model, found in index.models.items():
-        if not SAFE_NAME.match(model):
+        if not SAFE_NAME.fullmatch(model):
             log.warning("Ignoring model %r in the card of %s: not a name neuronreg writes.", model, repo)
             continue
         for entry in index.entries(model):
-            if not all(SAFE_NAME.match(lang) for lang in entry.languages):
+            if not all(SAFE_NAME.fullmatch(lang) for lang in entry.languages):
                 log.warning("Ignoring selection %s of %s in %s: odd language names.", entry.name, model, repo)
                 continue
             clean = clean.with_selection(model, entry, make_default=entry.name == found.default)

@@ -24,7 +24,7 @@ from ..provenance import Record, SelectionInfo, VersionedRecord
 
 INDEX_KEY = "neuronreg"
 DEFAULT_RATE = 0.95
-VERSION_DIR = re.compile(r"^v(\d+)$")
+VERSION_DIR = re.compile(r"\Av([0-9]+)\Z")
 
 
 def percent(rate: float) -> str:

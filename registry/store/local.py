@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ..errors import MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, TEMP_SUFFIX, atomic_path, atomic_write_text, inside, safe_name, write_parquet
+from ..limits import BeyondLimits, load_json, load_yaml
 from ..mask import META_KEY, NeuronMask, mask_from_table, read_neuron_table
 from ..provenance import CountsRecord
 from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, find_selection, selection_name
@@ -121,7 +122,10 @@ def read_card_metadata(text: str, where: str) -> dict:
     if end < 0:
         return {}
     try:
-        data = yaml.safe_load(text[3:end])
+        data = load_yaml(text[3:end])
+    except BeyondLimits as exc:
+        raise RegistryError(f"The card {where} has YAML metadata that neuronreg does not read: {exc}.",
+                            fix="recompute") from exc
     except yaml.YAMLError as exc:
         raise RegistryError(f"The card {where} has YAML metadata that cannot be read ({type(exc).__name__}).",
                             fix="recompute") from exc
@@ -210,9 +214,9 @@ class LocalRegistry:
             found = []
             if self._files(folder):
                 found.append(self._scanned_entry(folder.name, folder))
-            for sel in sorted(p for p in folder.iterdir() if p.is_dir() and SAFE_NAME.match(p.name)
+            for sel in sorted(p for p in folder.iterdir() if p.is_dir() and SAFE_NAME.fullmatch(p.name)
                               and p.name != COUNTS):
-                versions = sorted((int(m.group(1)), v) for v in sel.iterdir() if (m := VERSION_DIR.match(v.name)))
+                versions = sorted((int(m.group(1)), v) for v in sel.iterdir() if (m := VERSION_DIR.fullmatch(v.name)))
                 if versions and self._files(versions[-1][1]):
                     found.append(self._scanned_entry(folder.name, versions[-1][1], sel.name))
             for position, entry in enumerate(e for e in found if e is not None):
@@ -235,7 +239,7 @@ class LocalRegistry:
             over=over)
 
     def _is_model_dir(self, folder: Path) -> bool:
-        return (not folder.is_symlink() and SAFE_NAME.match(folder.name) is not None
+        return (not folder.is_symlink() and SAFE_NAME.fullmatch(folder.name) is not None
                 and folder.name.lower() not in RESERVED)
 
     @staticmethod
@@ -244,7 +248,7 @@ class LocalRegistry:
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.glob("*.parquet")
-                      if p.is_file() and not p.is_symlink() and SAFE_NAME.match(p.stem))
+                      if p.is_file() and not p.is_symlink() and SAFE_NAME.fullmatch(p.stem))
 
     # -- listing ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -327,7 +331,7 @@ class LocalRegistry:
 
         path = self.counts_path(model, lang)
         try:
-            raw = json.loads((pq.read_schema(path).metadata or {})[META_KEY])
+            raw = load_json((pq.read_schema(path).metadata or {})[META_KEY])
         except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
             raise self._damaged(path) from exc
         return CountsRecord.from_dict(raw, f"{path} provenance")
@@ -367,7 +371,7 @@ class LocalRegistry:
             raise RegistryError(f"No counts for {lang} of {model} in {self.root}.", fix="compute")
         try:
             table = pq.read_table(path)
-            raw = json.loads((table.schema.metadata or {})[META_KEY])
+            raw = load_json((table.schema.metadata or {})[META_KEY])
         except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
             raise self._damaged(path) from exc
         record = CountsRecord.from_dict(raw, f"{path} provenance")
@@ -424,7 +428,7 @@ class LocalRegistry:
     def model_source(self, model: str) -> str | None:
         """The local folder ``model`` was computed from, while it still exists."""
         try:
-            path = json.loads((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
+            path = load_json((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
         except (OSError, ValueError, KeyError, TypeError, RegistryError):
             return None
         return path if isinstance(path, str) and (Path(path) / "config.json").is_file() else None
@@ -504,7 +508,7 @@ class LocalRegistry:
         if entry is None or sorted(entry.languages) != sorted(masks) or (default and index.models[model].default
                                                                          != name):
             return None
-        if not VERSION_DIR.match(entry.path.rsplit("/", 1)[-1]):
+        if not VERSION_DIR.fullmatch(entry.path.rsplit("/", 1)[-1]):
             return None  # neuronreg 0.1's layout: written again, in the current one
 
         def content(mask: NeuronMask):
@@ -537,7 +541,7 @@ class LocalRegistry:
     def _next_version(self, model: str, name: str) -> Path:
         folder = self.model_dir(model) / name
         taken = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else [])
-                 if (m := VERSION_DIR.match(p.name))]
+                 if (m := VERSION_DIR.fullmatch(p.name))]
         return folder / f"v{max(taken, default=0) + 1}"
 
     def _commit(self, index: RegistryIndex) -> None:
@@ -560,7 +564,7 @@ class LocalRegistry:
                 if folder not in keep:
                     path.unlink()
             for sel in [p for p in folder.iterdir() if p.is_dir() and p.name not in (COUNTS, ".partial")]:
-                for version in [v for v in sel.iterdir() if VERSION_DIR.match(v.name) and v not in keep]:
+                for version in [v for v in sel.iterdir() if VERSION_DIR.fullmatch(v.name) and v not in keep]:
                     shutil.rmtree(version)
                 if not any(sel.iterdir()):
                     sel.rmdir()
