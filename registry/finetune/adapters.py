@@ -31,7 +31,15 @@ from ..files import atomic_folder
 from ..layouts import BY_NAME as LAYOUTS
 from ..limits import load_json
 from ..models import MLPSite
-from .config import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILES, AdapterInfo, FinetuneSettings, MergeInfo
+from .config import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS_FILE,
+    AdapterInfo,
+    FinetuneSettings,
+    MergeInfo,
+)
 from .deltas import module_paths
 from .merging import MergeTally, cast_model
 
@@ -188,6 +196,9 @@ def load_adapter(model: nn.Module, folder: Path):
     from peft import PeftModel
 
     where = adapter_folder(folder)
+    if not (where / ADAPTER_WEIGHTS_FILE).is_file():  # PEFT would fall back to a pickle (adapter_model.bin)
+        raise FinetuneError(f"{where} holds no {ADAPTER_WEIGHTS_FILE}; neuronreg loads adapters only as safetensors, "
+                            "never a pickle such as adapter_model.bin.", fix="run_folder")
     try:
         with _quiet_peft():
             wrapped = PeftModel.from_pretrained(model, str(where), is_trainable=False, autocast_adapter_dtype=True)
