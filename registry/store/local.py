@@ -161,10 +161,25 @@ class LocalRegistry:
                                 fix="registry", advice="Choose another folder.") from exc
 
     # -- locks -----------------------------------------------------------------------------------
+    @contextmanager
     def model_lock(self, model: str, command: str | None = None, timeout: float = 0.0):
-        """Held while a model's counts or selections are written (a whole ``compute``)."""
+        """Held while a model's counts or selections are written (a whole ``compute``).
+
+        The folders the lock's holder created (the registry's, the model's, its checkpoints' and counts')
+        go again when it leaves them empty: a failed ``compute`` of a new model leaves nothing behind.
+        What holds a file (a checkpoint to resume from) stays."""
+        folder = self.model_dir(model)
+        new = [p for p in (self.root, folder, folder / ".partial", folder / COUNTS) if not p.exists()]
         self.ensure_writable()
-        return lock(self.model_dir(model) / ".lock", f"{model} in {self.root}", timeout=timeout, command=command)
+        try:
+            with lock(folder / ".lock", f"{model} in {self.root}", timeout=timeout, command=command):
+                yield
+        finally:
+            for path in reversed(new):  # the deepest first; rmdir removes only an empty folder
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
 
     @contextmanager
     def _card_lock(self):
