@@ -86,7 +86,7 @@ def test_an_import_whose_config_name_is_taken_by_another_model_is_refused(reg, t
     masks = lape_file(tmp_path / "rand.pt")
     before = snapshot(reg)
     result = run(*import_args(masks, reg, "--model", "x/y", "--name", f"model-{SELECTION}"), ok=False)
-    assert_one_line_error(result, f"'model-{SELECTION}'", f"model {SELECTION}", "--name")
+    assert_one_line_error(result, f"'model-{SELECTION}'", f"selection {SELECTION} of model model", "--name")
     assert snapshot(reg) == before
     assert datasets.load_dataset(str(reg), f"model-{SELECTION}", split="ru")["neuron"] == [10, 30, 31]
 
@@ -114,7 +114,7 @@ def test_publish_into_a_shared_repo_keeps_our_config_when_a_foreign_one_collides
                      "-q"))
     run("publish", "--repo", REPO, "--registry", foreign, "-q")
     result = run("publish", "--repo", REPO, "--registry", registry)
-    assert f"model-{SELECTION}" in result.stderr and "collides" in result.stderr
+    assert f"model-{SELECTION}" in result.stderr and "is taken" in result.stderr
     import yaml
 
     meta = yaml.safe_load(hub.file_bytes("dataset", REPO, "README.md").decode().split("---\n")[1])

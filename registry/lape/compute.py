@@ -16,7 +16,7 @@ import torch
 
 from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
 from ..distributed import Ranks
-from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError
+from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError, UnknownLanguage
 from ..manifest import Language, Manifest
 from ..progress import duration
 from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, NeuronsRecord, SelectionInfo
@@ -147,6 +147,8 @@ def compute(
     if ref.source is None:
         raise RegistryError(f"{ref.name} is a name the registry holds, but it does not say where the model's "
                             "weights are.", fix="model_source", advice="Give the model's Hub id or folder.")
+    # A name whose datasets config is another model's or selection's is refused now, not after the counting.
+    registry.check_config_names(ref.name, _selection_name(params, select_languages, manifest))
     ranks = Ranks.from_env(settings.device)
     try:
         with ExitStack() as held:
@@ -164,6 +166,19 @@ def compute(
                             trust_remote_code=trust_remote_code, token=token, default=default, strict=strict)
     finally:
         ranks.close()
+
+
+def _selection_name(params: SelectionParams, select_languages, manifest: Manifest) -> str | None:
+    """The name of the selection a compute will make (None where its languages are known only later)."""
+    from ..store.index import selection_name
+
+    info = SelectionInfo(method="lape", languages=[], top_rate=params.top_rate, filter_rate=params.filter_rate,
+                         activation_bar_ratio=params.activation_bar_ratio)
+    try:
+        over = language_codes(select_languages, manifest) if select_languages else None
+    except UnknownLanguage:  # a code only the registry knows: select checks the name when it writes
+        return None
+    return selection_name(info, over)
 
 
 def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,

@@ -243,7 +243,8 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
             files.update(_overlap_figures(registry, model, staging, entry))
             entries.append(entry)
         # Models already in the repo but not published now stay on the card.
-        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging)
+        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging,
+                                          ours=index)
         entries += kept
         for model, found in kept_index.models.items():
             for entry in kept_index.entries(model):
@@ -298,15 +299,23 @@ def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: 
     return {path: staging / path for path in names.values()}
 
 
-def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path):
+def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path,
+                   ours: RegistryIndex | None = None):
     """Card entries of the models a repo holds that are not being published now: their neuron files
-    are downloaded (at ``head``) and validated; what is malformed is skipped with a warning."""
+    are downloaded (at ``head``) and validated; what is malformed, or would give a ``datasets`` config
+    the name of one of ``ours`` (or of another kept one), is skipped with a warning."""
     index = read_remote_index(repo_id, revision=head, token=token, files=list(remote))
     others = LocalRegistry(staging / "remote")
     kept = RegistryIndex()
     for model in sorted(set(index.models) - exclude):
         found = index.models[model]
         for entry in index.entries(model):
+            taken = RegistryIndex(models={**(ours.models if ours else {}), **kept.models})
+            clash = taken.config_clash(model, None) or taken.config_clash(model, entry.name)
+            if clash:
+                log.warning("Leaving selection %s of model %s in %s off the card: %s", entry.name, model, repo_id,
+                            clash[0].lower() + clash[1:])
+                continue
             folder = others.root / model / entry.name / "v1"
             languages = []
             for lang in entry.languages:

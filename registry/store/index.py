@@ -103,6 +103,29 @@ class RegistryIndex(VersionedRecord):
         found = self.models.get(model)
         return found.selections.get(found.default) if found else None
 
+    def configs(self) -> dict[str, tuple[str, str | None]]:
+        """The ``datasets`` config names the card gives: ``<model>`` (its default selection, ``None`` here)
+        and ``<model>-<selection>``, each mapped to its (model, selection). Where an older registry holds
+        two of one name, the first in order is kept."""
+        found: dict[str, tuple[str, str | None]] = {}
+        for model in sorted(self.models):
+            found.setdefault(model, (model, None))
+            for entry in self.entries(model):
+                found.setdefault(config_name(model, entry.name), (model, entry.name))
+        return found
+
+    def config_clash(self, model: str, selection: str | None) -> str | None:
+        """Why adding ``selection`` to ``model`` (None: the model alone) would give a config the name of
+        another one, or None."""
+        taken = self.configs()
+        for mine in [(model, None)] + ([(model, selection)] if selection is not None else []):
+            config = config_name(*mine)
+            theirs = taken.get(config)
+            if theirs is not None and theirs != mine:
+                return (f"The config name {config!r} is taken: it is the config of {describe_config(*theirs)}, and "
+                        f"would also be that of {describe_config(*mine)} (datasets could load only one of them).")
+        return None
+
     def with_selection(self, model: str, entry: SelectionEntry, make_default: bool = False) -> RegistryIndex:
         """A new index with ``entry`` added or replacing the selection of the same name."""
         models = dict(self.models)
@@ -113,6 +136,15 @@ class RegistryIndex(VersionedRecord):
             else current.default
         models[model] = ModelSelections(default=default, selections=selections)
         return RegistryIndex(models=models, extra=dict(self.extra))
+
+
+def config_name(model: str, selection: str | None) -> str:
+    """The ``datasets`` config of a model's selection (``None``: its default)."""
+    return model if selection is None else f"{model}-{selection}"
+
+
+def describe_config(model: str, selection: str | None) -> str:
+    return f"model {model}" if selection is None else f"selection {selection} of model {model}"
 
 
 def find_selection(index: RegistryIndex, model: str, selection: str | None = None,

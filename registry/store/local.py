@@ -495,6 +495,7 @@ class LocalRegistry:
             same = self._unchanged(model, name, masks, default)
             if same is not None:  # selecting again what is there: nothing to write, nothing to publish
                 return same
+            self.check_config_names(model, name)
             folder = self._next_version(model, name)
             try:
                 folder.mkdir(parents=True)
@@ -514,6 +515,15 @@ class LocalRegistry:
                 raise
             self._collect(model, new)
         return entry
+
+    def check_config_names(self, model: str, selection: str | None) -> None:
+        """RegistryError when ``model``'s selection ``selection`` would share its ``datasets`` config name with
+        another model or selection (model ``tiny-top1`` and model ``tiny``'s selection ``top1``)."""
+        clash = self.index().config_clash(model, selection)
+        if clash:
+            raise RegistryError(clash, fix="config_name",
+                                advice="Store the model under another name (name=...); its configs are the name and "
+                                       "name-selection.")
 
     def _unchanged(self, model: str, name: str, masks: dict[str, NeuronMask], default: bool) -> SelectionEntry | None:
         """The stored selection ``name`` when it holds exactly ``masks`` (the same neurons, scores and
