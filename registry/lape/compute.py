@@ -184,7 +184,15 @@ def _selection_name(params: SelectionParams, select_languages, manifest: Manifes
 def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
              settings: CountSettings, params, select_languages, force, quiet, trust_remote_code,
              token, default, strict) -> ComputeReport:
-    from ..models import check_device, default_device, dtype_name, load_model, local_fingerprint, parse_dtype
+    from ..models import (
+        check_device,
+        default_device,
+        dtype_name,
+        load_model,
+        local_fingerprint,
+        older_fingerprint,
+        parse_dtype,
+    )
 
     device = ranks.device(settings.device)
     device = (device or default_device()) if settings.device_map else check_device(device)
@@ -208,6 +216,12 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
             if stored.settings == wanted and not force:
                 report.languages.append(LanguageResult(lang.code, stored.tokens, "unchanged"))
                 continue
+            older = older_fingerprint(Path(ref.source), stored.settings.revision, "they were counted with") \
+                if ref.local and wanted.changed(stored.settings) == ["revision"] else None
+            if older and not force:
+                raise SettingsConflict(f"The counts of {ref.name}/{lang.code} name the model by fingerprint {older}",
+                                       fix="force", advice="Pass force=True to count it again, or use another "
+                                                           "registry.")
             if not force:
                 raise SettingsConflict(
                     f"{ref.name}/{lang.code} was counted with other settings (changed: "
