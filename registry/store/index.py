@@ -4,7 +4,8 @@ The index lives in the dataset card's YAML metadata (key ``neuronreg``), next to
 ``datasets`` reads. That makes the card the registry's single commit point: a new selection's files
 are written into a fresh version folder no card points to yet, and one atomic rename of the card
 makes the files AND the configs visible together. A reader (``datasets`` or neuronreg) sees the old
-card and the old files, or the new card and the new files, never a mix.
+card and the old files, or the new card and the new files, never a mix (the files a card named stay
+until the write after the one that replaced them).
 
 A selection is identified by how it was made: LAPE with its rates (and the language set, when the
 user chose one), or imported from a file. Its name says so: ``top1``, ``top5``, ``top5-f90-b90``,

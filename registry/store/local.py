@@ -14,7 +14,11 @@ schema metadata under the key ``neuronreg``. Guarantees:
 * A selection (its files AND the card) becomes visible all at once or not at all: its files go into
   a new version folder, and the card, rewritten by one atomic rename, is the single commit point
   (:mod:`.index`). A failure before that rename removes the new folder: the registry is left byte
-  for byte as it was. Old versions, and the leftovers of a killed run, go on the next write.
+  for byte as it was. The version a write replaces stays until the model's next write (a ``datasets``
+  reader that read the old card opens its files after); older versions, and the leftovers of a
+  killed run, go on the next write.
+* ``datasets`` config names (``<model>``, ``<model>-<selection>``) are unique: a write that would give
+  two configs one name is refused.
 * Counts files are replaced one at a time by an atomic rename, and read back validated: every
   neuron exactly once, counts between 0 and the tokens counted, and the optional float64 columns
   ``activation_sum``/``positive_sum`` (the activations summed over every counted position and over
@@ -513,7 +517,10 @@ class LocalRegistry:
                 shutil.rmtree(folder, ignore_errors=True)
                 self._cache = None
                 raise
-            self._collect(model, new)
+            # The version this write replaced stays until the next write: a reader that read the old card
+            # (datasets reads the card, then the files it names) still finds its files.
+            self._collect(model, new, keep=[self.root / e.path for e in old.entries(model)
+                                            if e.name == name and VERSION_DIR.fullmatch(e.path.rsplit("/", 1)[-1])])
         return entry
 
     def check_config_names(self, model: str, selection: str | None) -> None:
@@ -579,10 +586,11 @@ class LocalRegistry:
             raise RegistryError(f"Cannot write {self.card_path}: {exc.strerror or exc}.", fix="registry") from exc
         self._cache = None
 
-    def _collect(self, model: str, index: RegistryIndex) -> None:
-        """After a commit: remove what no card points to any more (old versions, 0.1's files, leftovers of a
-        killed run). A failure here costs disk space, never consistency."""
-        keep = {self.root / entry.path for entry in index.entries(model)}
+    def _collect(self, model: str, index: RegistryIndex, keep: list[Path] = ()) -> None:
+        """After a commit: remove what no card points to any more (versions superseded by an earlier write,
+        0.1's files, leftovers of a killed run), but the folders in ``keep``. A failure here costs disk
+        space, never consistency."""
+        keep = {self.root / entry.path for entry in index.entries(model)} | set(keep)
         folder = self.model_dir(model)
         try:
             for path in self._files(folder):  # 0.1's <model>/<lang>.parquet
