@@ -123,6 +123,17 @@ def test_publish_into_a_shared_repo_keeps_our_config_when_a_foreign_one_collides
     assert datasets.load_dataset(REPO, f"model-{SELECTION}", split="ru")["neuron"] == [10, 30, 31]
 
 
+def test_publish_refuses_a_registry_whose_configs_collide(reg, tmp_path, hub, monkeypatch):
+    with monkeypatch.context() as older:  # as neuronreg 0.2 wrote it, without the check
+        older.setattr(LocalRegistry, "check_config_names", lambda *args: None)
+        run(*import_args(lape_file(tmp_path / "rand.pt"), reg, "--model", "x/y", "--name", f"model-{SELECTION}",
+                         "-q"))
+    result = run("publish", "--repo", REPO, "--registry", reg, ok=False)
+    assert_one_line_error(result, f"Two configs are named 'model-{SELECTION}'", f"selection {SELECTION} of model "
+                          "model", f"of model model-{SELECTION}", "--name")
+    assert hub.files_or_none("dataset", REPO) is None
+
+
 # -- 6. a local model's fingerprint covers its tokenizer, and a rewrite cannot keep an old hash --------------
 def fingerprint_args(planted, reg):
     return ("en", "--corpus", planted / "texts", "--tokens", 600, "--seq-len", 64, "--top-rate", TOP_RATE,

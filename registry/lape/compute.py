@@ -216,17 +216,14 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
             if stored.settings == wanted and not force:
                 report.languages.append(LanguageResult(lang.code, stored.tokens, "unchanged"))
                 continue
-            older = older_fingerprint(Path(ref.source), stored.settings.revision, "they were counted with") \
-                if ref.local and wanted.changed(stored.settings) == ["revision"] else None
-            if older and not force:
-                raise SettingsConflict(f"The counts of {ref.name}/{lang.code} name the model by fingerprint {older}",
-                                       fix="force", advice="Pass force=True to count it again, or use another "
-                                                           "registry.")
             if not force:
+                changed = wanted.changed(stored.settings)
+                older = older_fingerprint(Path(ref.source), stored.settings.revision, "they were counted with") \
+                    if ref.local and changed == ["revision"] else None
                 raise SettingsConflict(
-                    f"{ref.name}/{lang.code} was counted with other settings (changed: "
-                    f"{', '.join(wanted.changed(stored.settings))}).", fix="force",
-                    advice="Pass force=True to count it again, or use another registry.")
+                    f"The counts of {ref.name}/{lang.code} name the model by fingerprint {older}" if older else
+                    f"{ref.name}/{lang.code} was counted with other settings (changed: {', '.join(changed)}).",
+                    fix="force", advice="Pass force=True to count it again, or use another registry.")
         pending.append((lang, wanted))
 
     if pending:

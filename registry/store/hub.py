@@ -189,6 +189,9 @@ def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
     Only regular files inside the registry are taken (no symbolic links: they could point anywhere)."""
     from ..files import inside
 
+    clash = registry.index().duplicate_config(models)
+    if clash:  # a registry of an older neuronreg: its card would hide one of them on the Hub too
+        raise RegistryError(clash, fix="config_name", advice="Store one of the models under another name (name=...).")
     found = {}
     for model in models:
         selections = {}

@@ -107,13 +107,28 @@ class RegistryIndex(VersionedRecord):
     def configs(self) -> dict[str, tuple[str, str | None]]:
         """The ``datasets`` config names the card gives: ``<model>`` (its default selection, ``None`` here)
         and ``<model>-<selection>``, each mapped to its (model, selection). Where an older registry holds
-        two of one name, the first in order is kept."""
+        two of one name, the first in order is kept (:meth:`duplicate_config` names them)."""
         found: dict[str, tuple[str, str | None]] = {}
-        for model in sorted(self.models):
-            found.setdefault(model, (model, None))
-            for entry in self.entries(model):
-                found.setdefault(config_name(model, entry.name), (model, entry.name))
+        for config, owner in self._all_configs():
+            found.setdefault(config, owner)
         return found
+
+    def duplicate_config(self, models: list[str] | None = None) -> str | None:
+        """Why two configs of ``models`` (default: all) share one name (a registry of an older neuronreg),
+        or None."""
+        found: dict[str, tuple[str, str | None]] = {}
+        for config, owner in self._all_configs(models):
+            if config in found:
+                return (f"Two configs are named {config!r}: those of {describe_config(*found[config])} and of "
+                        f"{describe_config(*owner)} (datasets could load only one of them).")
+            found[config] = owner
+        return None
+
+    def _all_configs(self, models: list[str] | None = None):
+        for model in sorted(self.models if models is None else models):
+            yield model, (model, None)
+            for entry in self.entries(model):
+                yield config_name(model, entry.name), (model, entry.name)
 
     def config_clash(self, model: str, selection: str | None) -> str | None:
         """Why adding ``selection`` to ``model`` (None: the model alone) would give a config the name of
