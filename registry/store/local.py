@@ -116,6 +116,15 @@ def model_name(name: str) -> str:
     return name
 
 
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` that are empty, the deepest first (rmdir leaves any other alone)."""
+    for path in reversed(folders):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def read_card_metadata(text: str, where: str) -> dict:
     """The YAML metadata block of a card ({} when there is none)."""
     import yaml
@@ -173,17 +182,17 @@ class LocalRegistry:
         go again when it leaves them empty: a failed ``compute`` of a new model leaves nothing behind.
         What holds a file (a checkpoint to resume from) stays."""
         folder = self.model_dir(model)
-        new = [p for p in (self.root, folder, folder / ".partial", folder / COUNTS) if not p.exists()]
+        new = [p for p in (self.root, folder) if not p.exists()]
+        inner = [p for p in (folder / ".partial", folder / COUNTS) if not p.exists()]
         self.ensure_writable()
         try:
             with lock(folder / ".lock", f"{model} in {self.root}", timeout=timeout, command=command):
-                yield
-        finally:
-            for path in reversed(new):  # the deepest first; rmdir removes only an empty folder
                 try:
-                    path.rmdir()
-                except OSError:
-                    pass
+                    yield
+                finally:
+                    _remove_if_empty(inner)  # while the lock is held: no other writer is filling them
+        finally:
+            _remove_if_empty(new)  # they held the lock file; a writer that takes it next makes them again
 
     @contextmanager
     def _card_lock(self):
