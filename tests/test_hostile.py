@@ -253,13 +253,21 @@ def test_publish_skips_a_foreign_file_nested_200000_deep(registry, tmp_path, hub
     assert "other/en.parquet" in result.stderr and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("key,value", [("tokens", 10**30), ("seq_len", -(10**30))])
-def test_absurd_integers_in_provenance_are_one_line(reg, key, value):
+@pytest.mark.parametrize("where", ["counts", "neurons"])
+def test_an_absurd_token_count_in_provenance_is_one_line(reg, where):
     def absurd(meta):
-        meta[key] = value
+        if where == "counts":
+            meta["tokens"] = 10**30
+        else:
+            meta["counts"]["ru"]["tokens"] = 10**30
 
-    set_provenance(reg / "model" / "counts" / "ru.parquet", absurd)
-    assert_one_line_error(run("select", "model", "--top-rate", 0.5, "--registry", reg, ok=False), key)
+    if where == "counts":
+        set_provenance(reg / "model" / "counts" / "ru.parquet", absurd)
+        command = ("select", "model", "--top-rate", 0.5)
+    else:
+        set_provenance(neuron_file(reg, "model", "ru"), absurd)
+        command = ("show", "model", "ru")
+    assert_one_line_error(run(*command, "--registry", reg, ok=False), "tokens", "out of range")
 
 
 def test_an_absurd_float_in_provenance_is_one_line(reg):
