@@ -27,6 +27,7 @@ import numpy as np
 from .errors import MaskError, RecordError
 from .files import atomic_path, write_parquet
 from .layouts import weights_per_neuron
+from .limits import load_json
 from .provenance import MaskSource, NeuronsRecord
 
 FORMATS = ("parquet", "json", "pt", "safetensors")
@@ -309,13 +310,13 @@ class NeuronMask:
             if fmt == "parquet":
                 return read_mask_file(path, model, language, source, where=str(path), location=path)
             if fmt == "json":
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = load_json(path.read_text(encoding="utf-8"))
                 return cls._from_header(data, data.get("layers"), source, model, language, location=path)
             if fmt == "safetensors":
                 from safetensors import safe_open
 
                 with safe_open(str(path), "np") as f:
-                    header = json.loads((f.metadata() or {})["neuronreg"])
+                    header = load_json((f.metadata() or {})["neuronreg"])
                     layer, neuron = f.get_tensor("layer"), f.get_tensor("neuron")
                 return cls._from_header(header, None, source, model, language, layer, neuron, location=path)
             if fmt == "pt":
@@ -423,7 +424,7 @@ def read_neuron_table(path: Path, where: str):
 
     try:
         table = pq.read_table(path)
-        raw = json.loads((table.schema.metadata or {})[META_KEY])
+        raw = load_json((table.schema.metadata or {})[META_KEY])
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         raise MaskError(f"{where} is damaged or not a neuronreg file.", fix="recompute") from exc
     return table, NeuronsRecord.from_dict(raw, f"{where} provenance")

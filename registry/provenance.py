@@ -24,8 +24,12 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from .errors import RecordError
+from .limits import INT64
 
 SCHEMA_VERSION = "1.0"
+# More tokens than any corpus holds, yet small enough that the tokens of thousands of languages add up
+# within int64.
+MAX_TOKENS = 10**15
 
 
 def now() -> str:
@@ -228,6 +232,8 @@ class CountsRecord(FileRecord):
         super().check(where)
         if self.tokens < 0 or self.seq_len <= 0:
             raise RecordError(f"{where}: tokens must not be negative and seq_len must be positive.")
+        if self.tokens > MAX_TOKENS:
+            raise RecordError(f"{where}: tokens {self.tokens} is out of range.")
 
     @classmethod
     def migrate_unversioned(cls, data: dict) -> dict:
@@ -338,6 +344,10 @@ class CountSummary(Record):
     revision: str | None = None
     created: str | None = None
 
+    def check(self, where: str) -> None:
+        if not 0 <= self.tokens <= MAX_TOKENS:
+            raise RecordError(f"{where}: tokens {self.tokens} is out of range.")
+
 
 @dataclass(kw_only=True)
 class NeuronsRecord(FileRecord):
@@ -431,10 +441,15 @@ def _load(hint, value, where: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecordError(f"{where} must be a number.")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError as exc:  # an integer of 400 digits
+            raise RecordError(f"{where} is out of range.") from exc
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecordError(f"{where} must be an integer.")
+        if not -INT64 <= value <= INT64:  # numpy and torch hold int64: 10**30 would overflow there
+            raise RecordError(f"{where} is out of range.")
         return value
     if hint in (str, bool):
         if not isinstance(value, hint):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnknownLanguage, UnknownModel
-from .files import safe_name
+from .files import MAX_NAME, safe_name
 from .manifest import Language, Manifest, ModelEntry
 
 
@@ -81,7 +81,7 @@ def _resolve(spec: str, manifest: Manifest, registry) -> ModelRef:
         entry = manifest.models[spec]
         return ModelRef(entry.alias, entry.hub_id, entry.revision, False, entry)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if _is_dir(path):
         if not (path / "config.json").is_file():
             raise UnknownModel(f"Folder {spec} has no config.json, so it is not a saved transformers model.",
                                advice="Point to a folder written by save_pretrained.")
@@ -108,12 +108,22 @@ def _resolve(spec: str, manifest: Manifest, registry) -> ModelRef:
     org, sep, rest = spec.partition("--")
     if sep and org and rest and "--" not in rest and "/" not in spec:
         return _resolve(f"{org}/{rest}", manifest, None)
+    if len(spec) > MAX_NAME:
+        safe_name(spec, "Model")  # says it is too long for any registry, rather than "unknown"
     known = list(manifest.models) + list(held)
     close = difflib.get_close_matches(spec, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UnknownModel(f"Unknown model {spec!r}.{hint}", fix="models",
                        advice="Give a manifest alias (neuronreg.load_manifest().models), a Hub id like org/name, a "
                               "local folder, or a name the registry holds.")
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder; False for what cannot be one (a part over 255 bytes, a NUL)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def split_names(values: Iterable[str] | str | None) -> list[str]:

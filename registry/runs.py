@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from .errors import FinetuneError, RecordError
+from .limits import BeyondLimits, load_json
 from .provenance import (
     CorpusInfo,
     LanguageInfo,
@@ -227,9 +228,10 @@ def read_run_json(folder: str | Path) -> tuple[Path, object]:
         raise FinetuneError(f"{folder} holds no {RUN_CONFIG_FILE}, so it is not a finished fine-tuning run.",
                             fix="run_folder")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FinetuneError(f"{path} is not readable JSON ({type(exc).__name__}); the run folder is damaged.") from exc
+        why = exc if isinstance(exc, BeyondLimits) else type(exc).__name__
+        raise FinetuneError(f"{path} is not readable JSON ({why}); the run folder is damaged.") from exc
     return path, data
 
 

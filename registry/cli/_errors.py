@@ -20,6 +20,8 @@ HINTS = {
     "compute": "Run 'neuronreg compute MODEL LANG...' first (or pass --registry).",
     "compute_or_fetch": "Run 'neuronreg compute MODEL LANG...' first, or fetch published neurons ('neuronreg fetch "
                         "MODEL LANG -o mask.parquet') and pass --mask mask.parquet.",
+    "config_name": "Use --name to store the model under another name (its datasets configs are NAME and "
+                   "NAME-SELECTION).",
     "corpus": "Give --corpus a folder of <language>.txt/.jsonl/.parquet files, or 'hf'.",
     "dense_run": "An ffn or full run is a whole model: evaluate or release it as it is.",
     "device": "Pass --device cpu, or a device this machine has.",

@@ -36,6 +36,7 @@ from pathlib import Path
 from ..errors import CorpusError, NeuronregError, SettingsError
 from ..files import atomic_write_text
 from ..hubcalls import first_line
+from ..limits import load_json
 from ..provenance import now, tool_version
 
 log = logging.getLogger("neuronreg")
@@ -392,7 +393,7 @@ def read_results(folder: str | Path) -> dict[str, TaskResult]:
         if path.name.startswith("."):
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = load_json(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             log.warning("%s is not readable JSON; left out.", path)
             continue

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from ..errors import FinetuneError, NeuronregError, SettingsError
 from ..files import atomic_write_json, atomic_write_text, output_folder
+from ..limits import load_json
 from ..provenance import now, tool_version
 from ..runs import HELDOUT_FILE, RunConfig, read_run_config, results_folder
 from .benchmarks import ENGLISH_SUITE, PIVOT, TaskResult, read_results
@@ -136,7 +136,7 @@ def _read_run(folder: str | Path) -> _Run:
     heldout_path = results_folder(folder) / HELDOUT_FILE
     if heldout_path.is_file():
         try:
-            heldout = json.loads(heldout_path.read_text(encoding="utf-8"))
+            heldout = load_json(heldout_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             log.warning("%s is not readable JSON; its held-out scores are left out.", heldout_path)
     return _Run(folder, config, heldout if isinstance(heldout, dict) else None, read_results(results_folder(folder)),

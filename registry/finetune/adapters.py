@@ -32,6 +32,7 @@ from ..errors import FinetuneError
 from ..files import atomic_folder
 from ..hubcalls import first_line
 from ..layouts import BY_NAME as LAYOUTS
+from ..limits import load_json
 from ..models import MLPSite
 from ..runs import (
     ADAPTER_CONFIG_FILE,
@@ -239,7 +240,7 @@ def merge_adapter(wrapped, dtype: torch.dtype | None = None) -> tuple[nn.Module,
 
 def public_adapter_config(folder: Path, base_id: str | None, revision: str | None) -> str:
     """The adapter config as published: the base model's Hub id (or nothing) instead of a local path."""
-    data = json.loads((adapter_folder(folder) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    data = load_json((adapter_folder(folder) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     data["base_model_name_or_path"] = base_id
     data["revision"] = revision if base_id else None
     return json.dumps(data, indent=2, sort_keys=True) + "\n"

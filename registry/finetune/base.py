@@ -18,7 +18,7 @@ def base_ref(config: RunConfig, *, base: str | Path | None = None, allow_other_b
     """Where the run's base model is: ``base`` when given, else its recorded local folder while it still
     exists, else the Hub id at the recorded revision. A local base must hold the very weights the run
     trained on (its content fingerprint is checked), unless ``allow_other_base``."""
-    from ..models import local_fingerprint
+    from ..models import local_fingerprint, older_fingerprint
 
     info = config.base_model
     recorded = info.revision or ""
@@ -28,8 +28,10 @@ def base_ref(config: RunConfig, *, base: str | Path | None = None, allow_other_b
     if folder is not None:
         now = local_fingerprint(folder)
         if now != recorded:
-            message = (f"The base model folder {folder.name} holds other weights than the run trained on "
-                       f"(fingerprint {recorded or 'unknown'}, this folder {now}).")
+            older = older_fingerprint(folder, recorded, "the run trained with")
+            message = f"The run names its base model by fingerprint {older}" if older else (
+                f"The base model folder {folder.name} holds other weights, config or tokenizer than the run "
+                f"trained on (fingerprint {recorded or 'unknown'}, this folder {now}).")
             if not allow_other_base:
                 raise FinetuneError(message, fix="other_base", advice="Pass allow_other_base=True to apply it anyway.")
             log.warning("%s Applying the delta anyway, as asked.", message)

@@ -16,7 +16,7 @@ import torch
 
 from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
 from ..distributed import Ranks
-from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError
+from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError, UnknownLanguage
 from ..manifest import Language, Manifest
 from ..options import LoadOptions, load_options
 from ..progress import duration
@@ -153,6 +153,8 @@ def compute(
     if ref.source is None:
         raise RegistryError(f"{ref.name} is a name the registry holds, but it does not say where the model's "
                             "weights are.", fix="model_source", advice="Give the model's Hub id or folder.")
+    # A name whose datasets config is another model's or selection's is refused now, not after the counting.
+    registry.check_config_names(ref.name, _selection_name(params, select_languages, manifest))
     ranks = Ranks.from_env(load.device)
     try:
         with ExitStack() as held:
@@ -172,10 +174,31 @@ def compute(
         ranks.close()
 
 
+def _selection_name(params: SelectionParams, select_languages, manifest: Manifest) -> str | None:
+    """The name of the selection a compute will make (None where its languages are known only later)."""
+    from ..store.index import selection_name
+
+    info = SelectionInfo(method="lape", languages=[], top_rate=params.top_rate, filter_rate=params.filter_rate,
+                         activation_bar_ratio=params.activation_bar_ratio)
+    try:
+        over = language_codes(select_languages, manifest) if select_languages else None
+    except UnknownLanguage:  # a code only the registry knows: select checks the name when it writes
+        return None
+    return selection_name(info, over)
+
+
 def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
              settings: CountSettings, params, load: LoadOptions, select_languages, force, default,
              strict) -> ComputeReport:
-    from ..models import check_device, default_device, dtype_name, load_model, local_fingerprint, parse_dtype
+    from ..models import (
+        check_device,
+        default_device,
+        dtype_name,
+        load_model,
+        local_fingerprint,
+        older_fingerprint,
+        parse_dtype,
+    )
 
     device = ranks.device(load.device)
     device = (device or default_device()) if load.device_map else check_device(device)
@@ -199,10 +222,13 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
                 report.languages.append(LanguageResult(lang.code, stored.tokens, "unchanged"))
                 continue
             if not force:
+                changed = wanted.changed(stored.settings)
+                older = older_fingerprint(Path(ref.source), stored.settings.revision, "they were counted with") \
+                    if ref.local and changed == ["revision"] else None
                 raise SettingsConflict(
-                    f"{ref.name}/{lang.code} was counted with other settings (changed: "
-                    f"{', '.join(wanted.changed(stored.settings))}).", fix="force",
-                    advice="Pass force=True to count it again, or use another registry.")
+                    f"The counts of {ref.name}/{lang.code} name the model by fingerprint {older}" if older else
+                    f"{ref.name}/{lang.code} was counted with other settings (changed: {', '.join(changed)}).",
+                    fix="force", advice="Pass force=True to count it again, or use another registry.")
         pending.append((lang, wanted))
 
     if pending:

@@ -60,7 +60,7 @@ class PublishResult:
 def ours(path: str) -> bool:
     """A repo path of neuronreg's layout: safe names only, no '..', nothing absolute."""
     parts = path.split("/")
-    return (0 < len(parts) <= 4 and all(SAFE_NAME.match(p) and ".." not in p for p in parts)
+    return (0 < len(parts) <= 4 and all(SAFE_NAME.fullmatch(p) and ".." not in p for p in parts)
             and not path.startswith("/"))
 
 
@@ -112,11 +112,11 @@ def _only_ours(index: RegistryIndex, repo: str) -> RegistryIndex:
     """The index without entries whose names or paths are not neuronreg's (a hostile or foreign card)."""
     clean = RegistryIndex()
     for model, found in index.models.items():
-        if not SAFE_NAME.match(model):
+        if not SAFE_NAME.fullmatch(model):
             log.warning("Ignoring model %r in the card of %s: not a name neuronreg writes.", model, repo)
             continue
         for entry in index.entries(model):
-            if not all(SAFE_NAME.match(lang) for lang in entry.languages):
+            if not all(SAFE_NAME.fullmatch(lang) for lang in entry.languages):
                 log.warning("Ignoring selection %s of %s in %s: odd language names.", entry.name, model, repo)
                 continue
             clean = clean.with_selection(model, entry, make_default=entry.name == found.default)
@@ -179,6 +179,9 @@ def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
     Only regular files inside the registry are taken (no symbolic links: they could point anywhere)."""
     from ..files import inside
 
+    clash = registry.index().duplicate_config(models)
+    if clash:  # a registry of an older neuronreg: its card would hide one of them on the Hub too
+        raise RegistryError(clash, fix="config_name", advice="Store one of the models under another name (name=...).")
     found = {}
     for model in models:
         selections = {}
@@ -233,7 +236,8 @@ def _publish(target: CommitTarget, registry: LocalRegistry, repo_id: str, models
             files.update(_overlap_figures(registry, model, staging, entry, manifest))
             entries.append(entry)
         # Models already in the repo but not published now stay on the card.
-        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging)
+        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging,
+                                          ours=index)
         entries += kept
         for model, found in kept_index.models.items():
             for entry in kept_index.entries(model):
@@ -271,15 +275,23 @@ def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: 
     return {path: staging / path for path in names.values()}
 
 
-def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path):
+def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path,
+                   ours: RegistryIndex | None = None):
     """Card entries of the models a repo holds that are not being published now: their neuron files
-    are downloaded (at ``head``) and validated; what is malformed is skipped with a warning."""
+    are downloaded (at ``head``) and validated; what is malformed, or would give a ``datasets`` config
+    the name of one of ``ours`` (or of another kept one), is skipped with a warning."""
     index = read_remote_index(repo_id, revision=head, token=token, files=list(remote))
     others = LocalRegistry(staging / "remote")
     kept = RegistryIndex()
     for model in sorted(set(index.models) - exclude):
         found = index.models[model]
         for entry in index.entries(model):
+            taken = RegistryIndex(models={**(ours.models if ours else {}), **kept.models})
+            clash = taken.config_clash(model, None) or taken.config_clash(model, entry.name)
+            if clash:
+                log.warning("Leaving selection %s of model %s in %s off the card: %s", entry.name, model, repo_id,
+                            clash[0].lower() + clash[1:])
+                continue
             folder = others.root / model / entry.name / "v1"
             languages = []
             for lang in entry.languages:
