@@ -280,20 +280,40 @@ def test_the_chunked_loss_in_bfloat16_on_cuda_matches_and_saves_memory():
 
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_code_paths_in_small_mode(tmp_path):
-    """scripts/bench_gpu.py --small: every counting mode and fine-tuning method, on a tiny config."""
+    """scripts/bench_gpu.py --small: every counting mode, fine-tuning method and checkpointing mode, the 4-bit
+    base (when bitsandbytes is installed) and two gloo processes of the multi-GPU section, on a tiny config."""
     import json
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
     out = tmp_path / "bench.json"
     args = ["--small", "--device", "cpu", "--rounds", "1", "--count-batches", "1", "--seqs", "32", "--warmup", "1",
-            "--steps", "1", "--json", str(out)]
+            "--steps", "1", "--ddp-world", "2", "--json", str(out)]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["counting"]["modes"]) == {"forward", "body", "body+gt0", "torch-path", "fused", "fused-counts"}
-    assert result["counting"]["fused_equals_torch_path"] is True
-    assert result["counting"]["fused_sums_agree"] is True
+    counting_result = result["counting"]
+    assert set(counting_result["modes"]) == {"forward", "body", "body+gt0", "torch-path", "fused", "fused-f64",
+                                             "fused-counts"}
+    assert counting_result["fused_equals_torch_path"] is True
+    assert counting_result["fused_sums_within_bound"] is True and counting_result["fused_f64_sums_agree"] is True
     rows = result["finetune"]
-    assert len(rows) == 5 * 2 and all(row["status"] == "ok" for row in rows)
-    assert "vs forward" in done.stdout and "neuronreg-plain" in done.stdout
+    assert len(rows) == 5 * 2 + 3 and all(row["status"] == "ok" for row in rows)
+    def kind(label: str) -> str:  # a budget's label is its GiB: 0.000137G
+        return "budget" if label.endswith("G") else label
+
+    modes = {kind(row["checkpointing"]): row.get("layer_modes") for row in rows if row["method"] == "neuronreg"}
+    assert modes == {"no": None, "hf": None, "full": "ff", "mlp": "mm", "budget": "fn"}
+    nf4 = result["nf4"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert nf4["status"] == "bitsandbytes is not installed"
+    else:
+        assert nf4["status"] == "ok" and [row["status"] for row in nf4["rows"]] == ["ok"] * 3
+        assert nf4["modules"] == 2 * 7 and nf4["bytes_after"] < nf4["bytes_before"] / 3
+    assert {mode: row["status"] for mode, row in result["fast_counting"].items()} == {
+        "graphs-counts": "needs CUDA", "graphs": "needs CUDA", "compile-gt0": "off (--compile)",
+        "compile": "off (--compile)"}
+    ddp = result["ddp"]
+    assert ddp["status"] == "ok" and ddp["world"] == 2 and ddp["counts_equal_one_process"] is True
+    assert [row["status"] for row in ddp["finetune"]] == ["ok", "ok"]
+    assert "vs forward" in done.stdout and "neuronreg-plain" in done.stdout and "Issue 24's targets" in done.stdout
