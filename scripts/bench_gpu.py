@@ -53,6 +53,12 @@ model and quantizes its decoder projections: neuronreg's deltas at the first --s
 Each: one warm-up (capture or compilation, timed apart as ``setup_s``), then --rounds rounds of the
 timed batches, each after a bare forward of the same batches for the ratio.
 
+The quality a 4-bit base costs needs real weights, so it is a mode of its own (any device; CPU here):
+    python scripts/bench_gpu.py --nf4-quality /tmp/smollm2      # scripts/smollm2.py makes that folder
+held-out next-token loss (nats per token) on --quality-tokens tokens of each --quality-langs NTREX-128
+file (its last lines; --ntrex folder), float32 weights against the decoder's projections in NF4
+(embeddings and LM head kept), and bfloat16 weights for scale.
+
 5. More than one GPU (when ``torch.cuda.device_count() > 1``, or --ddp-world N; CPU: gloo): torchrun
 starts --ddp-world processes of this script (``--worker ddp``), each builds the model on its GPU,
 counts its share of the section-1 rows (``neuronreg.distributed.Ranks``: row i to rank i % world, the
@@ -788,6 +794,49 @@ def run_worker(kind: str, args, deadline: Deadline, extra: list[str], world: int
         return result
 
 
+def nf4_quality(args, device) -> dict:
+    """Held-out loss of a real model in float32, in bfloat16 and with its decoder projections in NF4."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neuronreg.evaluation.heldout import token_nll
+    from neuronreg.finetune.quantize import quantize_frozen_base
+    from neuronreg.models import find_mlp_sites
+
+    tokenizer = AutoTokenizer.from_pretrained(args.nf4_quality)
+    rows = {}
+    for lang in args.quality_langs.split(","):
+        lines = (Path(args.ntrex) / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[-80:]
+        ids = tokenizer("\n".join(lines), return_tensors="pt").input_ids[0][: args.quality_tokens]
+        rows[lang] = ids.view(-1, 256) if ids.numel() % 256 == 0 else ids[None]
+
+    def losses(model) -> dict:
+        out = {}
+        with torch.no_grad():
+            for lang, ids in rows.items():
+                total, count = token_nll(model, ids.to(device), chunked=False)
+                out[lang] = float(total) / count
+        return out
+
+    result = {"model": args.nf4_quality, "tokens": args.quality_tokens}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(args.nf4_quality, dtype=dtype).to(device).eval()
+        result[name] = losses(model)
+    model = AutoModelForCausalLM.from_pretrained(args.nf4_quality, dtype=torch.float32).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    info = quantize_frozen_base(model, find_mlp_sites(model))
+    result["nf4"] = losses(model)
+    result["nf4_modules"], result["nf4_bytes"] = info.modules, (info.bytes_before, info.bytes_after)
+    print(f"\nHeld-out loss (nats per token, {args.quality_tokens} NTREX-128 tokens a language), {args.nf4_quality}; "
+          f"NF4: {info.modules} decoder projections, {info.bytes_before / 2**20:.0f} MiB float32 -> "
+          f"{info.bytes_after / 2**20:.0f} MiB")
+    print(f"{'language':<9} {'float32':>8} {'bfloat16':>9} {'NF4':>8} {'NF4 - fp32':>11}")
+    for lang in rows:
+        f32, bf16, nf4 = result["float32"][lang], result["bfloat16"][lang], result["nf4"][lang]
+        print(f"{lang:<9} {f32:>8.4f} {bf16:>9.4f} {nf4:>8.4f} {nf4 - f32:>+11.4f}")
+    return result
+
+
 # -- report ------------------------------------------------------------------------------------------------
 def fmt_gib(n) -> str:
     return "-" if n is None else f"{n / GIB:.2f} GiB"
@@ -957,11 +1006,22 @@ def main() -> None:
     for section in ("counting", "finetune", "nf4", "fast", "ddp"):
         parser.add_argument(f"--skip-{section}", action="store_true")
     parser.add_argument("--json", default=".cache/bench_gpu.json", help="where to write the results")
+    parser.add_argument("--nf4-quality", metavar="FOLDER", help="only the 4-bit base's quality cost on this model")
+    parser.add_argument("--quality-langs", default="eng,deu,fra,swa")
+    parser.add_argument("--quality-tokens", type=int, default=512)
+    parser.add_argument("--ntrex", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpora" / "ntrex"))
     parser.add_argument("--worker", choices=("nf4", "ddp"), help=argparse.SUPPRESS)
     parser.add_argument("--reference-counts", help=argparse.SUPPRESS)
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.nf4_quality:
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        result = nf4_quality(args, device)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return
     if device.type != "cuda" and not args.small:
         raise SystemExit("No CUDA GPU here: the 8B benchmark needs one. Use --small for the CPU smoke test.")
     args.count_seq = args.count_seq or (128 if args.small else 4096)
