@@ -12,8 +12,8 @@ too; :func:`enable_checkpointing` chooses per layer:
 * ``full``: the whole layer's ``forward`` runs under it (what transformers does for every layer).
 
 ``mode`` is one of those for every layer, or a memory budget in GiB for the activations the layers
-keep: the plan that fits it with the least recomputation (estimated FLOPs), from
-:func:`estimate_layer`. Layers that recompute come first, those that keep everything last: the
+keep: the plan that fits it with the least recomputation (estimated FLOPs; :func:`plan`, from
+:func:`estimate`). Layers that recompute come first, those that keep everything last: the
 backward pass frees the last layers' activations before it recomputes any layer.
 
 Recomputation replays the same operations on the same inputs, with the random state of the forward
@@ -40,7 +40,7 @@ dropout) and dense training, in bfloat16 and float32:
 * what the trained weights need. Row-sparse deltas on ``k`` neurons: ``3 p k`` (gate's and up's added
   outputs, down's selected inputs), and per layer, whatever the tokens, the deltas cast to the
   activations' dtype (``3 p k h``; none in float32). LoRA of rank ``r``: per adapted projection of
-  input width ``w``, PEFT's copy of its input ``p w`` (``4 w`` more with dropout: its mask) and A's
+  input width ``w``, PEFT's copy of its input ``p w`` (``4 w`` more with dropout: its float32 mask on CPU) and A's
   output ``p r``, and per layer the casts of A and B. Dense training: ``3 p h`` in the attention half
   (the norms' normalised inputs, q/k/v's input) and down_proj's input ``p I``;
 * ``full`` keeps the layer's input, ``p h``.
@@ -54,7 +54,7 @@ attention's ``[heads, seq, seq]`` probabilities) are estimated as a Llama layer 
 real figure differs there.
 
 At the Llama-3.1-8B shape in bfloat16 with a 1% mask (143 neurons a layer), per layer and token:
-``full`` 8 KiB, ``mlp`` 60 KiB, ``none`` 145 KiB; at 2,048 tokens the 32 layers keep 0.78 GiB (every
+``full`` 8 KiB, ``mlp`` 60 KiB, ``none`` 145 KiB; at 2,048 tokens the 32 layers keep 0.79 GiB (every
 layer ``full``), 3.93 GiB (``mlp``) or 9.17 GiB (``none``). ``mlp`` recomputes 78% of the FLOPs
 ``full`` recomputes (the MLP is most of a layer), so it saves at most a fifth of the recomputation.
 """
@@ -226,6 +226,8 @@ def layer_shape(model: nn.Module, sites: list[MLPSite], *, dtype: torch.dtype | 
     """The estimate's inputs, read off the model: its config's sizes, the activations' dtype (``dtype``, e.g.
     autocast's; by default the embeddings'), and what is trained (by default found from the model:
     delta wrappers, LoRA layers or trainable base weights)."""
+    if trainable is not None and trainable not in TRAINABLE:
+        raise SettingsError(f"trainable must be one of {', '.join(TRAINABLE)}, not {trainable!r}.")
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = hidden_size_of(config) or _width(sites[0])
