@@ -393,7 +393,6 @@ def fast_counting(model, args, device, clock, reference: dict, deadline: Deadlin
     sites = find_mlp_sites(model)
     batches = count_batches(model, args)
     tokens = args.count_batches * args.count_batch * args.count_seq
-    rows = [row for batch in batches for row in batch]
     per_batch = args.count_batch
     results = {}
 
@@ -462,8 +461,8 @@ def fast_counting(model, args, device, clock, reference: dict, deadline: Deadlin
                        ratio_min=min(ratios), ratio_max=max(ratios),
                        counts_equal_eager=bool(torch.equal(over_zero.cpu(), reference["counts"].cpu())))
             if stats_on:
-                eager = reference["fused"]
-                row["sums_equal_eager"] = all(torch.equal(getattr(got, n).cpu(), getattr(eager, n).cpu())
+                fused = reference["fused"]
+                row["sums_equal_eager"] = all(torch.equal(getattr(got, n).cpu(), getattr(fused, n).cpu())
                                               for n in ("activation_sum", "positive_sum"))
         except Exception as exc:  # an unsupported capture or compilation is a result too, not the end of the run
             first = str(exc).splitlines()[0][:300] if str(exc) else ""
@@ -476,7 +475,6 @@ def fast_counting(model, args, device, clock, reference: dict, deadline: Deadlin
             stack.close()
             reset_peak(device)
         say(f"  {mode:<14} {row.get('status')} {row.get('tok_s', 0):.0f} tok/s {row.get('error', '')}")
-    del rows
     return results
 
 
