@@ -213,7 +213,8 @@ def attach_deltas(model: nn.Module, per_layer: list[torch.Tensor], sites: list[M
         mlp = site.mlp
         first_name, second_name = LAYOUTS[site.layout].first, LAYOUTS[site.layout].second
         base_first = getattr(mlp, first_name)
-        hidden = base_first.weight.shape[1] if isinstance(base_first, nn.Linear) else base_first.weight.shape[0]
+        # in_features, not weight.shape[1]: a 4-bit projection (bitsandbytes) stores its weight packed
+        hidden = base_first.in_features if isinstance(base_first, nn.Linear) else base_first.weight.shape[0]
         first: list[tuple[str, RowDelta]] = []
         if site.layout == "gated":
             for name in ("gate_proj", "up_proj"):
