@@ -115,6 +115,7 @@ class TrainingInfo(Record):
     # a version that recorded only gradient_checkpointing.
     checkpointing: str | None = None
     options: dict = field(default_factory=dict)  # the method's own options that decide the result (LoRA's r ...)
+    quantize: str | None = None  # "4bit": the frozen base was stored in NF4 while training
 
 
 @dataclass(kw_only=True)

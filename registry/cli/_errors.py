@@ -52,6 +52,9 @@ HINTS = {
     "out": "Choose another --out.",
     "overwrite": "Use another --out, or --overwrite to start again.",
     "prompts": "Give PROMPT arguments, or --prompts FILE with one prompt per line.",
+    "quantize": "Train --subset lape, random, lora or ia3 on a 4-bit base, or drop --quantize.",
+    "quantize_merged": "Drop --merged; merge later (neuronreg release --merged, or load_sparse_model(run, "
+                       "merge=True)).",
     "recompute": "Delete it and run 'neuronreg compute' again (with --force).",
     "recount": "Count the language again: 'neuronreg compute MODEL LANG --corpus ... --force' (the same settings).",
     "registry": "Choose another with --registry or $NEURONREG_REGISTRY.",

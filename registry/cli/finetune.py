@@ -70,6 +70,9 @@ def merge_dtype_option(help: str):
               help="Compute the loss over the vocabulary a few hundred tokens at a time, never holding the full "
                    "logits [default: when a batch's logits would take more than 256 MiB in float32].")
 @o.device_map_option
+@click.option("--quantize", type=click.Choice(["4bit"]), default=None,
+              help="Store the frozen base's decoder projections in 4 bits (NF4, needs bitsandbytes) while training; "
+                   "the float32 deltas or adapter apply to the full-precision base.")
 @click.option("--merged", is_flag=True, help="Also save the merged full model (save_pretrained) in OUT/merged.")
 @merge_dtype_option("Dtype of the merged weights (--merged) and of a dense run's saved weights "
                     "[default: the model's --dtype]; float32 keeps every bit of the training.")
@@ -81,7 +84,8 @@ def merge_dtype_option(help: str):
 def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, lora_r, lora_alpha,
                  lora_dropout, target_modules, steps, batch_size, grad_accum, seq_len, tokens, lr, weight_decay, clip,
                  schedule, warmup_steps, eval_every, eval_data, checkpoint_every, seed, dtype, device,
-                 gradient_checkpointing, checkpointing, chunked_loss, device_map, merged, merge_dtype, overwrite,
+                 gradient_checkpointing, checkpointing, chunked_loss, device_map, quantize, merged, merge_dtype,
+                 overwrite,
                  text_field, name, trust_remote_code, token, registry, quiet):
     """Train only LANGUAGE's neurons of MODEL on its text (sparse fine-tuning), or a baseline subset.
 
@@ -125,6 +129,7 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
         warmup_steps=warmup_steps, schedule=schedule, eval_every=eval_every, eval_data=eval_data,
         checkpoint_every=checkpoint_every, seed=seed,
         checkpointing=checkpointing or ("full" if gradient_checkpointing else "none"), chunked_loss=chunked_loss,
+        quantize=quantize,
         text_field=text_field, merged=merged, merge_dtype=merge_dtype, options=options)
     mask_file = Path(mask_source) if mask_source and Path(mask_source).is_file() else None
     run = finetune(model, language, settings, load=o.load(dtype, device, token, trust_remote_code, device_map),

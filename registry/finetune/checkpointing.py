@@ -92,7 +92,7 @@ def parse_checkpointing(value: str | float | int) -> str | float:
         budget = math.nan
     if isinstance(value, bool) or not math.isfinite(budget) or budget <= 0:
         raise SettingsError(f"checkpointing must be 'none', 'mlp', 'full' or a memory budget in GiB (a positive "
-                            f"number), not {value!r}.")
+                            f"number), not {value!r}.", fix="checkpointing")
     return budget
 
 

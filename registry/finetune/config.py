@@ -11,7 +11,7 @@ from ..errors import FinetuneError
 
 SCHEDULES = ("constant", "linear", "cosine")
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
-CHECKPOINTING = ("none", "full", "mlp")
+QUANTIZE = ("4bit",)
 
 
 @dataclass
@@ -39,6 +39,9 @@ class FinetuneSettings:
     checkpointing: str = "none"
     # The chunked cross-entropy (True), the plain one (False), or chosen by the size of the logits (None).
     chunked_loss: bool | None = None
+    # "4bit": the frozen base's decoder projections stored in NF4 while training (bitsandbytes); the deltas
+    # or adapter stay float32 and apply to the full-precision base. None: the base as loaded.
+    quantize: str | None = None
     text_field: str | None = None
     merged: bool = False
     # The dtype merged weights (``merged``) or a dense run's trained weights are saved in; None: the model's.
@@ -49,7 +52,7 @@ class FinetuneSettings:
 
     RESULT_KEYS: ClassVar[tuple[str, ...]] = (
         "subset", "steps", "batch_size", "grad_accum", "seq_len", "tokens", "lr", "weight_decay", "clip",
-        "warmup_steps", "schedule", "eval_every", "eval_fraction", "seed")
+        "warmup_steps", "schedule", "eval_every", "eval_fraction", "seed", "quantize")
 
     @property
     def method(self):
@@ -64,7 +67,7 @@ class FinetuneSettings:
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return self.checkpointing != "none"
+        return str(self.checkpointing).strip().lower() != "none"
 
     def result_settings(self) -> dict:
         """What decides the result: a resumed run must have the same values (the method's options too)."""
@@ -85,7 +88,20 @@ class FinetuneSettings:
                                     advice="Pass merged=True, or leave merge_dtype out.")
         if self.schedule not in SCHEDULES:
             raise FinetuneError(f"Unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}.")
-        checkpointing_budget(self.checkpointing)
+        from .checkpointing import parse_checkpointing
+
+        parse_checkpointing(self.checkpointing)
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE:
+                raise FinetuneError(f"Unknown quantize {self.quantize!r}; use one of {', '.join(QUANTIZE)}.")
+            if method.kind == "dense":
+                raise FinetuneError(f"Subset {self.subset!r} trains the base's own weights, which a 4-bit base "
+                                    "cannot hold.", fix="quantize", advice="Train a delta or an adapter, or leave "
+                                                                           "quantize out.")
+            if self.merged:
+                raise FinetuneError("A 4-bit base cannot be merged into; the run's change applies to the "
+                                    "full-precision base.", fix="quantize_merged",
+                                    advice="Leave merged out and merge later (load_sparse_model(run, merge=True)).")
         for key in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "tokens"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -102,17 +118,3 @@ class FinetuneSettings:
             if value < low or value > high or (key in ("lr", "eval_fraction") and value <= low) \
                     or (key == "eval_fraction" and value >= high):
                 raise FinetuneError(f"{key} {value!r} is out of range.")
-
-
-def checkpointing_budget(value: str) -> float | None:
-    """The memory budget in GiB of a ``checkpointing`` setting, None for a named mode; FinetuneError otherwise."""
-    if value in CHECKPOINTING:
-        return None
-    try:
-        budget = float(value)
-    except (TypeError, ValueError):
-        budget = math.nan
-    if not (math.isfinite(budget) and budget > 0):
-        raise FinetuneError(f"checkpointing must be one of {', '.join(CHECKPOINTING)} or a memory budget in GiB, "
-                            f"not {value!r}.", fix="checkpointing")
-    return budget

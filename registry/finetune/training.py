@@ -263,6 +263,12 @@ class _Job:
 
         torch.manual_seed(settings.seed)
         self.trained = self.method.attach(self.loaded, settings, self.mask, self.options)
+        if settings.quantize:
+            from .quantize import quantize_frozen_base
+
+            done = quantize_frozen_base(model, self.loaded.sites)
+            log.info("Stored %d frozen projections of the base in 4 bits (NF4): %.2f GiB -> %.2f GiB.", done.modules,
+                     done.bytes_before / 2**30, done.bytes_after / 2**30)
         self.named = self.trained.named
         self.params = list(self.named.values())
         self.save_dtype = save_dtype_of(settings, self.loaded)
@@ -283,14 +289,21 @@ class _Job:
         return self._finish()
 
     def _checkpointing(self, model):
-        """Recompute activations in the backward pass as ``settings.checkpointing`` says; returns the undo."""
-        if self.settings.checkpointing == "none":
+        """Recompute activations in the backward pass as ``settings.checkpointing`` says; returns the undo.
+        ``full`` is transformers' own (every decoder layer); ``mlp`` and a budget are :mod:`.checkpointing`'s."""
+        from .checkpointing import enable_checkpointing, parse_checkpointing
+
+        mode = parse_checkpointing(self.settings.checkpointing)
+        if mode == "none":
             return lambda: None
         model.config.use_cache = False
-        if self.settings.checkpointing != "full":
-            from .checkpointing import enable_checkpointing
-
-            return enable_checkpointing(model, self.loaded.sites, self.settings.checkpointing)
+        if mode != "full":
+            rows = max(row.numel() for row in self.train_rows)
+            done = enable_checkpointing(model, self.loaded.sites, mode,
+                                        batch_size=self.settings.batch_size, seq_len=rows)
+            if self.ranks.is_main:
+                log.info("Checkpointing: %s.", done.describe())
+            return done.undo
         # transformers 5 renamed it; older versions (>= 4.46, the floor) only have the old name.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -420,7 +433,7 @@ class _Job:
                                 train_rows=len(self.train_rows), eval_rows=len(self.eval_rows),
                                 seconds_this_session=round(self.seconds, 3), resumed_from_step=self.resumed_from,
                                 master_dtype="float32", world_size=ranks.world, device_map=self.load.device_map,
-                                chunked_loss=settings.chunked_loss,
+                                chunked_loss=settings.chunked_loss, quantize=settings.quantize,
                                 options=self.method.result_settings(self.options))
         config = RunConfig(
             base_model=info, base_path=self.ref.source if self.ref.local else None,
