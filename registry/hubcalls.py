@@ -36,6 +36,17 @@ def is_network_error(exc: BaseException) -> bool:
     return any(cls.__module__.split(".")[0].rstrip("0123456789") in NETWORK_MODULES for cls in mro)
 
 
+def offline_mode() -> bool:
+    """Whether HF_HUB_OFFLINE is set, by huggingface_hub's own rule (its constant, read at import, or the
+    variable as it is now, for a process that set it later)."""
+    import os
+
+    from huggingface_hub import is_offline_mode
+    from huggingface_hub.constants import _is_true
+
+    return is_offline_mode() or _is_true(os.environ.get("HF_HUB_OFFLINE"))
+
+
 def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__
@@ -61,9 +72,7 @@ def hub_error(exc: BaseException, repo_id: str, what: str = "the Hub") -> HubErr
     if isinstance(exc, e.EntryNotFoundError) and not isinstance(exc, e.LocalEntryNotFoundError):
         return HubError(f"{repo_id} has no such file: {first_line(exc)}")
     if isinstance(exc, e.LocalEntryNotFoundError):
-        from huggingface_hub import is_offline_mode
-
-        if is_offline_mode():
+        if offline_mode():
             return HubError(f"{repo_id} is not in the local Hub cache, and HF_HUB_OFFLINE is set.", fix="offline",
                             advice="Fetch it once with HF_HUB_OFFLINE unset.")
         return HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached.", fix="network",

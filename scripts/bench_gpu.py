@@ -442,7 +442,7 @@ def fast_counting(model, args, device, clock, reference: dict, deadline: Deadlin
                 else:
                     def count(timed):
                         return count_activations(model, sites, [r for b in timed for r in b], batch_size=per_batch,
-                                                 device=device, quiet=True, statistics=True)
+                                                 device=device, show=False, statistics=True)
             count(batches[:1])  # compilation (or the graph's first replay)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -735,13 +735,13 @@ def worker_ddp(args) -> dict | None:
         sites = find_mlp_sites(model)
         batches = count_batches(model, args)
         rows = [row for batch in batches[1:] for row in batch]
-        count_activations(model, sites, list(ranks.shard(rows))[:1], device=device, quiet=True)  # warm-up
+        count_activations(model, sites, list(ranks.shard(rows))[:1], device=device, show=False)  # warm-up
         ranks.barrier()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
         mine = count_activations(model, sites, ranks.shard(rows), batch_size=args.count_batch, device=device,
-                                 quiet=True, statistics=True)
+                                 show=False, statistics=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ranks.barrier()

@@ -427,3 +427,30 @@ def test_saving_and_merging_in_bfloat16_report_what_rounds_away(setup, tmp_path)
     rows = merged["model.layers.0.mlp.gate_proj.weight"][EN[0]] - base["model.layers.0.mlp.gate_proj.weight"][EN[0]]
     assert merged["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float32
     torch.testing.assert_close(rows, deltas["model.layers.0.mlp.gate_delta"], rtol=0, atol=1e-7)
+
+
+# -- what the backward pass recomputes, and a 4-bit base ------------------------------------------------------
+@pytest.mark.parametrize("mode", ["mlp", "full", "1e-6"])  # a budget too small for anything: every layer recomputed
+def test_checkpointing_modes_train_the_same_deltas_as_none(setup, tmp_path, mode):
+    plain = train(setup, "llama", tmp_path / "plain", steps=2)
+    checked = train(setup, "llama", tmp_path / mode, steps=2, checkpointing=mode)
+    assert checked.config.training.checkpointing == mode and checked.config.training.gradient_checkpointing
+    a = load_file(str(tmp_path / "plain" / "delta.safetensors"))
+    b = load_file(str(tmp_path / mode / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plain.curve == checked.curve
+
+
+def test_a_4bit_base_trains_deltas_that_apply_to_the_full_precision_base(setup, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    result = train(setup, "llama", tmp_path / "nf4", steps=2, quantize="4bit")
+    assert result.config.training.quantize == "4bit"
+    deltas = load_file(str(tmp_path / "nf4" / "delta.safetensors"))
+    assert any(bool(t.abs().sum()) for name, t in deltas.items() if name.endswith("_delta"))
+    model = load_sparse_model(tmp_path / "nf4", merge=True)  # the full-precision base with the delta merged
+    assert type(model.model.layers[0].mlp.gate_proj).__name__ == "Linear"
+    assert_one_line_error(run("finetune", setup / "llama", "en", "--quantize", "4bit", "--merged", "--mask",
+                              setup / "reg", "--data", setup / "texts", "--out", tmp_path / "x", ok=False),
+                          "cannot be merged into", "--merged")
+    assert_one_line_error(run("finetune", setup / "llama", "en", "--quantize", "4bit", "--subset", "ffn", "--data",
+                              setup / "texts", "--out", tmp_path / "y", ok=False), "4-bit base", "--quantize")

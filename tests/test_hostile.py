@@ -304,7 +304,7 @@ def test_a_pickled_peft_adapter_is_refused_in_one_line(planted, tmp_path):
 
 
 # -- 9. readers during a replace ---------------------------------------------------------------------------------
-def test_datasets_readers_never_fail_while_a_selection_is_replaced(reg, tmp_path):
+def test_datasets_readers_never_fail_while_a_selection_is_replaced(reg, tmp_path, monkeypatch):
     import datasets
 
     registry = LocalRegistry(reg)
@@ -336,8 +336,14 @@ def test_datasets_readers_never_fail_while_a_selection_is_replaced(reg, tmp_path
             thread.join()
     assert not failures, failures[:3]
     assert reads
-    # The disk cost stays bounded: the current version and at most one superseded one.
-    assert len(list((reg / "model" / "moving").iterdir())) <= 2
+    # The disk cost stays bounded: superseded versions go once the write that replaced them is older than the
+    # grace period (made 0 here), but for the one the last write replaced.
+    import neuronreg.store.local as local
+
+    assert len(list((reg / "model" / "moving").iterdir())) > 2  # all within the grace period
+    monkeypatch.setattr(local, "SUPERSEDED_GRACE", 0.0)
+    registry.write_selection("model", states[1], name="moving")  # the current one holds states[0]
+    assert len(list((reg / "model" / "moving").iterdir())) == 2
 
 
 # -- 10. locks, names, a failed compute ---------------------------------------------------------------------------
@@ -423,3 +429,90 @@ def test_a_failed_compute_removes_the_folder_it_created_and_nothing_else(planted
     result = run("compute", planted / "model", "en", "--corpus", texts, "--tokens", 600, "--force", "--registry",
                  reg, ok=False)
     assert result.exit_code == 1 and snapshot(reg) == before
+
+
+# -- 1-3. what a release may send --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lape_run(tmp_path_factory, planted, registry) -> Path:
+    """A finished lape run whose mask came from a registry folder given by its path."""
+    out = tmp_path_factory.mktemp("release") / "run"
+    run("finetune", planted / "model", "en", "--mask", registry, "--data", planted / "texts", "--steps", 2,
+        "--eval-every", 1, "--seq-len", 32, "--out", out, "-q")
+    return out
+
+
+def test_a_release_publishes_what_the_mask_is_never_where_it_lay(lape_run, registry, planted, hub):
+    from huggingface_hub import HfApi
+
+    repo = f"{TEST_USER}/released"
+    run("release", lape_run, "--repo", repo, "--tag", "v1", "-q")
+    for revision in ("main", "v1"):
+        for name in HfApi().list_repo_files(repo, revision=revision):
+            data = hub.file_bytes("model", repo, name, revision)
+            for local in (str(registry), registry.parent.name, str(planted), str(lape_run)):
+                assert local.encode() not in data, (name, local)
+    config = json.loads(hub.file_bytes("model", repo, "neuronreg_delta.json"))
+    assert config["mask"]["source"] == {"kind": "registry", "selection": SELECTION}
+    assert len(config["mask"]["sha256"]) == 64 and config["mask"]["selection"]["method"] == "lape"
+
+
+def _damage_delta(run_folder: Path, how: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = run_folder / "delta.safetensors"
+    tensors = load_file(path)
+    neurons = next(name for name in tensors if name.endswith(".neurons"))
+    block = next(name for name in tensors if name.endswith("gate_delta"))
+    if how in ("nan", "inf", "huge"):
+        tensors[block][0, 0] = {"nan": float("nan"), "inf": float("inf"), "huge": 3e38}[how]
+    else:
+        ids = tensors[neurons].clone()
+        if how == "duplicate":
+            ids[-1] = ids[0]
+        else:
+            ids[0] = {"far": 10**6, "negative": -1}[how]
+        tensors[neurons] = ids
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "huge", "far", "negative", "duplicate", "trainable"])
+def test_a_release_of_a_run_loading_would_refuse_is_refused_before_upload(lape_run, planted, tmp_path, hub, how):
+    damaged = tmp_path / "run"
+    shutil.copytree(lape_run, damaged)
+    if how == "trainable":
+        path = damaged / "neuronreg_delta.json"
+        config = json.loads(path.read_text())
+        config["trainable_parameters"] = 10**40
+        path.write_text(json.dumps(config))
+    else:
+        _damage_delta(damaged, how)
+    why = "trainable_parameters" if how == "trainable" else "the run is damaged"
+    repo = f"{TEST_USER}/damaged-{how}"
+    assert_one_line_error(run("release", damaged, "--repo", repo, ok=False), why)
+    assert hub.files_or_none("model", repo) is None  # nothing created, nothing sent
+    # ... and loading it locally refuses it the same way
+    assert_one_line_error(run("evaluate", damaged, "--data", planted / "texts", "--seq-len", 32, "--tokens", 100,
+                              ok=False), why)
+
+
+@pytest.mark.parametrize("flag,value", [("--tag", "bad tag"), ("--tag", "main"), ("--tag", "v1~1"),
+                                        ("--tag", "a..b"), ("--revision", "../x"), ("--revision", "dev lane")])
+def test_publish_checks_branch_and_tag_names_as_git_does_before_creating_anything(registry, hub, flag, value):
+    repo = f"{TEST_USER}/names"
+    assert_one_line_error(run("publish", "--repo", repo, flag, value, "--registry", registry, ok=False), flag)
+    assert hub.files_or_none("dataset", repo) is None
+
+
+def test_publish_to_a_new_branch_with_a_taken_tag_creates_no_branch(registry, hub):
+    repo = f"{TEST_USER}/tagged"
+    run("publish", "--repo", repo, "--tag", "v1", "--registry", registry, "-q")
+    before = hub.branches("dataset", repo)
+    (registry.parent / "other").mkdir(exist_ok=True)
+    other = registry.parent / "other" / "reg"
+    if not other.exists():
+        shutil.copytree(registry, other)
+        LocalRegistry(other).write_card()
+        run("select", "model", "--top-rate", 0.2, "--registry", other, "-q")
+    assert_one_line_error(run("publish", "--repo", repo, "--revision", "dev", "--tag", "v1", "--registry", other,
+                              ok=False), "already has the tag 'v1'")
+    assert hub.branches("dataset", repo) == before

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..errors import CorpusError, NeuronregError, SettingsError
 from ..files import atomic_write_text
-from ..hubcalls import first_line
+from ..hubcalls import first_line, offline_mode
 from ..limits import load_json
 from ..provenance import now, tool_version
 
@@ -218,9 +218,7 @@ def load_tasks(tasks: Sequence[BenchmarkTask], manager) -> list:
                 loaded = manager.load([task.name])
         except Exception as exc:  # lm-eval and datasets raise many kinds; each is the task's data missing
             first = first_line(exc)
-            from huggingface_hub import is_offline_mode
-
-            offline = is_offline_mode()
+            offline = offline_mode()
             raise CorpusError(f"The data of task {task.name} could not be loaded ({type(exc).__name__}: {first}).",
                               fix="offline" if offline else None,
                               advice="Unset HF_HUB_OFFLINE to reach the Hub." if offline else None) from exc

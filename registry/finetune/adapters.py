@@ -24,6 +24,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -316,6 +317,7 @@ class AdapterMethod(FinetuneMethod):
 
     kind = "adapter"
     run_files = ADAPTER_FILES
+    peft_type: ClassVar[str] = ""  # PEFT's name of the adapter type (adapter_config.json's peft_type)
 
     def result_settings(self, options) -> dict:
         values = super().result_settings(options)
@@ -349,8 +351,8 @@ class AdapterMethod(FinetuneMethod):
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise FinetuneError(f"{where / ADAPTER_CONFIG_FILE} is not readable JSON; the run is damaged.",
                                 fix="run_folder") from exc
-        if not isinstance(data, dict) or str(data.get("peft_type", "")).lower() != self.name:
-            raise FinetuneError(f"{where / ADAPTER_CONFIG_FILE} is not a {self.name} adapter config; the run is "
+        if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != self.peft_type:
+            raise FinetuneError(f"{where / ADAPTER_CONFIG_FILE} is not a {self.peft_type} adapter config; the run is "
                                 "damaged.", fix="run_folder")
 
     def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
@@ -366,7 +368,7 @@ class AdapterMethod(FinetuneMethod):
     def card(self, config, merged: bool) -> CardText:
         adapter = config.adapter
         details = ", ".join(adapter.target_modules) + (
-            f"; r {adapter.r}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}" if adapter.method == "lora"
+            f"; r {adapter.r}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}" if adapter.r is not None
             else f"; feed-forward {', '.join(adapter.feedforward_modules or [])}") if adapter else ""
         return CardText("adapter", self.trains, library="transformers" if merged else "peft",
                         relation="merge" if merged else "adapter", details=details)
@@ -387,6 +389,7 @@ class LoraMethod(AdapterMethod):
     name = "lora"
     trains = "a LoRA adapter (a baseline)"
     options_class = LoraOptions
+    peft_type = "LORA"
 
     def peft_config(self, options, targets, feedforward, fan_in_fan_out):
         import peft
@@ -394,7 +397,7 @@ class LoraMethod(AdapterMethod):
         config = peft.LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                                  target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none",
                                  task_type="CAUSAL_LM")
-        return config, AdapterInfo(method="lora", target_modules=targets, r=options.r, alpha=options.alpha,
+        return config, AdapterInfo(method=self.name, target_modules=targets, r=options.r, alpha=options.alpha,
                                    dropout=options.dropout, fan_in_fan_out=fan_in_fan_out,
                                    peft_version=peft.__version__)
 
@@ -415,11 +418,12 @@ class IA3Method(AdapterMethod):
     name = "ia3"
     trains = "an IA3 adapter (a baseline)"
     options_class = IA3Options
+    peft_type = "IA3"
 
     def peft_config(self, options, targets, feedforward, fan_in_fan_out):
         import peft
 
         config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward,
                                 fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
-        return config, AdapterInfo(method="ia3", target_modules=targets, feedforward_modules=feedforward,
+        return config, AdapterInfo(method=self.name, target_modules=targets, feedforward_modules=feedforward,
                                    fan_in_fan_out=fan_in_fan_out, peft_version=peft.__version__)

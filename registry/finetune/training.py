@@ -433,7 +433,7 @@ class _Job:
                                 train_rows=len(self.train_rows), eval_rows=len(self.eval_rows),
                                 seconds_this_session=round(self.seconds, 3), resumed_from_step=self.resumed_from,
                                 master_dtype="float32", world_size=ranks.world, device_map=self.load.device_map,
-                                chunked_loss=settings.chunked_loss, quantize=settings.quantize,
+                                chunked_loss=settings.chunked_loss,
                                 options=self.method.result_settings(self.options))
         config = RunConfig(
             base_model=info, base_path=self.ref.source if self.ref.local else None,

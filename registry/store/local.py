@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ COUNTS = "counts"
 # Names a model cannot take: they are the registry's own files, or would hide from listings.
 RESERVED = {CARD.lower(), COUNTS, ".partial", ".git", ".gitattributes", ".cache", ".lock", "counts.parquet"}
 LOCK_WAIT = 60.0  # seconds a writer waits for the registry's card (commits take well under a second)
+# A superseded version folder stays this long after the write that replaced it (and the version the last write
+# replaced stays until the next write): a `datasets` reader that read the old card reads its files within it.
+SUPERSEDED_GRACE = 600.0
 
 
 # Optional float64 columns of a counts file: the activations summed over every counted position, and
@@ -527,8 +531,8 @@ class LocalRegistry:
                 shutil.rmtree(folder, ignore_errors=True)
                 self._cache = None
                 raise
-            # The version this write replaced stays until the next write: a reader that read the old card
-            # (datasets reads the card, then the files it names) still finds its files.
+            # The version this write replaced stays (and any replaced within the grace period): a reader that
+            # read the old card (datasets reads the card, then the files it names) still finds its files.
             self._collect(model, new, keep=[self.root / e.path for e in old.entries(model)
                                             if e.name == name and VERSION_DIR.fullmatch(e.path.rsplit("/", 1)[-1])])
         return entry
@@ -600,15 +604,27 @@ class LocalRegistry:
         """After a commit: remove what no card points to any more (versions superseded by an earlier write,
         0.1's files, leftovers of a killed run), but the folders in ``keep``. A failure here costs disk
         space, never consistency."""
-        keep = {self.root / entry.path for entry in index.entries(model)} | set(keep)
+        current = {self.root / entry.path for entry in index.entries(model)}
+        keep = current | set(keep)
         folder = self.model_dir(model)
         try:
             for path in self._files(folder):  # 0.1's <model>/<lang>.parquet
                 if folder not in keep:
                     path.unlink()
             for sel in [p for p in folder.iterdir() if p.is_dir() and p.name not in (COUNTS, ".partial")]:
-                for version in [v for v in sel.iterdir() if VERSION_DIR.fullmatch(v.name) and v not in keep]:
-                    shutil.rmtree(version)
+                versions = sorted((int(VERSION_DIR.fullmatch(v.name).group(1)), v) for v in sel.iterdir()
+                                  if VERSION_DIR.fullmatch(v.name))
+                shown = max((number for number, v in versions if v in current), default=None)
+                for position, (number, version) in enumerate(versions):
+                    if version in keep:
+                        continue
+                    # A version no card ever named (newer than the current one: a killed write's) goes now; a
+                    # superseded one once the version that replaced it is older than the grace period.
+                    after = versions[position + 1][1] if position + 1 < len(versions) else None
+                    superseded_long_ago = after is not None and time.time() - after.stat().st_mtime > \
+                        SUPERSEDED_GRACE
+                    if shown is None or number > shown or superseded_long_ago:
+                        shutil.rmtree(version)
                 if not any(sel.iterdir()):
                     sel.rmdir()
             for tmp in list(self.root.glob(f".*{TEMP_SUFFIX}")) + list(folder.glob(f".*{TEMP_SUFFIX}")):
