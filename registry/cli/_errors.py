@@ -51,6 +51,7 @@ HINTS = {
     "other_base": "Pass --allow-other-base to apply it anyway.",
     "out": "Choose another --out.",
     "overwrite": "Use another --out, or --overwrite to start again.",
+    "parallel": "Give --parallel a folder of line-aligned <language>.txt files (one sentence per line).",
     "prompts": "Give PROMPT arguments, or --prompts FILE with one prompt per line.",
     "quantize": "Train --subset lape, random, lora or ia3 on a 4-bit base, or drop --quantize.",
     "quantize_merged": "Drop --merged; merge later (neuronreg release --merged, or load_sparse_model(run, "

@@ -171,3 +171,113 @@ def report_markdown(report) -> list[str]:
             cells.append("-" if value is None else _value(value) + ("" if change is None else f" ({_signed(change)})"))
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     return lines
+
+
+def _group_labels(groups) -> list[str]:
+    """Each group named by its subset and the settings in which the groups differ (not those all share)."""
+    keys = [k for k in dict.fromkeys(k for g in groups for k in g.settings)
+            if k != "subset" and len({json_key(g.settings.get(k)) for g in groups}) > 1]
+    return [", ".join([str(g.settings.get("subset"))] + [f"{k}={g.settings.get(k)}" for k in keys]) for g in groups]
+
+
+def json_key(value) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def seed_groups_markdown(report, groups) -> list[str]:
+    """The runs that differ only in their seed: per metric the mean change against the base ± sd (n)."""
+    if not any(g.n > 1 for g in groups):
+        return []
+    labels = _group_labels(groups)
+    metrics = [m.key for m in report.metrics if any(m.key in g.summaries for g in groups)]
+    lines = ["Runs that differ only in their seed: change against the base, mean ± sd (n runs)", "",
+             "| group | n | " + " | ".join(_md(m) for m in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for group, label in zip(groups, labels):
+        cells = []
+        for metric in metrics:
+            summary = group.summaries.get(metric)
+            cells.append("-" if summary is None else f"{_signed(summary.mean)} ± {summary.sd:.4f} ({summary.n})"
+                         if summary.n > 1 else f"{_signed(summary.mean)} (1)")
+        lines.append(f"| {_md(label)} | {group.n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparisons_markdown(comparisons, groups) -> list[str]:
+    """Two seed groups compared per metric: difference of mean changes, Welch's t-test and the exact
+    permutation test."""
+    if not comparisons:
+        return []
+    names = dict(zip((json_key(g.settings) for g in groups), _group_labels(groups)))
+    lines = ["Groups compared (first - second; Welch's t-test with its 95% interval; exact permutation test of the "
+             "difference of means over every split of the runs)", "",
+             "| metric | first | second | difference | 95% interval | t | df | p (Welch) | p (permutation) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in comparisons:
+        w, p = c.welch, c.permutation
+        interval = "-" if w is None else f"[{_signed(w.ci_low)}, {_signed(w.ci_high)}]"
+        lines.append(f"| {_md(c.metric)} | {_md(names[json_key(c.first)])} | {_md(names[json_key(c.second)])} | "
+                     f"{_signed(c.difference)} | {interval} | {'-' if w is None else f'{w.t:.2f}'} | "
+                     f"{'-' if w is None else f'{w.df:.1f}'} | {'-' if w is None else f'{w.p:.3g}'} | "
+                     f"{'-' if p is None else f'{p.p:.3g} ({p.splits} splits)'} |")
+    return lines
+
+
+# -- analyze ------------------------------------------------------------------------------------------------
+def alignment_lines(report) -> list[str]:
+    """Per model and language: the layer of best retrieval from the pivot and its accuracy, the mean over
+    layers both ways, and the matched-minus-mismatched cosine gap at the best layer (centred)."""
+    if not report.alignment:
+        return []
+    first = next(iter(report.alignment.values()))
+    pivot, n = first[0].pivot, first[0].sentences
+    lines = [f"alignment with {pivot} ({n} sentences, centred; chance {1 / n:.3f}):",
+             f"{'model':<24} {'language':<9} {'best layer':>10} {'retrieval':>9} {'mean ' + pivot + '->x':>10} "
+             f"{'mean x->' + pivot:>10} {'gap':>7}"]
+    for label, rows in report.alignment.items():
+        for code in dict.fromkeys(r.language for r in rows):
+            mine = [r for r in rows if r.language == code]
+            best = max(mine, key=lambda r: (r.retrieval_from_pivot, -r.layer))
+            lines.append(f"{label:<24} {code:<9} {best.layer:>10} {best.retrieval_from_pivot:>9.3f} "
+                         f"{sum(r.retrieval_from_pivot for r in mine) / len(mine):>10.3f} "
+                         f"{sum(r.retrieval_to_pivot for r in mine) / len(mine):>10.3f} {best.gap:>7.3f}")
+    return lines
+
+
+def updates_lines(report) -> list[str]:
+    """Per run: its MLP update's size relative to the base, how it spreads over neurons, and the share on the
+    language's neurons against random ones."""
+    runs = [run for run in report.runs if run.update is not None]
+    if not runs:
+        return []
+    lines = [f"{'run':<24} {'subset':<7} {'||dW||/||W||':>12} {'touched':>9} {'top 1%':>7} {'gini':>6} "
+             f"{'on its neurons':>14} {'random':>8} {'ratio':>6}"]
+    for run in runs:
+        u, spread, m = run.update, run.update.overall, run.mask_share
+        top = "-" if spread.top_share is None else f"{spread.top_share:.2f}"
+        gini = "-" if spread.gini is None else f"{spread.gini:.2f}"
+        share = ("-", "-", "-") if m is None else (f"{m.share:.3f}", f"{m.expected:.3f}", f"{m.ratio:.1f}x")
+        lines.append(f"{run.label:<24} {run.subset:<7} {u.relative:>12.2e} {spread.touched:>9,} {top:>7} {gini:>6} "
+                     f"{share[0]:>14} {share[1]:>8} {share[2]:>6}" + (f"  ({run.mask_note})" if run.mask_note else ""))
+    return lines
+
+
+def dynamics_lines(report) -> list[str]:
+    """Per run: validation loss at the start, its lowest (and when) and at the end; the step that covered 90%
+    of the training loss's change; the last gradient norm."""
+    runs = [run for run in report.runs if run.summary]
+    if not runs:
+        return []
+    lines = [f"{'run':<24} {'val start':>9} {'val best':>9} {'at step':>7} {'val end':>8} {'train 90% at':>12} "
+             f"{'grad norm end':>13}"]
+    for run in runs:
+        val, train, grad = (run.summary.get(k) for k in ("val_loss", "train_loss", "grad_norm"))
+        best_step = "-" if val is None else val.minimum_step
+        lines.append(f"{run.label:<24} {'-' if val is None else f'{val.start:.4f}':>9} "
+                     f"{'-' if val is None else f'{val.minimum:.4f}':>9} {best_step:>7} "
+                     f"{'-' if val is None else f'{val.end:.4f}':>8} "
+                     f"{'-' if train is None or train.step_90 is None else train.step_90:>12} "
+                     f"{'-' if grad is None else f'{grad.end:.3g}':>13}")
+    return lines

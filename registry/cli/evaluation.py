@@ -1,5 +1,6 @@
 """Commands that measure models and runs: ablate (switch off each language's neurons), evaluate (runs before
-and after, held-out text and benchmarks) and report (runs side by side)."""
+and after, held-out text and benchmarks), report (runs side by side, seed statistics) and analyze (alignment,
+weight updates, training dynamics)."""
 
 from __future__ import annotations
 
@@ -164,21 +165,92 @@ def report_cmd(runs, out, target, quiet):
     'evaluate --tasks') with the change against the base model. Markdown on stdout; CSV, JSON and
     plots (one per metric, and the trained language against English) in --out.
 
+    Runs that differ only in their seed are grouped: per metric the mean change, sd and n; every two
+    such groups of one language (two runs or more each) are compared with Welch's t-test (and its 95%
+    interval) and an exact permutation test of the difference of means.
+
     \b
     Example:
         neuronreg report runs/sw-lape runs/sw-random runs/sw-ffn runs/sw-full -o report/
         neuronreg report runs/sw-* -o report/ --tradeoff 'heldout_{lang}/bits_per_character'
     """
     from ..evaluation.report import collect, save_report
-    from ._tables import report_markdown
+    from ._tables import comparisons_markdown, report_markdown, seed_groups_markdown
 
     setup_logging(quiet)
     report = collect(list(runs))
     paths = save_report(report, out, target=target)
     for line in report_markdown(report):
         result(line)
+    groups = report.seed_groups()
+    for block in (seed_groups_markdown(report, groups), comparisons_markdown(report.comparisons(groups), groups)):
+        if block:
+            result()
+            for line in block:
+                result(line)
     status(quiet, f"Wrote {len(paths)} files to {out}: report.csv, report.json, "
                   f"{len(report.metrics)} metric plot(s){', tradeoff.png' if 'tradeoff' in paths else ''}")
 
 
-COMMANDS = [ablate_cmd, evaluate_cmd, report_cmd]
+@click.command(name="analyze")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--parallel", default=None,
+              help="Line-aligned text for the alignment: a folder with one <language>.txt per language, line i the "
+                   "same sentence in each (NTREX-128, or FLORES-200 devtest).")
+@o.languages_option("Languages to align with --pivot [default: the languages the runs trained].")
+@click.option("--pivot", default="en", show_default=True, help="The language the others are aligned with.")
+@click.option("--sentences", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Sentences (the first lines) of the parallel text; retrieval picks one among them.")
+@click.option("--only", "parts", multiple=True, type=click.Choice(["alignment", "updates", "dynamics"]),
+              help="Run only these analyses (repeatable) [default: all; alignment needs --parallel].")
+@click.option("--draws", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Random masks drawn for the update-share control.")
+@o.batch_size_option(8)
+@click.option("-o", "--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for analysis.json, alignment.csv, updates.csv, dynamics.csv and the plots.")
+@o.json_option
+@o.load_options
+@o.registry_option
+@o.quiet_option
+@click.pass_context
+def analyze_cmd(ctx, runs, parallel, languages, pivot, sentences, parts, draws, batch_size, out, as_json, token,
+                trust_remote_code, device, dtype, registry, quiet):
+    """What fine-tuning RUNS of one base changed: alignment, weight updates, training dynamics.
+
+    Alignment (--parallel): per layer, how close each language's sentence representations are to the
+    pivot's (mean over tokens of the residual stream after the layer): cosine of matched against
+    mismatched pairs and retrieval accuracy both ways, for the base and every run. Weight updates:
+    per layer and projection the norm of each run's update and its size relative to the base, how
+    it spreads over neurons, and its share on the language's neurons (from --registry) against
+    random neurons of the same count per layer. Training dynamics: each run's per-step log.
+    Tables on stdout; JSON, CSV and plots with --out.
+
+    \b
+    Example:
+        neuronreg analyze runs/sw-* --parallel ../shared/corpora/ntrex --languages sw -o analysis/
+        neuronreg analyze runs/sw-lape runs/sw-full --only updates --registry ./reg
+    """
+    from ..finetune.analyze import PARTS, AnalyzeSettings, analyze, save_analysis
+    from ._tables import alignment_lines, dynamics_lines, updates_lines
+
+    setup_logging(quiet)
+    chosen = tuple(parts) or tuple(p for p in PARTS if p != "alignment" or parallel)
+    settings = AnalyzeSettings(parallel=parallel, languages=tuple(o.names(languages) or ()) or None, pivot=pivot,
+                               sentences=sentences, batch_size=batch_size, parts=chosen, draws=draws)
+    report = analyze(list(runs), settings=settings, load=o.load(dtype, device, token, trust_remote_code),
+                     registry=o.registry(registry), manifest=o.manifest(ctx))
+    paths = save_analysis(report, out) if out else {}
+    if as_json:
+        result(json.dumps(report.to_dict(), indent=1))
+    else:
+        blocks = [b for b in (alignment_lines(report), updates_lines(report), dynamics_lines(report)) if b]
+        for i, block in enumerate(blocks):
+            if i:
+                result()
+            for line in block:
+                result(line)
+    if paths:
+        status(quiet, f"Wrote {len(paths)} files to {out}")
+
+
+COMMANDS = [ablate_cmd, evaluate_cmd, report_cmd, analyze_cmd]

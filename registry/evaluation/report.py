@@ -88,9 +88,37 @@ class Report:
     def rows(self) -> list[Row]:
         return [self.base, *self.runs]
 
+    def seed_groups(self) -> list:
+        """The runs grouped by everything but their seed (:func:`neuronreg.analysis.seeds.group_runs` over
+        :func:`run_record`): per group and metric, n, mean, sd and a 95% t interval of the CHANGE against
+        the base model."""
+        from ..analysis.seeds import group_runs
+
+        return group_runs([run_record(self, row) for row in self.runs], [m.key for m in self.metrics])
+
+    def comparisons(self, groups: list | None = None) -> list:
+        """Every two seed groups of one trained language with at least two runs each, on every metric both
+        have: the difference of their mean changes, Welch's t-test (t, df, two-sided p, 95% interval) and
+        the exact permutation test of the difference of means (two-sided p over every split of the runs)."""
+        from ..analysis.seeds import compare_groups
+
+        groups = self.seed_groups() if groups is None else groups
+        found = []
+        for i, first in enumerate(groups):
+            for second in groups[i + 1:]:
+                if first.n < 2 or second.n < 2 or first.settings.get("language") != second.settings.get("language"):
+                    continue
+                for metric in self.metrics:
+                    if metric.key in first.summaries and metric.key in second.summaries:
+                        found.append(compare_groups(first, second, metric.key))
+        return found
+
     def as_dict(self) -> dict:
+        groups = self.seed_groups()
         return {"format": "neuronreg-report", "tool_version": tool_version(), "created": now(),
                 "base_model": self.base_model,
+                "seed_groups": [group.to_dict() for group in groups],
+                "comparisons": [c.to_dict() for c in self.comparisons(groups)],
                 "metrics": [{"key": m.key, "task": m.task, "metric": m.metric, "language": m.language,
                              "benchmark": m.benchmark, "higher_is_better": m.higher_is_better} for m in self.metrics],
                 "rows": [{**row.as_dict(), "change": {m.key: self.change(row, m.key) for m in self.metrics
@@ -229,6 +257,32 @@ def collect(folders: list[str | Path]) -> Report:
             higher = result.higher_is_better.get(metric.split("[")[0], True)
             info.setdefault(key, Metric(key, result.task, metric, result.language, higher, result.benchmark))
     return Report(base_model, base, rows, sorted(info.values(), key=_metric_order))
+
+
+# What a run's seed decides, and what a session changes: left out when grouping runs by their settings.
+_NOT_SETTINGS = {"seed", "seconds_this_session", "resumed_from_step", "device", "world_size", "device_map",
+                 "chunked_loss", "train_rows", "eval_rows", "extra"}
+
+
+def run_record(report: Report, row: Row) -> dict:
+    """One run as a flat record for seed statistics: what it trained (subset, language, the mask's selection
+    and method, the training settings but its seed and the facts of its session) and every metric as its
+    change against the base model."""
+    config = row.config
+    record = {"subset": row.subset, "language": row.language}
+    if config.mask is not None:
+        record["mask_selection"] = config.mask.source.selection if config.mask.source else None
+        record["mask_rate"] = config.mask.selection.top_rate if config.mask.selection else None
+    training = config.training.to_dict()
+    for key, value in sorted(training.items()):
+        if key not in _NOT_SETTINGS:
+            record[key] = value
+    record["seed"] = config.training.seed
+    for metric in report.metrics:
+        change = report.change(row, metric.key)
+        if change is not None:
+            record[metric.key] = change
+    return record
 
 
 def _keep_base(base: Row, key: str, value: float, run: _Run) -> None:
