@@ -161,6 +161,34 @@ class MergeInfo(Record):
 
 
 @dataclass(kw_only=True)
+class ComposedPart(Record):
+    """One run a composed run was made of: its folder's name, what it trained, a content hash of its weight
+    file(s), and its own training record."""
+
+    run: str
+    subset: str
+    language: LanguageInfo
+    sha256: str
+    trainable_parameters: int
+    mask: MaskRef | None = None
+    training: TrainingInfo | None = None
+
+
+@dataclass(kw_only=True)
+class CompositionInfo(Record):
+    """How a composed run was made (``neuronreg compose``): the rule for a weight several parts change
+    (``sum``, ``mean`` or ``first``), the parts in order, and per layer how many neurons more than one part
+    trained (row-sparse runs) and how many weights more than one part changed."""
+
+    rule: str
+    parts: list[ComposedPart]
+    collisions: list[int] | None = None  # per layer: neurons two or more parts trained
+    # Weights two or more parts changed; None for LoRA, whose every adapted weight each part changes.
+    collided_weights: int | None = 0
+    languages: list[LanguageInfo] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class RunConfig(VersionedRecord):
     """``neuronreg_delta.json``: what a fine-tuning run trained, on what, and how it went."""
 
@@ -184,6 +212,9 @@ class RunConfig(VersionedRecord):
     adapter: AdapterInfo | None = None  # lora / ia3 runs
     merge: MergeInfo | None = None  # runs that merged (merged=True) or saved dense weights in a lower precision
     steps_log: str | None = None  # the file of the per-step log (steps.csv); None in runs that kept none
+    # A run made by composing others (neuronreg compose): its parts and rule; its language, training and
+    # validation are its first part's (every part's are in the composition).
+    composition: CompositionInfo | None = None
 
     def check(self, where: str) -> None:
         if not self.subset or not isinstance(self.subset, str):
@@ -211,6 +242,11 @@ class RunConfig(VersionedRecord):
                 mask["selection"] = selection
             data["mask"] = mask
         return data
+
+    def languages(self) -> list[LanguageInfo]:
+        """The languages the run trained: a composed run's parts', else its one language."""
+        return list(self.composition.languages) if self.composition and self.composition.languages \
+            else [self.language]
 
     def public(self) -> dict:
         """The config as published: no local paths."""

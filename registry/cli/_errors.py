@@ -17,6 +17,8 @@ HINTS = {
     "base": "Pass --base with the folder (or Hub id) of that model.",
     "busy": "Wait for it to finish; if it died on another machine, delete its lock file.",
     "checkpointing": "Give --checkpointing none, full, mlp, or a memory budget in GiB (e.g. 20).",
+    "compose": "Compose runs of one base and one kind (row-sparse, LoRA or dense); see docs/compose.md.",
+    "compose_rule": "Choose --rule sum or mean (first only for row-sparse runs).",
     "compute": "Run 'neuronreg compute MODEL LANG...' first (or pass --registry).",
     "compute_or_fetch": "Run 'neuronreg compute MODEL LANG...' first, or fetch published neurons ('neuronreg fetch "
                         "MODEL LANG -o mask.parquet') and pass --mask mask.parquet.",

@@ -281,3 +281,19 @@ def dynamics_lines(report) -> list[str]:
                      f"{'-' if train is None or train.step_90 is None else train.step_90:>12} "
                      f"{'-' if grad is None else f'{grad.end:.3g}':>13}")
     return lines
+
+
+def interference_markdown(report) -> list[str]:
+    """Composed runs: per part, the change it made alone on its language (and on English), the composed run's
+    change there, and the share kept."""
+    rows = report.interference()
+    if not rows:
+        return []
+    lines = ["Composed runs: what each part keeps (change against the base; kept = composed / alone)", "",
+             "| composed | part | on | metric | alone | composed | kept |", "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        kept = "-" if r.kept is None else f"{r.kept:.2f}"
+        on = r.language + (" (its own)" if r.role == "trained" else "")
+        lines.append(f"| {_md(r.composed)} | {_md(r.part)} | {on} | {r.metric} | {_signed(r.alone)} | "
+                     f"{_signed(r.composed_change)} | {kept} |")
+    return lines

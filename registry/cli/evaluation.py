@@ -175,7 +175,7 @@ def report_cmd(runs, out, target, quiet):
         neuronreg report runs/sw-* -o report/ --tradeoff 'heldout_{lang}/bits_per_character'
     """
     from ..evaluation.report import collect, save_report
-    from ._tables import comparisons_markdown, report_markdown, seed_groups_markdown
+    from ._tables import comparisons_markdown, interference_markdown, report_markdown, seed_groups_markdown
 
     setup_logging(quiet)
     report = collect(list(runs))
@@ -183,7 +183,8 @@ def report_cmd(runs, out, target, quiet):
     for line in report_markdown(report):
         result(line)
     groups = report.seed_groups()
-    for block in (seed_groups_markdown(report, groups), comparisons_markdown(report.comparisons(groups), groups)):
+    for block in (seed_groups_markdown(report, groups), comparisons_markdown(report.comparisons(groups), groups),
+                  interference_markdown(report)):
         if block:
             result()
             for line in block:

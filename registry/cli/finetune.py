@@ -1,7 +1,8 @@
-"""Commands that make and publish fine-tuning runs: finetune, release."""
+"""Commands that make and publish fine-tuning runs: finetune, compose, release."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -190,4 +191,51 @@ def release_cmd(run, repo, merged, merge_dtype, private, revision, tag, create_p
     result(outcome.pr_url or outcome.url or f"{repo}@{outcome.commit}")
 
 
-COMMANDS = [finetune_cmd, release_cmd]
+@click.command(name="compose")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="The composed run's folder.")
+@click.option("--rule", type=click.Choice(["sum", "mean", "first"]), default="sum", show_default=True,
+              help="Where several runs change one neuron (or weight): the sum of their changes, their mean, or the "
+                   "first run's.")
+@click.option("--overwrite", is_flag=True, help="Replace a run in --out.")
+@o.json_option
+@o.quiet_option
+def compose_cmd(runs, out, rule, overwrite, as_json, quiet):
+    """Compose several languages' RUNS of one base into one run (one model for several languages).
+
+    Row-sparse runs (lape, or random) compose into one delta over the union of their neurons; where
+    two runs trained the same neuron the --rule decides, and the collisions are counted per layer.
+    LoRA runs on the same modules compose into one adapter (the sum or mean of their updates), dense
+    runs by task arithmetic (base + the sum or mean of their changes). The result is a run folder:
+    evaluate, analyze, report, release and load_sparse_model take it. Runs of different kinds or
+    bases, lape with random, and IA3 are refused (docs/compose.md says why).
+
+    \b
+    Example:
+        neuronreg compose runs/sw-lape runs/yo-lape runs/hi-lape -o runs/sw+yo+hi
+        neuronreg evaluate runs/sw+yo+hi runs/*-lape --data ./heldout --languages sw,yo,hi,en
+        neuronreg report runs/sw+yo+hi runs/*-lape -o report/
+    """
+    from ..finetune.compose import compose
+
+    setup_logging(quiet)
+    done = compose(list(runs), out, rule=rule, overwrite=overwrite)
+    composition = done.config.composition
+    if as_json:
+        result(json.dumps({"out": str(done.out), "rule": rule, "parts": [p.to_dict() for p in composition.parts],
+                           "collisions": composition.collisions, "collided_weights": composition.collided_weights,
+                           "trainable_parameters": done.config.trainable_parameters}, indent=2))
+        return
+    result(f"{'part':<28} {'subset':<7} {'language':<9} {'weights':>12}")
+    for part in composition.parts:
+        result(f"{part.run:<28} {part.subset:<7} {part.language.code:<9} {part.trainable_parameters:>12,}")
+    if done.collisions is not None:
+        result(f"neurons trained by two runs or more, per layer: {' '.join(map(str, done.collisions))} "
+               f"(total {sum(done.collisions):,}; rule {rule})")
+    elif composition.collided_weights is not None:
+        result(f"weights changed by two runs or more: {composition.collided_weights:,} (rule {rule})")
+    status(quiet, f"Composed {len(composition.parts)} runs into {done.out}: {done.config.trainable_parameters:,} "
+                  "weights")
+
+
+COMMANDS = [finetune_cmd, release_cmd, compose_cmd]

@@ -73,6 +73,26 @@ class Row:
                 "metrics": dict(self.metrics)}
 
 
+@dataclass(frozen=True)
+class Interference:
+    """What a composed run keeps of one part: on ``language`` (the part's own, or English), the change of
+    ``metric`` (held-out perplexity or bits per character, against the base) the part made alone, the
+    change the composed run makes, and ``kept`` = composed / alone (1: all of it; above 1: more)."""
+
+    composed: str
+    part: str
+    part_language: str
+    language: str
+    role: str  # "trained": the part's own language; "english"
+    metric: str
+    alone: float
+    composed_change: float
+    kept: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 @dataclass
 class Report:
     base_model: dict  # name, id, revision of the model every run trained
@@ -87,6 +107,34 @@ class Report:
 
     def rows(self) -> list[Row]:
         return [self.base, *self.runs]
+
+    def interference(self) -> list[Interference]:
+        """For every composed run whose parts are in the report (matched by folder name, subset and language):
+        per part and held-out metric of the part's language, the change the part made alone, the change the
+        composed run makes, and the share kept; and the change on English of the composed run beside each
+        part's."""
+        rows = []
+        for composed in self.runs:
+            composition = composed.config.composition if composed.config else None
+            if composition is None:
+                continue
+            for part in composition.parts:
+                alone = next((row for row in self.runs if row.folder is not None and row.folder.name == part.run
+                              and row.subset == part.subset and row.language == part.language.code
+                              and row is not composed), None)
+                if alone is None:
+                    continue
+                for code, role in ((part.language.code, "trained"), (ENGLISH, "english")):
+                    if role == "english" and code == part.language.code:
+                        continue
+                    for metric in HELDOUT_METRICS:
+                        key = f"heldout_{code}/{metric}"
+                        before, after = self.change(alone, key), self.change(composed, key)
+                        if before is None or after is None:
+                            continue
+                        rows.append(Interference(composed.label, alone.label, part.language.code, code, role, metric,
+                                                 before, after, after / before if before else None))
+        return rows
 
     def seed_groups(self) -> list:
         """The runs grouped by everything but their seed (:func:`neuronreg.analysis.seeds.group_runs` over
@@ -118,6 +166,7 @@ class Report:
         return {"format": "neuronreg-report", "tool_version": tool_version(), "created": now(),
                 "base_model": self.base_model,
                 "seed_groups": [group.to_dict() for group in groups],
+                "interference": [row.to_dict() for row in self.interference()],
                 "comparisons": [c.to_dict() for c in self.comparisons(groups)],
                 "metrics": [{"key": m.key, "task": m.task, "metric": m.metric, "language": m.language,
                              "benchmark": m.benchmark, "higher_is_better": m.higher_is_better} for m in self.metrics],

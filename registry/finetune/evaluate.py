@@ -65,9 +65,10 @@ def evaluate_run(folder: str | Path, data: str, languages_: list[str] | str | No
     folder = Path(folder)
     config, method = read_run(folder)
     trained = config.language.code
-    codes = language_codes(languages_, manifest, [trained]) if languages_ else [trained]
-    sources = {code: resolve_corpus(data, language(code, manifest, [config.language]), manifest,
-                                    settings.text_field) for code in codes}
+    known = config.languages()
+    codes = language_codes(languages_, manifest, [k.code for k in known]) if languages_ else [k.code for k in known]
+    sources = {code: resolve_corpus(data, language(code, manifest, known), manifest, settings.text_field)
+               for code in codes}
     base = load_base_model(folder, load, allow_other_base=allow_other_base, tokenizer=True)
     heldout = {code: heldout_text(source, code, base.tokenizer, settings.seq_len, settings.tokens)
                for code, source in sources.items()}
@@ -212,8 +213,9 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages_: 
     config, method = read_run(folder)
     names = [part.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for part in item.split(",")
              if part.strip()]
-    langs = languages(languages_, manifest, [config.language]) if languages_ else \
-        [language(config.language.code, manifest, [config.language])]
+    known = config.languages()
+    langs = languages(languages_, manifest, known) if languages_ else [language(k.code, manifest, known)
+                                                                       for k in known]
     same = bm.result_settings(settings.limit, settings.num_fewshot, settings.batch_size)  # checked before any work
     manager = bm.task_manager(settings.data, settings.include_path)
     chosen = bm.resolve_tasks(names, langs, manager)

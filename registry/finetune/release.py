@@ -78,6 +78,10 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | Non
     curve = config.validation_curve or [{}]
     method = get_method(config.subset)
     text = method.card(config, merged)
+    if config.composition is not None:
+        parts = config.composition.parts
+        text.trains = (f"the composition ({config.composition.rule} where parts overlap) of {len(parts)} "
+                       f"{config.subset} runs: " + "; ".join(f"{p.language.code} ({p.run})" for p in parts))
     hub_id = base_hub_id(config)
     metadata = {**({"base_model": hub_id} if hub_id else {}),
                 **({"base_model_relation": text.relation} if hub_id and text.relation else {}),
@@ -111,7 +115,8 @@ def check_release(folder: Path, config: RunConfig) -> None:
     """Everything a release would send, checked as loading the run checks it (before anything is uploaded):
     a finite best validation loss, and the method's files (finite, bounded values; neuron indices in range,
     unique and sorted; shapes that fit the base)."""
-    if config.best_step is None or config.best_val_loss is None or not math.isfinite(config.best_val_loss):
+    if config.composition is None and (config.best_step is None or config.best_val_loss is None
+                                       or not math.isfinite(config.best_val_loss)):
         raise FinetuneError(f"{folder} has no finite best validation step; there is nothing worth releasing.",
                             fix="diverged")
     get_method(config.subset).check_run(folder, config)
