@@ -106,8 +106,8 @@ def test_lora_and_dense_runs_compose_to_the_sum_of_their_updates(setup, tmp_path
     assert config["r"] == 4 and config["lora_alpha"] == 4
     composed = merged_weights(load_sparse_model(tmp_path / "lora", merge=True, merge_dtype="float32"))
     for key in base:
-        torch.testing.assert_close(composed[key] - base[key], (parts[0][key] - base[key]) + (parts[1][key] - base[key]),
-                                   rtol=1e-5, atol=1e-6)
+        expected = (parts[0][key] - base[key]) + (parts[1][key] - base[key])
+        torch.testing.assert_close(composed[key] - base[key], expected, rtol=1e-5, atol=1e-6)
     # plain PEFT loads the composed adapter folder
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup / "llama"), str(tmp_path / "lora"))
     compose([setup / "runs" / "en-ffn", setup / "runs" / "ru-ffn"], tmp_path / "ffn", rule="mean")
