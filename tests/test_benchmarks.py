@@ -12,7 +12,7 @@ import torch
 
 from neuronreg.errors import NeuronregError
 from neuronreg.evaluation import benchmarks as bm
-from neuronreg.evaluation.report import collect, model_index
+from neuronreg.evaluation.report import collect, eval_results
 from neuronreg.finetune.config import FinetuneSettings
 from neuronreg.finetune.loading import load_sparse_model
 from neuronreg.finetune.training import finetune
@@ -389,17 +389,15 @@ def test_report_has_the_base_and_one_row_per_run_with_their_trainable_weights(ru
         png = out / f"{key.replace('/', '_').replace('++', 'pp')}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "tradeoff.png").exists()  # the runs trained English: no trade-off against English
-    # The run's row and its base's, and its model-index, for a model card
-    index = model_index(runs / "runs" / "lape")
-    assert index[0]["name"] == "lape"
-    tasks = {r["dataset"]["name"]: r for r in index[0]["results"]}
-    assert tasks["tiny_mc"]["metrics"][0] == {"type": "accuracy", "value": rows["lape"]["metrics"]["tiny_mc/acc"],
-                                              "name": "acc (tiny_mc)", "args": {"num_fewshot": 0}}
-    assert tasks["tiny_mc"]["dataset"]["type"] == "json" and tasks["tiny_mc"]["dataset"]["split"] == "test"
+    # The run's scores as huggingface_hub EvalResults for a model card's model-index: one per task and metric
+    results = {(r.dataset_name, r.metric_name): r for r in eval_results(runs / "runs" / "lape")}
+    mc = results[("tiny_mc", "acc (tiny_mc)")]
+    assert (mc.metric_type, mc.metric_value, mc.metric_args) == ("accuracy", rows["lape"]["metrics"]["tiny_mc/acc"],
+                                                                 {"num_fewshot": 0})
+    assert (mc.dataset_type, mc.dataset_split, mc.dataset_config) == ("json", "test", None)  # a task of no language
+    heldout_bpc = [r for r in results.values() if r.metric_name == "bits_per_character (en)"][0]
+    assert heldout_bpc.dataset_config == "en" and heldout_bpc.dataset_split == "heldout"
     assert collect([runs / "runs" / "lape"]).runs[0].metrics == rows["lape"]["metrics"]
-    from neuronreg.store.cards import front_matter
-
-    assert "model-index:" in front_matter({"model-index": index})  # a card's YAML takes it as it is
 
 
 def test_bad_input_is_one_line(runs):
@@ -477,4 +475,8 @@ def test_release_puts_the_scores_in_the_card_and_its_model_index(runs, tmp_path,
     saved = json.loads((run_folder / "eval" / "tiny_mc.json").read_text())
     [result] = [r for r in meta["model-index"][0]["results"] if r["dataset"]["name"] == "tiny_mc"]
     assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == saved["metrics"]["acc"]
+    assert meta["language"] == ["en"]
+    from huggingface_hub import ModelCard
+
+    assert ModelCard(card).data.eval_results[0].metric_value is not None  # the Hub client reads it back
     assert "## Evaluation" in card and "| this model |" in card

@@ -157,11 +157,17 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 @merge_dtype_option("Dtype of the merged weights (--merged) [default: as RUN/merged was merged, else the "
                     "model's dtype]; float32 keeps every bit of the training.")
 @click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--license", default=None, help="The card's licence id (e.g. apache-2.0) [default: the base model's, "
+              "as the manifest records it].")
+@click.option("--base-model", default=None, metavar="ORG/NAME",
+              help="The Hub id of a base the run knows only as a local folder: the card's base_model, the adapter's "
+                   "base_model_name_or_path and the card's snippets name it.")
 @o.commit_options
 @click.option("-m", "--message", default=None, help="Commit message.")
 @o.token_option
 @o.quiet_option
-def release_cmd(run, repo, merged, merge_dtype, private, revision, tag, create_pr, message, token, quiet):
+def release_cmd(run, repo, merged, merge_dtype, private, license, base_model, revision, tag, create_pr, message, token,
+                quiet):
     """Publish a finetune run to a Hub model repo in ONE commit: delta, its JSON and a model card.
 
     With --merged the merged full model (config.json, safetensors, tokenizer) goes to the repo root
@@ -179,9 +185,12 @@ def release_cmd(run, repo, merged, merge_dtype, private, revision, tag, create_p
 
     setup_logging(quiet)
     outcome = release(run, repo, merged=merged, private=private, token=token, message=message,
-                      merge_dtype=merge_dtype, revision=revision, tag=tag, create_pr=create_pr)
+                      merge_dtype=merge_dtype, revision=revision, tag=tag, create_pr=create_pr, license=license,
+                      base_model=base_model)
     if outcome.merge is not None:
         status(quiet, outcome.merge.describe())
+    if outcome.license is None:
+        status(quiet, "The card has no license: the base model's is not known. Give --license.")
     if not outcome.uploaded:
         status(quiet, f"{repo} already holds this release ({len(outcome.files)} files): no commit made.")
     else:

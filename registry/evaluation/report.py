@@ -7,7 +7,7 @@ A run folder holds its config (``neuronreg_delta.json``), and, once evaluated, `
 :func:`collect` reads them into a :class:`Report`: the base model's row, then one row per run, each
 metric with its change against the base. :func:`save_report` writes it as CSV, JSON and one PNG per
 metric plus a trade-off scatter (the trained language against English); :meth:`Report.markdown`
-is the table for stdout. :func:`model_index` gives a run's scores as a model card's ``model-index``.
+is the table for stdout. :func:`eval_results` gives a run's scores for a model card's ``model-index``.
 
 Run configs are read typed and migrated (:func:`neuronreg.runs.read_run_config`), so a report takes
 runs of every neuronreg version.
@@ -444,9 +444,12 @@ METRIC_TYPES = {"acc": "accuracy", "acc_norm": "accuracy", "chrf++": "chrf", "ch
                 "exact_match": "exact_match", "f1": "f1", "ter": "ter", "perplexity": "perplexity"}
 
 
-def model_index(folder: str | Path, name: str | None = None) -> list[dict]:
-    """The run's scores as a model card's ``model-index`` (Hugging Face's format: one result per task,
-    its dataset, split and metrics); empty when the run has no scores yet."""
+def eval_results(folder: str | Path) -> list:
+    """The run's scores as huggingface_hub EvalResults for a model card's ``model-index``: one per task
+    (or held-out language) and metric, with its dataset, config (the language, or the language pair) and
+    split; empty when the run has no scores yet."""
+    from huggingface_hub import EvalResult
+
     run = _read_run(folder)
     results = []
     for task, result in sorted(run.tuned.items()):
@@ -458,25 +461,21 @@ def model_index(folder: str | Path, name: str | None = None) -> list[dict]:
         split = config.get("test_split") or config.get("validation_split")
         kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
         dataset_config = config.get("dataset_name") or kwargs.get("sib_language") or (
-            f"{kwargs['flores_source']}-{kwargs['flores_target']}" if "flores_source" in kwargs else None)
+            f"{kwargs['flores_source']}-{kwargs['flores_target']}" if "flores_source" in kwargs else None) \
+            or result.language
         shots = next(iter(result.n_shot.values()), None)
-        metrics = [{"type": METRIC_TYPES.get(metric, metric), "value": value, "name": f"{metric} ({task})",
-                    **({"args": {"num_fewshot": shots}} if shots is not None else {})}
-                   for metric, value in result.metrics.items() if "_stderr" not in metric]
-        if metrics:
-            results.append({"task": {"type": kind, "name": title},
-                            "dataset": {"type": dataset, "name": task, **({"config": dataset_config}
-                                                                           if dataset_config else {}),
-                                        **({"split": split} if split else {})},
-                            "metrics": metrics})
-    heldout = _heldout_metrics(run, "tuned")
-    if heldout:
-        data = ((run.heldout or {}).get("settings") or {}).get("data") or "held-out text"
-        results.append({"task": {"type": "text-generation", "name": "Language modelling"},
-                        "dataset": {"type": "text", "name": f"held-out text ({data})"},
-                        "metrics": [{"type": METRIC_TYPES.get(metric, metric), "value": value,
-                                     "name": f"{metric} ({code})"}
-                                    for (code, metric), value in sorted(heldout.items())]})
-    if not results:
-        return []
-    return [{"name": name or run.folder.name, "results": results}]
+        for metric, value in result.metrics.items():
+            if "_stderr" in metric:
+                continue
+            results.append(EvalResult(task_type=kind, task_name=title, dataset_type=str(dataset), dataset_name=task,
+                                      dataset_config=dataset_config, dataset_split=split,
+                                      metric_type=METRIC_TYPES.get(metric, metric), metric_value=value,
+                                      metric_name=f"{metric} ({task})",
+                                      metric_args={"num_fewshot": shots} if shots is not None else None))
+    data = ((run.heldout or {}).get("settings") or {}).get("data") or "held-out text"
+    for (code, metric), value in sorted(_heldout_metrics(run, "tuned").items()):
+        results.append(EvalResult(task_type="text-generation", task_name="Language modelling", dataset_type="text",
+                                  dataset_name=f"held-out text ({data})", dataset_config=code, dataset_split="heldout",
+                                  metric_type=METRIC_TYPES.get(metric, metric), metric_value=value,
+                                  metric_name=f"{metric} ({code})"))
+    return results

@@ -243,7 +243,7 @@ def public_adapter_config(folder: Path, base_id: str | None, revision: str | Non
     """The adapter config as published: the base model's Hub id (or nothing) instead of a local path."""
     data = load_json((adapter_folder(folder) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     data["base_model_name_or_path"] = base_id
-    data["revision"] = revision if base_id else None
+    data["revision"] = revision
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -355,14 +355,14 @@ class AdapterMethod(FinetuneMethod):
             raise FinetuneError(f"{where / ADAPTER_CONFIG_FILE} is not a {self.peft_type} adapter config; the run is "
                                 "damaged.", fix="run_folder")
 
-    def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
-        from .release import base_hub_id
-
+    def release_files(self, folder: Path, config, staging: Path, merged: bool, *, base_id: str | None = None
+                      ) -> dict[str, Path]:
         where = adapter_folder(folder)
         prefix = f"{ADAPTER_DIR}/" if merged else ""
         public = staging / ADAPTER_CONFIG_FILE
-        public.write_text(public_adapter_config(where, base_hub_id(config), config.base_model.revision),
-                          encoding="utf-8")
+        revision = config.base_model.revision if base_id and not (config.base_model.revision or "").startswith(
+            "local-") else None
+        public.write_text(public_adapter_config(where, base_id, revision), encoding="utf-8")
         return {prefix + ADAPTER_CONFIG_FILE: public, prefix + ADAPTER_WEIGHTS_FILE: where / ADAPTER_WEIGHTS_FILE}
 
     def card(self, config, merged: bool) -> CardText:

@@ -382,7 +382,8 @@ class LapeMethod(FinetuneMethod):
     def check_run(self, folder: Path, config) -> None:
         read_run_delta(folder, config)
 
-    def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
+    def release_files(self, folder: Path, config, staging: Path, merged: bool, *, base_id: str | None = None
+                      ) -> dict[str, Path]:
         if not (folder / DELTA_FILE).is_file():
             raise FinetuneError(f"{folder} has no {DELTA_FILE}; the run did not finish.", fix="run_folder")
         return {DELTA_FILE: folder / DELTA_FILE}

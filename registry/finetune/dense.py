@@ -158,7 +158,8 @@ class FfnMethod(FinetuneMethod):
         for path in files:
             check_finite_safetensors(path)
 
-    def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
+    def release_files(self, folder: Path, config, staging: Path, merged: bool, *, base_id: str | None = None
+                      ) -> dict[str, Path]:
         weights = folder / FULL_MODEL_DIR
         if not weights.is_dir():
             raise FinetuneError(f"{folder} has no {FULL_MODEL_DIR}/ folder; the run did not finish.", fix="run_folder")

@@ -178,8 +178,10 @@ class FinetuneMethod:
     def check_run(self, folder: Path, config) -> None:
         """FinetuneError unless the run's files hold what loading it would accept (before a release)."""
 
-    def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
-        """The run's files for a Hub repo, path in the repo -> local file (the config and card are added)."""
+    def release_files(self, folder: Path, config, staging: Path, merged: bool, *, base_id: str | None = None
+                      ) -> dict[str, Path]:
+        """The run's files for a Hub repo, path in the repo -> local file (the config and card are added);
+        ``base_id``: the base model's Hub id, where a file names it."""
         raise NotImplementedError
 
     def card(self, config, merged: bool) -> CardText:

@@ -27,7 +27,7 @@ from ..runs import (
     MergeInfo,
     RunConfig,
 )
-from ..store.cards import front_matter, render
+from ..store.cards import render
 from .config import MERGE_DTYPES
 from .method import get_method, read_run
 
@@ -44,6 +44,7 @@ class ReleaseResult:
     merge: MergeInfo | None = None  # what merging (or a dense run's save) lost to rounding
     pr_url: str | None = None  # with create_pr: the pull request opened
     uploaded: list[str] | None = None  # the files sent (those the repo did not hold already)
+    license: str | None = None  # the card's licence (None: the base model's is not known)
 
 
 def base_hub_id(config: RunConfig) -> str | None:
@@ -52,14 +53,14 @@ def base_hub_id(config: RunConfig) -> str | None:
     return None if config.base_path or (base.revision or "").startswith("local-") else base.id
 
 
-def evaluation_table(folder: Path, repo_id: str) -> tuple[list[dict], list[dict]]:
-    """The run's scores next to its base model's (what ``evaluate`` saved in the run folder), as card
-    rows, and as ``model-index`` metadata; both empty when the run was not evaluated."""
-    from ..evaluation.report import card_rows, model_index
+def evaluation_table(folder: Path) -> tuple[list[dict], list]:
+    """The run's scores next to its base model's (what ``evaluate`` saved in the run folder), as card rows,
+    and as huggingface_hub EvalResults for the card's ``model-index``; both empty when not evaluated."""
+    from ..evaluation.report import card_rows, eval_results
 
     try:
         run_row, base_row = card_rows(folder)
-        index = model_index(folder, name=repo_id.split("/")[-1])
+        results = eval_results(folder)
     except NeuronregError as exc:  # a card without scores is still a card
         log.warning("The card gets no scores: %s", exc.message)
         return [], []
@@ -70,10 +71,26 @@ def evaluation_table(folder: Path, repo_id: str) -> tuple[list[dict], list[dict]
         rows.append({"metric": metric, "base": "-" if base is None else f"{base:.4g}",
                      "tuned": "-" if tuned is None else f"{tuned:.4g}",
                      "change": "-" if change is None else f"{change:+.4g}"})
-    return rows, index
+    return rows, results
 
 
-def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | None = None) -> str:
+def base_license(config: RunConfig, manifest=None) -> str | None:
+    """The base model's licence as the manifest records it for its alias or Hub id (None when unknown)."""
+    from ..manifest import load_manifest
+
+    manifest = manifest or load_manifest()
+    entry = manifest.models.get(config.base_model.name) or (manifest.model_for_hub_id(config.base_model.id)
+                                                           if config.base_model.id else None)
+    return entry.license if entry else None
+
+
+def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | None = None, *,
+               license: str | None = None, base_id: str | None = None) -> str:
+    """The model card: metadata built with huggingface_hub's ModelCardData (base_model and its relation,
+    license, language, library, tags, model-index from EvalResults), and a body whose every code snippet
+    runs as written. ``base_id``: the base's Hub id where the run names a local folder."""
+    from huggingface_hub import ModelCardData
+
     base, training = config.base_model, config.training
     curve = config.validation_curve or [{}]
     method = get_method(config.subset)
@@ -82,20 +99,20 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | Non
         parts = config.composition.parts
         text.trains = (f"the composition ({config.composition.rule} where parts overlap) of {len(parts)} "
                        f"{config.subset} runs: " + "; ".join(f"{p.language.code} ({p.run})" for p in parts))
-    hub_id = base_hub_id(config)
-    metadata = {**({"base_model": hub_id} if hub_id else {}),
-                **({"base_model_relation": text.relation} if hub_id and text.relation else {}),
-                "language": [config.language.code], **({"library_name": text.library} if text.library else {}),
-                "tags": ["neuronreg", "lape", "language-specific-neurons", "sparse-fine-tuning",
-                         *([config.subset, "peft"] if text.kind == "adapter" else [])]}
-    scores, index = evaluation_table(folder, repo_id) if folder is not None else ([], [])
-    if index:
-        metadata["model-index"] = index
+    hub_id = base_id or base_hub_id(config)
+    scores, results = evaluation_table(folder) if folder is not None else ([], [])
+    languages = [language.code for language in config.languages()]
+    data = ModelCardData(base_model=hub_id, license=license, language=languages, library_name=text.library,
+                         tags=["neuronreg", "lape", "language-specific-neurons", "sparse-fine-tuning",
+                               *([config.subset, "peft"] if text.kind == "adapter" else [])],
+                         eval_results=results or None, model_name=repo_id.split("/")[-1] if results else None,
+                         **({"base_model_relation": text.relation} if hub_id and text.relation else {}))
     # What the mask IS (its selection, repo, file name, seed), never where it lay.
     mask_source = config.mask.source.describe() if config.mask and config.mask.source else "-"
     return render(
-        "delta_card.md.j2", front_matter=front_matter(metadata), repo_id=repo_id, base_name=base.name,
-        base_id=base.id, base_revision=base.revision, language=config.language, merged=merged or text.kind == "dense",
+        "delta_card.md.j2", front_matter=data.to_yaml(), repo_id=repo_id, base_name=base.name,
+        base_id=base.id, base_revision=base.revision, hub_id=hub_id, language=config.language,
+        merged=merged or text.kind == "dense",
         subset=config.subset, subset_text=text.trains, neurons=config.neurons.total if config.neurons else None,
         per_layer=" ".join(map(str, config.neurons.per_layer)) if config.neurons else "",
         trainable=f"{config.trainable_parameters:,}", share=f"{100 * config.trainable_share:.3f}%",
@@ -105,7 +122,7 @@ def delta_card(config: RunConfig, repo_id: str, merged: bool, folder: Path | Non
         first_loss=f"{curve[0].get('val_loss', float('nan')):.4f}",
         best_loss="-" if config.best_val_loss is None else f"{config.best_val_loss:.4f}",
         best_step=config.best_step, tool_version=config.tool_version, kind=text.kind, adapter_text=text.details,
-        master_dtype=training.master_dtype or "",
+        master_dtype=training.master_dtype or "", license=license or "",
         adapter_subfolder=ADAPTER_DIR if text.kind == "adapter" and merged else "",
         merge_text=config.merge.describe() if config.merge and (merged or text.kind == "dense") else "",
         scores=scores)
@@ -124,7 +141,8 @@ def check_release(folder: Path, config: RunConfig) -> None:
 
 def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: bool = False,
             token: str | None = None, message: str | None = None, merge_dtype: str | None = None,
-            revision: str | None = None, tag: str | None = None, create_pr: bool = False) -> ReleaseResult:
+            revision: str | None = None, tag: str | None = None, create_pr: bool = False,
+            license: str | None = None, base_model: str | None = None) -> ReleaseResult:
     """Upload a finished run. A dense run (``ffn``/``full``) uploads its full weights instead of a delta.
 
     ``merged``: the run's ``merged/`` folder when it was merged in ``merge_dtype`` (None: whatever dtype
@@ -134,15 +152,22 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
     ``create_pr``: open a pull request (against ``revision``) instead; ``tag``: tag the commit (a tag that
     exists already is refused before anything is committed). Everything is checked before anything is
     created: the repo id, branch and tag names, and the run (:func:`check_release`). Only files the repo
-    does not hold already are sent; a repo created for the release is deleted again if it fails."""
+    does not hold already are sent; a repo created for the release is deleted again if it fails.
+
+    The card's ``license`` is ``license``, else the base model's as the manifest records it; ``base_model``
+    names the Hub id of a base the run knows only as a local folder (the card's ``base_model``, the PEFT
+    adapter's ``base_model_name_or_path`` and the card's snippets then use it)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     check_repo_id(repo_id)  # before a merge that may take minutes
     check_ref_name(revision, "revision")
     check_ref_name(tag, "tag")
+    if base_model is not None:
+        check_repo_id(base_model)
     folder = Path(folder)
     config, method = read_run(folder)
     check_release(folder, config)
+    license = license or base_license(config)
     dense = method.kind == "dense"
     if merge_dtype is not None:
         if merge_dtype not in MERGE_DTYPES:
@@ -157,7 +182,7 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
                                 advice="Pass merged=True, or leave merge_dtype out.")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        files = method.release_files(folder, config, tmp, merged)
+        files = method.release_files(folder, config, tmp, merged, base_id=base_model or base_hub_id(config))
         if merged and not dense:
             files.update(_merged_files(folder, config, tmp, merge_dtype))
         # The published config names the base model and its fingerprint, never a local path.
@@ -167,7 +192,8 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
         if (folder / STEPS_FILE).is_file():
             files[STEPS_FILE] = folder / STEPS_FILE
         card = tmp / "README.md"
-        card.write_text(delta_card(config, repo_id, merged or dense, folder), encoding="utf-8")
+        card.write_text(delta_card(config, repo_id, merged or dense, folder, license=license,
+                                   base_id=base_model or base_hub_id(config)), encoding="utf-8")
         files["README.md"] = card
         with commit_to(HfApi(token=token), repo_id, REPO_TYPE, revision=revision, create_pr=create_pr, tag=tag,
                        private=private, what="this release") as target:
@@ -178,7 +204,7 @@ def release(folder: str | Path, repo_id: str, *, merged: bool = False, private: 
                           message or f"Release {config.language.code} {config.subset} fine-tune of "
                                      f"{config.base_model.name} (neuronreg)")
     return ReleaseResult(repo_id, target.result, target.url, sorted(files),
-                         config.merge if merged or dense else None, target.pr_url, sorted(send))
+                         config.merge if merged or dense else None, target.pr_url, sorted(send), license)
 
 
 def _merged_files(folder: Path, config: RunConfig, tmp: Path, merge_dtype: str | None) -> dict[str, Path]:
