@@ -123,19 +123,33 @@ def hub_errors(repo_id: str, what: str = "the Hub"):
         raise mapped from exc
 
 
+def _transient() -> tuple[tuple[int, ...], tuple[type[BaseException], ...]]:
+    """The status codes and exceptions huggingface_hub's own backoff retries (its uploads use it), so that
+    what neuronreg retries cannot drift from what the Hub client does; its defaults where they move."""
+    try:
+        from huggingface_hub.utils import _http
+
+        return tuple(_http._DEFAULT_RETRY_ON_STATUS_CODES), tuple(_http._DEFAULT_RETRY_ON_EXCEPTIONS)
+    except (ImportError, AttributeError):  # pragma: no cover - another huggingface_hub layout
+        return (408, 429, 500, 502, 503, 504), ()
+
+
 def retrying(call, attempts: int = 3, delay: float = 0.5):
-    """Run an idempotent Hub call again on transient failures (5xx, dropped connections)."""
+    """Run an idempotent Hub call (a listing, a download) again on what huggingface_hub's backoff treats
+    as transient (408, 429, 5xx; time-outs and dropped connections), waiting ``delay`` x 2^attempt; the
+    client backs off by itself only for uploads."""
     from huggingface_hub import errors as e
 
+    codes, exceptions = _transient()
     for attempt in range(attempts):
         try:
             return call()
         except e.HfHubHTTPError as exc:
-            status = _status(exc)
-            if status is None or status < 500 or attempt == attempts - 1:
+            if _status(exc) not in codes or attempt == attempts - 1:
                 raise
         except Exception as exc:
-            if not is_network_error(exc) or isinstance(exc, e.OfflineModeIsEnabled) or attempt == attempts - 1:
+            if isinstance(exc, e.OfflineModeIsEnabled) or attempt == attempts - 1 or not (
+                    isinstance(exc, exceptions) or is_network_error(exc)):
                 raise
         time.sleep(delay * 2**attempt)
 

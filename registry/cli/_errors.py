@@ -14,6 +14,7 @@ from ..errors import NeuronregError, UnknownLanguage, UnknownModel
 # fix -> hint, in CLI terms.
 HINTS = {
     "again": "Run publish again.",
+    "alias_name": "Give it another name with --name (e.g. add -instruct or your own suffix).",
     "base": "Pass --base with the folder (or Hub id) of that model.",
     "busy": "Wait for it to finish; if it died on another machine, delete its lock file.",
     "checkpointing": "Give --checkpointing none, full, mlp, or a memory budget in GiB (e.g. 20).",

@@ -21,7 +21,7 @@ from ..manifest import Language, Manifest
 from ..options import LoadOptions, load_options
 from ..progress import duration
 from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, MaskSource, NeuronsRecord, SelectionInfo
-from ..resolve import ModelRef, language_codes, languages, resolve_model
+from ..resolve import ModelRef, check_not_an_alias, language_codes, languages, resolve_model
 from ..store.local import LocalRegistry
 from .counting import ActivationCounts, Checkpoint, count_activations, fingerprint
 from .selection import Selection, SelectionParams, select_neurons
@@ -150,6 +150,7 @@ def compute(
     if not langs:
         raise CorpusError("No language was named.", fix="languages", advice="Name at least one, e.g. ['sw', 'mt'].")
     ref = resolve_model(model_spec, manifest, name=name, registry=registry)
+    check_not_an_alias(ref, manifest)
     if ref.source is None:
         raise RegistryError(f"{ref.name} is a name the registry holds, but it does not say where the model's "
                             "weights are.", fix="model_source", advice="Give the model's Hub id or folder.")
