@@ -90,6 +90,7 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | Non
     outcome = RunEvaluation(folder, trained, scores)
     _saving(lambda: save_heldout(outcome, config, {
         "data": Path(data).name, "tokens": tokens, "seq_len": seq_len,
+        "row_start": next(iter(heldout.values())).row_start,
         "corpora": {code: h.corpus.to_dict() for code, h in heldout.items()}}), folder)
     return outcome
 
