@@ -360,6 +360,25 @@ def test_hooks_are_gone_after_the_block_and_after_an_error(reg):
     assert hooks_on(model) == 0
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_prompts_are_encoded_as_the_tokenizer_encodes_text(bos):
+    """Generation feeds each prompt as the tokenizer encodes it: after its BOS where it puts one first
+    (Gemma, Llama 3), bare where it does not; a shorter prompt is padded on the left, before that BOS."""
+    from neuronreg.steering.generation import GenerationSettings, generate_texts
+
+    model, tok = planted_model(PLANTED), make_tokenizer(bos=bos)
+    fed = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].tolist()))
+    try:
+        generate_texts(model, tok, ["abc", "абвгд"], GenerationSettings(max_new_tokens=2, batch_size=2))
+    finally:
+        handle.remove()
+    abc, cyrillic = [vocabulary().index(ch) for ch in "abc"], [vocabulary().index(ch) for ch in "абвгд"]
+    start = [1] if bos else []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 2  # no pad token: the EOS pads
+    assert fed[0] == [[pad, pad] + start + abc, start + cyrillic]
+
+
 def test_steering_works_inside_generate(reg):
     model = planted_model(PLANTED)
     sites = find_mlp_sites(model)
