@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from .errors import CorpusError, SettingsError
 from .files import inside
+from .limits import load_json
 from .manifest import Language, Manifest
 from .provenance import CorpusInfo
 
@@ -123,8 +123,8 @@ def iter_documents(source: CorpusSource) -> Iterator[str]:
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line).get(source.text_field)
-                    except (json.JSONDecodeError, AttributeError) as exc:
+                        text = load_json(line).get(source.text_field)
+                    except (ValueError, AttributeError) as exc:
                         raise CorpusError(f"{path.name} line {number} is not a JSON object; fix the file.") from exc
                     if isinstance(text, str) and text.strip():
                         yield text

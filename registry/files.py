@@ -18,14 +18,21 @@ from pathlib import Path
 
 from .errors import RegistryError
 
-# A model or language name used as one path part: no separators, no '..', no leading dot.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# A model or language name used as one path part: no separators, no '..', no leading dot. \A and \Z,
+# not ^ and $: '$' also matches before a final newline, so "x\n" would pass a `match`.
+SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+# Far below the 255 bytes a file name may have, leaving room for what names are built into
+# ('<lang>.parquet', '.<name>.<random>.tmp') and for '<model>-<selection>' config names.
+MAX_NAME = 200
 TEMP_SUFFIX = ".tmp"
 
 
 def safe_name(name: str, what: str) -> str:
     """``name`` itself when it can be one folder or file name inside a registry, else RegistryError."""
-    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name or len(name) > 200:
+    if isinstance(name, str) and len(name) > MAX_NAME:
+        raise RegistryError(f"{what} name {name[:40]!r}... is {len(name)} characters long; a registry name has at "
+                            f"most {MAX_NAME}.")
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
         raise RegistryError(f"{what} name {name!r} cannot be a registry path: use letters, digits, '-', '_' and '.' "
                             "(not '..'), starting with a letter or digit.")
     return name

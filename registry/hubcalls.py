@@ -4,9 +4,13 @@ corpora, publishing, fetching, releasing). Tokens never appear in a message."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import HubError, NeuronregError
 
@@ -57,9 +61,9 @@ def hub_error(exc: BaseException, repo_id: str, what: str = "the Hub") -> HubErr
     if isinstance(exc, e.EntryNotFoundError) and not isinstance(exc, e.LocalEntryNotFoundError):
         return HubError(f"{repo_id} has no such file: {first_line(exc)}")
     if isinstance(exc, e.LocalEntryNotFoundError):
-        import os
+        from huggingface_hub import is_offline_mode
 
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        if is_offline_mode():
             return HubError(f"{repo_id} is not in the local Hub cache, and HF_HUB_OFFLINE is set.", fix="offline",
                             advice="Fetch it once with HF_HUB_OFFLINE unset.")
         return HubError(f"{repo_id} is not in the local Hub cache and the Hub cannot be reached.", fix="network",
@@ -169,3 +173,110 @@ def check_new_tag(api, repo_id: str, repo_type: str, tag: str | None) -> dict[st
         return {}
     with hub_errors(repo_id):
         return {t.name: t.target_commit for t in api.list_repo_refs(repo_id, repo_type=repo_type).tags}
+
+
+# -- one commit path -------------------------------------------------------------------------------------
+# git check-ref-format: no control characters, space, ~ ^ : ? * [ \, no "..", "@{", "//", no component that
+# starts with "." or ends with ".lock", not "@", not starting or ending with "/" or ending with ".".
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.|\.lock(/|$)|^/|/$|\.$|^@$")
+
+
+def check_ref_name(name: str | None, what: str) -> None:
+    """HubError unless ``name`` is a branch or tag name git (and so the Hub) accepts; a tag may not be
+    ``main`` or look like a commit id (both would be ambiguous). Checked before anything is created."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name or len(name) > 255 or _BAD_REF.search(name):
+        raise HubError(f"{name!r} is not a valid {what} name (git's rules: no spaces, '..', '~', '^', ':', '?', '*', "
+                       "'[', '\\', control characters, leading '/' or '.', or trailing '.lock').", fix=what)
+    if what == "tag" and (name == "main" or re.fullmatch(r"[0-9a-f]{40}", name)):
+        raise HubError(f"{name!r} cannot be a tag: it would be read as a branch or a commit.", fix="tag")
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def same_content(remote, local: Path) -> bool:
+    """Whether a repo file (a RepoSibling with metadata) holds exactly the bytes of ``local``: by sha256 for
+    LFS files, by git blob id otherwise."""
+    if remote is None:
+        return False
+    data = Path(local).read_bytes()
+    lfs = getattr(remote, "lfs", None)
+    if lfs:
+        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        return sha == hashlib.sha256(data).hexdigest()
+    return getattr(remote, "blob_id", None) == _git_blob_sha1(data)
+
+
+@dataclass
+class CommitTarget:
+    """Where a commit goes, as found before anything changed (see :func:`commit_to`)."""
+
+    api: object
+    repo_id: str
+    repo_type: str
+    revision: str | None  # the branch (None: main)
+    create_pr: bool
+    tag: str | None
+    head: str  # the commit the change is planned on (the branch's head, or main's for a new branch)
+    files: dict  # path -> RepoSibling (with metadata) at head
+    branch_exists: bool
+    tags: dict[str, str] = field(default_factory=dict)  # the repo's tags, name -> commit
+    result: str | None = None  # the commit the block made, or head when nothing changed
+    url: str | None = None
+    pr_url: str | None = None
+
+    def commit(self, operations: list, message: str):
+        """ONE ``create_commit`` of ``operations`` whose parent is ``head`` (someone who pushed in between makes
+        it fail, nothing committed); a branch that does not exist is created only now, from ``head``. A tag
+        that exists is refused here, before committing, unless it is on ``head`` and nothing changes."""
+        if self.tag in self.tags and (operations or self.tags[self.tag] != self.head):
+            raise HubError(f"{self.repo_id} already has the tag {self.tag!r} (on another commit); nothing was "
+                           "committed.", fix="tag", advice="Choose another tag.")
+        if not operations:
+            self.result = self.head
+            return None
+        with hub_errors(self.repo_id):
+            if self.revision and not self.create_pr and not self.branch_exists:
+                self.api.create_branch(self.repo_id, repo_type=self.repo_type, branch=self.revision,
+                                       revision=self.head, exist_ok=True)
+            info = self.api.create_commit(self.repo_id, operations, repo_type=self.repo_type, revision=self.revision,
+                                          create_pr=self.create_pr, parent_commit=self.head, commit_message=message)
+        self.result, self.url, self.pr_url = info.oid, info.commit_url, info.pr_url
+        return info
+
+
+@contextmanager
+def commit_to(api, repo_id: str, repo_type: str, *, revision: str | None = None, create_pr: bool = False,
+              tag: str | None = None, private: bool = False, what: str = "this commit"):
+    """The one way neuronreg commits to the Hub (publish and release): names checked as git checks them,
+    the repo created when missing (and deleted again if the block fails), the branch's head and files
+    read, the tag checked BEFORE anything is committed; yields a :class:`CommitTarget` whose ``commit``
+    makes the one commit; afterwards the result is tagged (a tag already on it is left as it is, so
+    running the same command again after a failed tag only adds the tag)."""
+    from huggingface_hub import errors as e
+
+    check_ref_name(revision, "revision")
+    check_ref_name(tag, "tag")
+    if revision == "main":
+        revision = None
+    with repo_for_commit(api, repo_id, repo_type, private=private, what=what):
+        branch_exists = True
+        with hub_errors(repo_id):
+            try:
+                info = retrying(lambda: api.repo_info(repo_id, repo_type=repo_type, revision=revision,
+                                                      files_metadata=True))
+            except e.RevisionNotFoundError:
+                if not revision:
+                    raise
+                branch_exists = False  # created from main's head, and only if something is committed
+                info = retrying(lambda: api.repo_info(repo_id, repo_type=repo_type, files_metadata=True))
+        tags = check_new_tag(api, repo_id, repo_type, tag)
+        target = CommitTarget(api, repo_id, repo_type, revision, create_pr, tag, info.sha,
+                              {s.rfilename: s for s in (info.siblings or [])}, branch_exists, tags)
+        yield target
+        if tag and target.result and tags.get(tag) != target.result:
+            with hub_errors(repo_id):
+                api.create_tag(repo_id, tag=tag, revision=target.result, repo_type=repo_type, exist_ok=False)

@@ -8,7 +8,6 @@ or a value of the wrong type is a :class:`ManifestError` naming the file and the
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from .errors import ManifestError, UnknownLanguage
 from .layouts import BY_NAME as LAYOUTS
+from .limits import load_json
 
 MANIFEST_ENV = "NEURONREG_MANIFEST"
 # A language code becomes a `datasets` split name, which must match this.
@@ -83,17 +83,6 @@ class Manifest:
                 "ntrex": tuple(lang.code for lang in self.languages if lang.ntrex),
                 **self.language_sets}
 
-    def language(self, name: str) -> Language:
-        """Resolve a language given by any of its codes or its name (case-insensitive).
-
-        Prefer :func:`neuronreg.resolve.resolve_language`, which also accepts codes a registry holds.
-        """
-        found = self.lookup(name)
-        if found is not None:
-            return found
-        raise UnknownLanguage(f"Unknown language {name!r}.{self.suggest(name)}", fix="languages",
-                              advice="neuronreg.load_manifest().languages lists them; or add it to the manifest.")
-
     def lookup(self, name: str) -> Language | None:
         """The language ``name`` stands for, None when it stands for none; UnknownLanguage when ambiguous."""
         found = self._index.get(_norm(name), []) if isinstance(name, str) else []
@@ -146,10 +135,10 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
 @lru_cache(maxsize=8)
 def _load(path: str) -> Manifest:
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = load_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ManifestError(f"Manifest {path} does not exist.", fix="manifest") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"Manifest {path} is not valid JSON ({exc}). Fix the file.") from exc
     return _Validator(Path(path)).manifest(raw)
 
@@ -171,7 +160,7 @@ class _Validator:
         def check(value, where):
             if not isinstance(value, str) or not value.strip():
                 raise self.bad(where, "must be a non-empty string")
-            if pattern is not None and not pattern.match(value):
+            if pattern is not None and not pattern.fullmatch(value):
                 raise self.bad(where, f"must be {shape}")
             return value
 
@@ -231,7 +220,7 @@ class _Validator:
         models = {}
         for alias, entry in top["models"].items():
             where = f"models[{alias}]"
-            if not ALIAS.match(alias):
+            if not ALIAS.fullmatch(alias):
                 raise self.bad(where, "is not a valid alias (letters, digits, '-', '_', '.')")
             models[alias] = ModelEntry(alias=alias, **self.entry(entry, where, {
                 "hub_id": (self.string(REPO_ID, "a Hub id like org/name"), True),
@@ -276,7 +265,7 @@ class _Validator:
         sets = {}
         for name, members in (top["language_sets"] or {}).items():
             where = f"language_sets[{name}]"
-            if not ALIAS.match(name) or name in ("all", "ntrex"):
+            if not ALIAS.fullmatch(name) or name in ("all", "ntrex"):
                 raise self.bad(where, "is not a set name neuronreg can use (letters, digits, '-', '_'; not all or "
                                       "ntrex, which are built in)")
             sets[name] = self.strings(members, where)

@@ -27,7 +27,8 @@ import numpy as np
 from .errors import MaskError, RecordError
 from .files import atomic_path, write_parquet
 from .layouts import weights_per_neuron
-from .provenance import NeuronsRecord
+from .limits import load_json
+from .provenance import MaskSource, NeuronsRecord
 
 FORMATS = ("parquet", "json", "pt", "safetensors")
 META_KEY = b"neuronreg"
@@ -53,7 +54,9 @@ class NeuronMask:
     entropy: np.ndarray | None = None  # float64 [n]: the LAPE score (None: imported or derived)
     activation_prob: np.ndarray | None = None  # float64 [n]: this language's activation probability
     provenance: NeuronsRecord | None = None
-    source: dict = field(default_factory=dict)  # {"registry": path} | {"repo", "revision", "commit"} | {"file"}
+    source: MaskSource | None = None  # what the mask is (its selection, repo, file name, seed): publishable
+    # Where it lay on this machine (a registry folder, a file), for messages only: never recorded or published.
+    location: Path | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.layer, self.neuron = _ids(self.layer), _ids(self.neuron)
@@ -118,7 +121,7 @@ class NeuronMask:
                 raise MaskError(f"Cannot draw {count} of {intermediate_size} neurons in layer {index}.")
             per_layer.append(torch.randperm(intermediate_size, generator=generator)[:count].sort().values)
         return cls.from_per_layer(per_layer, model=model, language=language, intermediate_size=intermediate_size,
-                                  source={"random": {"seed": seed, "per_layer": list(counts)}})
+                                  source=MaskSource(kind="random", seed=seed, per_layer=list(counts)))
 
     def random_like(self, seed: int) -> NeuronMask:
         """A random mask with this mask's count in every layer."""
@@ -146,6 +149,15 @@ class NeuronMask:
     def keys(self) -> np.ndarray:
         """Flat ids ``layer * intermediate_size + neuron``, ascending."""
         return self.layer * self.intermediate_size + self.neuron
+
+    def sha256(self) -> str:
+        """A content hash of the neuron set (the model's shape and the sorted ids), whatever file it came from:
+        two masks of the same neurons have the same hash."""
+        import hashlib
+
+        digest = hashlib.sha256(f"neuronreg-mask:{self.num_layers}x{self.intermediate_size}:".encode())
+        digest.update(self.keys().astype("<i8").tobytes())
+        return digest.hexdigest()
 
     def counts_per_layer(self) -> list[int]:
         return np.bincount(self.layer, minlength=self.num_layers).tolist()
@@ -189,7 +201,8 @@ class NeuronMask:
                             f"{other.intermediate_size}).")
 
     def _combine(self, other: NeuronMask, keys: np.ndarray, label: str) -> NeuronMask:
-        return NeuronMask.from_keys(self.model, label, self.num_layers, self.intermediate_size, keys)
+        return NeuronMask.from_keys(self.model, label, self.num_layers, self.intermediate_size, keys,
+                                    source=MaskSource(kind="derived"))
 
     def union(self, other: NeuronMask) -> NeuronMask:
         self._same_shape(other)
@@ -205,7 +218,7 @@ class NeuronMask:
         return replace(self, layer=self.layer[keep], neuron=self.neuron[keep],
                        entropy=None if self.entropy is None else self.entropy[keep],
                        activation_prob=None if self.activation_prob is None else self.activation_prob[keep],
-                       language=f"{self.language}-{other.language}")
+                       language=f"{self.language}-{other.language}", source=MaskSource(kind="derived"))
 
     __or__, __and__, __sub__ = union, intersection, difference
 
@@ -232,7 +245,8 @@ class NeuronMask:
     # -- files --------------------------------------------------------------------------------------
     def header(self) -> dict:
         return {"model": self.model, "language": self.language, "num_layers": self.num_layers,
-                "intermediate_size": self.intermediate_size, "num_neurons": len(self), "source": self.source,
+                "intermediate_size": self.intermediate_size, "num_neurons": len(self),
+                "source": self.source.to_dict() if self.source else None,
                 "provenance": self.provenance.to_dict() if self.provenance else None}
 
     def to_json(self) -> dict:
@@ -291,20 +305,20 @@ class NeuronMask:
         fmt = fmt or format_from_suffix(path)
         if not path.is_file():
             raise MaskError(f"{path} does not exist.")
-        source = {"file": path.name}
+        source = MaskSource(kind="file", file=path.name)
         try:
             if fmt == "parquet":
-                return read_mask_file(path, model, language, source)
+                return read_mask_file(path, model, language, source, where=str(path), location=path)
             if fmt == "json":
-                data = json.loads(path.read_text(encoding="utf-8"))
-                return cls._from_header(data, data.get("layers"), source, model, language)
+                data = load_json(path.read_text(encoding="utf-8"))
+                return cls._from_header(data, data.get("layers"), source, model, language, location=path)
             if fmt == "safetensors":
                 from safetensors import safe_open
 
                 with safe_open(str(path), "np") as f:
-                    header = json.loads((f.metadata() or {})["neuronreg"])
+                    header = load_json((f.metadata() or {})["neuronreg"])
                     layer, neuron = f.get_tensor("layer"), f.get_tensor("neuron")
-                return cls._from_header(header, None, source, model, language, layer, neuron)
+                return cls._from_header(header, None, source, model, language, layer, neuron, location=path)
             if fmt == "pt":
                 import torch
 
@@ -315,7 +329,7 @@ class NeuronMask:
                 if not isinstance(data, (list, tuple)) or not all(_is_index_tensor(t) for t in data):
                     raise MaskError(f"{path.name} does not hold list[layer] -> LongTensor.")
                 return cls.from_per_layer(list(data), model=model or "", language=language or "",
-                                          intermediate_size=intermediate_size, source=source)
+                                          intermediate_size=intermediate_size, source=source, location=path)
         except (MaskError, RecordError):
             raise
         except Exception as exc:  # json, safetensors, pickle and zip errors all mean "not a mask file"
@@ -323,15 +337,27 @@ class NeuronMask:
         raise MaskError(f"Unknown mask format {fmt!r}; use one of {', '.join(FORMATS)}.")
 
     @classmethod
-    def _from_header(cls, header: dict, layers, source, model, language, layer=None, neuron=None) -> NeuronMask:
+    def _from_header(cls, header: dict, layers, source: MaskSource, model, language, layer=None,
+                     neuron=None, *, location: Path) -> NeuronMask:
         provenance = header.get("provenance")
-        record = NeuronsRecord.from_dict(provenance, f"{source['file']} provenance") if provenance else None
-        kw = dict(provenance=record, source=header.get("source") or source)
+        record = NeuronsRecord.from_dict(provenance, f"{source.file} provenance") if provenance else None
+        kw = dict(provenance=record, source=_file_source(header.get("source"), source), location=location)
         name, code = model or header["model"], language or header["language"]
         if layers is not None:
             return cls.from_per_layer(layers, model=name, language=code,
                                       intermediate_size=int(header["intermediate_size"]), **kw)
         return cls(name, code, int(header["num_layers"]), int(header["intermediate_size"]), layer, neuron, **kw)
+
+
+def _file_source(stored, file: MaskSource) -> MaskSource:
+    """The source a mask file records (what ``save`` wrote): a published repo, a seed or a derivation stays
+    what the mask is; a mask saved out of a local registry is now that file (its selection's name kept)."""
+    if not isinstance(stored, dict):
+        return file
+    recorded = MaskSource.from_dict(stored, f"{file.file} source")
+    if recorded.kind in ("repo", "random", "derived"):
+        return recorded
+    return MaskSource(kind="file", file=file.file, selection=recorded.selection)
 
 
 def _is_index_tensor(t) -> bool:
@@ -354,9 +380,10 @@ def format_from_suffix(path: Path) -> str:
     return {"pth": "pt", "st": "safetensors"}.get(suffix, suffix) if suffix else "json"
 
 
-def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str, source: dict) -> NeuronMask:
-    """A mask from a neuron Parquet table and its provenance, validated: schema, sizes, ranges, order."""
-    where = source.get("repo") or source.get("registry") or source.get("file") or "the file"
+def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str, source: MaskSource,
+                    where: str, location: Path | None = None) -> NeuronMask:
+    """A mask from a neuron Parquet table and its provenance, validated: schema, sizes, ranges, order.
+    ``where`` names the file or repo in messages; ``location`` is kept on the mask for messages only."""
     missing = [name for name in ("layer", "neuron") if name not in table.column_names]
     if missing:
         raise MaskError(f"The {language} file of {model} in {where} has no {', '.join(missing)} column; it is not a "
@@ -383,7 +410,7 @@ def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str,
     try:
         return NeuronMask(model, language, provenance.model.num_layers, provenance.model.intermediate_size,
                           column("layer", np.int64), column("neuron", np.int64), column("entropy", np.float64),
-                          column("activation_prob", np.float64), provenance, source)
+                          column("activation_prob", np.float64), provenance, source, location)
     except MaskError as exc:
         raise MaskError(f"{exc.message} (in {where})") from exc
     except (TypeError, ValueError) as exc:  # a column of another type
@@ -397,15 +424,15 @@ def read_neuron_table(path: Path, where: str):
 
     try:
         table = pq.read_table(path)
-        raw = json.loads((table.schema.metadata or {})[META_KEY])
+        raw = load_json((table.schema.metadata or {})[META_KEY])
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         raise MaskError(f"{where} is damaged or not a neuronreg file.", fix="recompute") from exc
     return table, NeuronsRecord.from_dict(raw, f"{where} provenance")
 
 
-def read_mask_file(path: Path, model: str | None, language: str | None, source: dict) -> NeuronMask:
+def read_mask_file(path: Path, model: str | None, language: str | None, source: MaskSource, *, where: str,
+                   location: Path | None = None) -> NeuronMask:
     """A mask from one neuron Parquet file (the registry's, or one written by ``fetch -o x.parquet``)."""
-    where = source.get("repo") and f"{path.name} from {source['repo']}" or str(path)
     table, provenance = read_neuron_table(path, where)
     return mask_from_table(table, provenance, model or provenance.model.name, language or provenance.language.code,
-                           source)
+                           source, where, location)

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from .errors import SettingsError, UnknownModel, UnsupportedArchitecture
 from .files import atomic_write_text
 from .hubcalls import first_line
 from .layouts import LAYOUTS, SUPPORTED, Layout
+from .limits import load_json
+from .options import DTYPE_CHOICES, LoadOptions, load_options
 from .provenance import ModelInfo
 from .resolve import ModelRef
 
@@ -146,17 +150,32 @@ def model_info(model: nn.Module, ref: ModelRef, revision: str | None, sites: lis
 
 
 # -- local folders: a content fingerprint --------------------------------------------------------------
+# Besides the config and the weights, what decides the counts of a text: how it is tokenized, and code a
+# folder brings along (trust_remote_code).
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model", "qwen.tiktoken"}
+TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".spm")
+FINGERPRINT_PREFIX = "local-v2-"
+# neuronreg 0.2's fingerprints, of the config and weight files only: 'local-' and 16 hex digits.
+LEGACY_FINGERPRINT = re.compile(r"local-[0-9a-f]{16}")
+
+
 def _cache_file() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "neuronreg" / "file-hashes.json"
 
 
 def file_sha256(path: Path, cache: dict | None = None) -> str:
-    """The sha256 of a file's bytes; ``cache`` maps a file's (path, size, mtime, inode) to its hash, so a
-    16 GB checkpoint is hashed once, not on every run."""
+    """The sha256 of a file's bytes; ``cache`` maps a file's path and stat to its hash, so that a 16 GB
+    checkpoint is hashed once, not on every run.
+
+    The key holds the change time (ctime) besides size, mtime and inode: a file rewritten in place and
+    given back its old mtime (``touch -d``, ``os.utime``, an archive restored) has a new ctime, which
+    no program can set, so it is hashed again."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    if cache is not None and key in cache:
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}|{stat.st_dev}"
+    if cache is not None and isinstance(cache.get(key), str):
         return cache[key]
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -167,28 +186,65 @@ def file_sha256(path: Path, cache: dict | None = None) -> str:
     return digest.hexdigest()
 
 
+def fingerprint_files(folder: Path) -> list[Path]:
+    """The files of a local model whose bytes decide what it computes: config, weights (and their
+    index), tokenizer files, and Python files (code that ``trust_remote_code`` runs)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and (
+        p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json")
+        or p.name in TOKENIZER_FILES or p.suffix in TOKENIZER_SUFFIXES or p.suffix == ".py"))
+
+
 def local_fingerprint(folder: Path) -> str:
-    """A content id for a local model: its config and every weight file's bytes (hashes cached by size,
-    mtime and inode). Other weights of the same size give another fingerprint."""
+    """A content id for a local model: the sha256 of the bytes of every file :func:`fingerprint_files`
+    names (hashes cached by path and stat, see :func:`file_sha256`). Other weights of the same size,
+    or another tokenizer, give another fingerprint."""
     folder = Path(folder)
+    with _hash_cache() as cache:
+        digest = hashlib.sha256()
+        for path in fingerprint_files(folder):
+            digest.update(f"{path.name}:{file_sha256(path, cache)}\n".encode())
+    return FINGERPRINT_PREFIX + digest.hexdigest()[:16]
+
+
+def legacy_fingerprint(folder: Path) -> str:
+    """The fingerprint neuronreg 0.2 gave a local model (its config and weight files only)."""
+    folder = Path(folder)
+    with _hash_cache() as cache:
+        digest = hashlib.sha256(file_sha256(folder / "config.json", cache).encode())
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")):
+                digest.update(f"{path.name}:{file_sha256(path, cache)}".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+def older_fingerprint(folder: Path, recorded: str | None, used: str) -> str | None:
+    """When ``recorded`` is a fingerprint of an older neuronreg (before it covered the tokenizer): what
+    that means for ``folder``, to end a message ('... by fingerprint <this>'); else None. ``used`` says
+    what the tokenizer was used for ('they were counted with')."""
+    if not recorded or not LEGACY_FINGERPRINT.fullmatch(recorded):
+        return None
+    same = "its config and weights are the same" if legacy_fingerprint(folder) == recorded else \
+        "its config or weights have changed as well"
+    return (f"{recorded}, made by an older neuronreg whose fingerprints did not cover the tokenizer: whether "
+            f"{Path(folder).name} still has the tokenizer {used} cannot be told ({same}).")
+
+
+@contextmanager
+def _hash_cache():
+    """The file hash cache, written back (its newest 2,000 entries) when it gained any."""
     cache_path = _cache_file()
     try:
-        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        cache = load_json(cache_path.read_text(encoding="utf-8"))
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
     size = len(cache)
-    digest = hashlib.sha256()
-    digest.update(file_sha256(folder / "config.json", cache).encode())
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")):
-            digest.update(f"{path.name}:{file_sha256(path, cache)}".encode())
+    yield cache
     if len(cache) != size:
         try:
             atomic_write_text(cache_path, json.dumps(dict(list(cache.items())[-2000:])))
         except OSError:  # a read-only home only costs hashing again next time
             pass
-    return "local-" + digest.hexdigest()[:16]
 
 
 # -- devices and dtypes ------------------------------------------------------------------------------------
@@ -218,7 +274,6 @@ def check_device(device: str | None) -> str:
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
@@ -235,34 +290,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def load_model(
-    ref: ModelRef,
-    *,
-    dtype: str | None = None,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    token: str | None = None,
-    quiet: bool = False,
-    device_map: str | None = None,
-    revision: str | None = None,
-    tokenizer: bool = True,
-) -> LoadedModel:
-    """Load weights (and the tokenizer). Remote code runs only when the caller asks for it.
+def load_model(ref: ModelRef, options: LoadOptions | None = None, *, revision: str | None = None,
+               tokenizer: bool = True) -> LoadedModel:
+    """Load weights (and the tokenizer) as ``options`` say. Remote code runs only when they ask for it.
 
     ``revision`` pins a Hub commit (a run's recorded base); by default the manifest's pin or main.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .progress import bars_disabled
+    from .progress import progress_bars_disabled
 
+    options = load_options(options)
+    device_map, token, trust_remote_code = options.device_map, options.token, options.trust_remote_code
     if ref.source is None:
         raise UnknownModel(f"The registry knows {ref.name} only by name, not where its weights are.",
                            fix="model_source", advice="Give its Hub id or local folder.")
-    if bars_disabled(quiet):
+    if progress_bars_disabled():
         hf_logging.disable_progress_bar()
-    device = check_device(device) if not device_map else (device or default_device())
-    torch_dtype = parse_dtype(dtype, device)
+    device = check_device(options.device) if not device_map else (options.device or default_device())
+    torch_dtype = parse_dtype(options.dtype, device)
     kwargs = dict(revision=revision or ref.revision, trust_remote_code=trust_remote_code, token=token)
     try:
         config = AutoConfig.from_pretrained(ref.source, **kwargs)

@@ -18,7 +18,6 @@ Every comparison needs masks of one model shape (layers x MLP width); anything e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,23 +243,6 @@ class OverlapReport:
             **self.extra,
         }
 
-    def table_lines(self) -> list[str]:
-        """The Jaccard table as text, rows and columns in :attr:`languages` order (rows: code and neurons)."""
-        labels = {lang: f"{lang} ({self.neurons(lang):,})" for lang in self.languages}
-        first = max(12, *(len(label) + 1 for label in labels.values()))
-        width = max(8, *(len(lang) + 2 for lang in self.languages))
-        lines = [f"{'jaccard':<{first}}" + "".join(f"{lang:>{width}}" for lang in self.languages)]
-        for a in self.languages:
-            lines.append(f"{labels[a]:<{first}}" + "".join(f"{share(self.jaccard[a][b]):>{width}}"
-                                                         for b in self.languages))
-        return lines
-
-    def core_lines(self) -> list[str]:
-        """The shared core as text: neurons held by at least k languages, for every k."""
-        total = len(self.languages)
-        parts = [f">={k}: {n:,}" for k, n in enumerate(self.core.at_least, start=1)]
-        return [f"shared core (neurons held by at least k of the {total} languages): {', '.join(parts)}"]
-
     def save(self, folder: str | Path) -> dict[str, Path]:
         """overlap.json (everything), jaccard.csv, shared_core.csv, overlap.png (the Jaccard heatmap)
         and per_layer.png (neurons per layer per language), each written atomically."""
@@ -297,15 +279,6 @@ class OverlapReport:
             {f"{lang} ({self.neurons(lang):,})": self.per_layer[lang] for lang in order}, per_layer_path,
             title=f"{self.model}: language-specific neurons per layer{selected}", groups=scripts)
         return heatmap, lines
-
-
-def share(value: float) -> str:
-    """A value in [0, 1] with two significant digits (three from 0.1 up), never in exponent notation:
-    0 -> 0, 1 -> 1.00, 0.1234 -> 0.123, 0.01234 -> 0.012, 0.0001234 -> 0.00012."""
-    if value == 0 or not math.isfinite(value):
-        return f"{value:g}"
-    digits = max(2, 1 - math.floor(math.log10(abs(value))) + (abs(value) >= 0.1))
-    return f"{value:.{digits}f}"
 
 
 def overlap(masks: dict[str, NeuronMask], manifest: Manifest | None = None,

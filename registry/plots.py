@@ -317,3 +317,75 @@ def shares_by_strength(strengths: list[float], series: dict[str, list[float]], p
     axes.grid(alpha=0.3, linewidth=0.5)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     return _save_palette(figure, path)
+
+
+TRAINING_PANELS = (("val_loss", "validation loss"), ("train_loss", "training loss"), ("grad_norm", "gradient norm"),
+                   ("lr", "learning rate"))
+
+
+def training_curves(runs: dict[str, dict[str, tuple[list[float], list[float]]]], path: str | Path, *,
+                    title: str) -> Path:
+    """Several runs' training curves on one figure: validation loss, training loss, gradient norm and
+    learning rate as four panels over the step, one colour per run (labelled once, in the legend).
+
+    ``runs`` maps a run's label to its series: ``key -> (steps, values)`` for the keys of
+    ``TRAINING_PANELS``; a key a run did not log is left out of its panel, and a panel no run logged
+    says so. Lines get a marker at each logged step when a run logged few of them."""
+    colours = _colormap("tab10").colors if len(runs) <= 10 else _colormap("tab20").colors
+    figure = _figure(10.0, 7.0)
+    panels = figure.subplots(2, 2, sharex=True).flatten()
+    for axes, (key, name) in zip(panels, TRAINING_PANELS):
+        drawn = False
+        for i, (label, series) in enumerate(runs.items()):
+            steps, values = series.get(key, ([], []))
+            if not steps:
+                continue
+            drawn = True
+            axes.plot(steps, values, "-", color=colours[i % len(colours)], linewidth=1.4, label=label,
+                      marker="o" if len(steps) <= 25 else None, markersize=3)
+        if not drawn:
+            axes.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=axes.transAxes, fontsize=9,
+                      color="0.4")
+        axes.set_title(name, fontsize=10)
+        axes.tick_params(labelsize=8)
+        axes.grid(alpha=0.3, linewidth=0.5)
+    for axes in panels[2:]:
+        axes.set_xlabel("step", fontsize=9)
+    handles, labels = [], []
+    for axes in panels:
+        for handle, label in zip(*axes.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        figure.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    figure.suptitle(title, fontsize=11)
+    return _save_palette(figure, path)
+
+
+def layer_profiles(series: dict[str, list[float | None]], path: str | Path, *, title: str, ylabel: str,
+                   layers: list[int] | None = None, chance: float | None = None) -> Path:
+    """One line per series (a run, or the base model) of a float per layer: alignment or update size by
+    depth. ``layers`` labels the x positions (default 0, 1, ...; -1 reads "emb"); a None value leaves
+    a gap; ``chance`` draws a dashed grey line at that level (e.g. 1 / N for retrieval)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    colours = _colormap("tab10").colors if len(series) <= 10 else _colormap("tab20").colors
+    figure = _figure(8.0, 4.5)
+    axes = figure.add_subplot()
+    for i, (label, values) in enumerate(series.items()):
+        xs = layers if layers is not None else list(range(len(values)))
+        ys = [math.nan if v is None else v for v in values]
+        axes.plot(xs, ys, "-", color=colours[i % len(colours)], linewidth=1.4, label=label,
+                  marker="o" if len(values) <= 40 else None, markersize=3)
+    if chance is not None:
+        axes.axhline(chance, color="0.5", linestyle="--", linewidth=0.9, label="chance")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "emb" if x == -1 else f"{x:g}"))
+    axes.set_xlabel("layer", fontsize=9)
+    axes.set_ylabel(ylabel, fontsize=9)
+    axes.set_title(title, fontsize=10, wrap=True)
+    axes.tick_params(labelsize=8)
+    axes.grid(alpha=0.3, linewidth=0.5)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    return _save_palette(figure, path)

@@ -1,5 +1,5 @@
-"""Typed, versioned records: the provenance of counts and neuron files, and (in ``finetune.config``)
-a fine-tuning run's config.
+"""Typed, versioned records: the provenance of counts and neuron files and where a mask came from (and,
+in ``runs``, a fine-tuning run's config).
 
 A record is a dataclass with ``to_dict`` and ``from_dict``. ``from_dict`` checks every key's type
 against the field's annotation and raises :class:`RecordError` naming the file and the key
@@ -24,8 +24,12 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from .errors import RecordError
+from .limits import INT64
 
 SCHEMA_VERSION = "1.0"
+# More tokens than any corpus holds, yet small enough that the tokens of thousands of languages add up
+# within int64.
+MAX_TOKENS = 10**15
 
 
 def now() -> str:
@@ -231,6 +235,8 @@ class CountsRecord(FileRecord):
         super().check(where)
         if self.tokens < 0 or self.seq_len <= 0:
             raise RecordError(f"{where}: tokens must not be negative and seq_len must be positive.")
+        if self.tokens > MAX_TOKENS:
+            raise RecordError(f"{where}: tokens {self.tokens} is out of range.")
 
     @classmethod
     def migrate_unversioned(cls, data: dict) -> dict:
@@ -271,6 +277,66 @@ class SelectionInfo(Record):
 
 
 @dataclass(kw_only=True)
+class MaskSource(Record):
+    """Where a mask came from, in terms that may be published: what it IS (its selection, repo, revision,
+    the file's name, the seed it was drawn with), never the local folder it lay in.
+
+    ``kind``: ``registry`` (a local registry), ``repo`` (a Hub dataset repo), ``file`` (a mask file),
+    ``random`` (drawn with ``seed``, ``per_layer`` neurons in each layer) or ``derived`` (computed from
+    other masks, e.g. without the neurons that ``exclusive_of`` hold)."""
+
+    KINDS: ClassVar[tuple[str, ...]] = ("registry", "repo", "file", "random", "derived")
+
+    kind: str
+    selection: str | None = None  # the selection's name in its registry or repo
+    repo: str | None = None
+    revision: str | None = None  # as asked for (a branch or tag)
+    commit: str | None = None  # the commit the file was read at
+    file: str | None = None  # a mask file's name (not its path)
+    seed: int | None = None
+    per_layer: list[int] | None = None
+    exclusive_of: list[str] | None = None
+
+    def check(self, where: str) -> None:
+        if self.kind not in self.KINDS:
+            raise RecordError(f"{where}: mask source kind {self.kind!r} is not one of {', '.join(self.KINDS)}.")
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "record"):
+        if isinstance(data, dict) and "kind" not in data:
+            data = cls.migrate_untyped(data)
+        return super().from_dict(data, where)
+
+    @staticmethod
+    def migrate_untyped(data: dict) -> dict:
+        """The untyped dicts of neuronreg <= 0.1.x ({"registry": path}, {"repo", "revision", "commit"},
+        {"file"}, {"random": {...}}), without the local path they held."""
+        if isinstance(data.get("random"), dict):
+            random = data["random"]
+            return {"kind": "random", "seed": random.get("seed"), "per_layer": random.get("per_layer")}
+        kind = "repo" if data.get("repo") else "file" if data.get("file") else "registry"
+        if data.get("exclusive_of"):
+            kind = "derived"
+        keep = {k: data[k] for k in ("selection", "repo", "revision", "commit", "file", "exclusive_of") if k in data}
+        return {"kind": kind, **keep}
+
+    def describe(self) -> str:
+        """For people: 'selection top1 of acme/lape-neurons@v1.0 (commit 1a2b3c4d5e6f)', 'random (seed 0)' ..."""
+        if self.kind == "random":
+            return f"random neurons (seed {self.seed})"
+        what = f"selection {self.selection}" if self.selection else "a mask"
+        if self.kind == "repo":
+            at = f"@{self.revision}" if self.revision and self.revision != "main" else ""
+            commit = f" (commit {self.commit[:12]})" if self.commit else ""
+            return f"{what} of {self.repo}{at}{commit}"
+        if self.kind == "file":
+            return f"the file {self.file}"
+        if self.kind == "derived" and self.exclusive_of:
+            return f"{what}, without the neurons of {', '.join(self.exclusive_of)}"
+        return f"{what} of a local registry"
+
+
+@dataclass(kw_only=True)
 class CountSummary(Record):
     """What a selection read from one language's counts."""
 
@@ -280,6 +346,10 @@ class CountSummary(Record):
     dtype: str | None = None
     revision: str | None = None
     created: str | None = None
+
+    def check(self, where: str) -> None:
+        if not 0 <= self.tokens <= MAX_TOKENS:
+            raise RecordError(f"{where}: tokens {self.tokens} is out of range.")
 
 
 @dataclass(kw_only=True)
@@ -374,10 +444,15 @@ def _load(hint, value, where: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecordError(f"{where} must be a number.")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError as exc:  # an integer of 400 digits
+            raise RecordError(f"{where} is out of range.") from exc
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecordError(f"{where} must be an integer.")
+        if not -INT64 <= value <= INT64:  # numpy and torch hold int64: 10**30 would overflow there
+            raise RecordError(f"{where} is out of range.")
         return value
     if hint in (str, bool):
         if not isinstance(value, hint):

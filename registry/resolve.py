@@ -7,7 +7,8 @@ command accepted, every other command accepts and means the same thing:
   holding a saved ``transformers`` model, or a registry name (``facebook--opt-6.7b``, what a Hub id
   is stored as). Each resolves to a :class:`ModelRef` with one safe registry name;
 * a language is any of its codes (ISO 639-1/3, FLORES-200, NTREX), its name, case-insensitive, or a
-  code that a registry holds; a misspelling gets "did you mean".
+  code that a registry holds; a misspelling gets "did you mean". :func:`language` is the one door
+  (the manifest itself only looks names up).
 
 Nothing here loads weights or imports torch.
 """
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnknownLanguage, UnknownModel
-from .files import safe_name
-from .manifest import Manifest, ModelEntry
+from .files import MAX_NAME, safe_name
+from .manifest import Language, Manifest, ModelEntry
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _resolve(spec: str, manifest: Manifest, registry) -> ModelRef:
         entry = manifest.models[spec]
         return ModelRef(entry.alias, entry.hub_id, entry.revision, False, entry)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if _is_dir(path):
         if not (path / "config.json").is_file():
             raise UnknownModel(f"Folder {spec} has no config.json, so it is not a saved transformers model.",
                                advice="Point to a folder written by save_pretrained.")
@@ -107,12 +108,22 @@ def _resolve(spec: str, manifest: Manifest, registry) -> ModelRef:
     org, sep, rest = spec.partition("--")
     if sep and org and rest and "--" not in rest and "/" not in spec:
         return _resolve(f"{org}/{rest}", manifest, None)
+    if len(spec) > MAX_NAME:
+        safe_name(spec, "Model")  # says it is too long for any registry, rather than "unknown"
     known = list(manifest.models) + list(held)
     close = difflib.get_close_matches(spec, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UnknownModel(f"Unknown model {spec!r}.{hint}", fix="models",
                        advice="Give a manifest alias (neuronreg.load_manifest().models), a Hub id like org/name, a "
                               "local folder, or a name the registry holds.")
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder; False for what cannot be one (a part over 255 bytes, a NUL)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def split_names(values: Iterable[str] | str | None) -> list[str]:
@@ -140,6 +151,27 @@ def language_code(name: str, manifest: Manifest, available: Iterable[str] = ()) 
                           advice="neuronreg.load_manifest().languages lists them; or add it to the manifest.")
 
 
+def language(name: str, manifest: Manifest, known: Iterable = ()) -> Language:
+    """THE door for a language: its manifest entry, given by any of its codes or its name.
+
+    ``known`` are the languages a registry or run holds (codes, or records with ``code``, ``name``,
+    ``iso639_3``, ``script``, ``flores200`` such as :class:`~neuronreg.provenance.LanguageInfo`): one of
+    them the manifest does not know is accepted as it is, so every command takes what ``show`` takes.
+    """
+    infos = {getattr(k, "code", k): k for k in known}
+    code = language_code(name, manifest, infos)
+    found = manifest.lookup(code)
+    if found is not None:
+        return found
+    info = infos[code]
+
+    def field(key: str) -> str | None:
+        return getattr(info, key, None)
+
+    return Language(code=code, name=field("name") or code, iso639_3=field("iso639_3") or "",
+                    script=field("script") or "", flores200=field("flores200"), corpus_config="{code}")
+
+
 def language_codes(names: Iterable[str] | str | None, manifest: Manifest, available: Iterable[str] = ()
                    ) -> list[str]:
     """Canonical codes of comma-separated names, each once, in the order given. ``@name`` stands for a
@@ -158,6 +190,8 @@ def language_codes(names: Iterable[str] | str | None, manifest: Manifest, availa
     return list(dict.fromkeys(codes))
 
 
-def languages(names: Iterable[str] | str | None, manifest: Manifest):
-    """The manifest's :class:`Language` entries for names that must all be in the manifest."""
-    return [manifest.language(code) for code in language_codes(names, manifest)]
+def languages(names: Iterable[str] | str | None, manifest: Manifest, known: Iterable = ()) -> list[Language]:
+    """:func:`language` for comma-separated names and sets."""
+    known = list(known)
+    return [language(code, manifest, known) for code in language_codes(names, manifest,
+                                                                          [getattr(k, "code", k) for k in known])]

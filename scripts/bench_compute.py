@@ -71,7 +71,7 @@ def worker(args) -> dict:
 
     def run(rows_):
         if args.worker == "neuronreg":
-            return count_activations(model, sites, rows_, batch_size=args.batch, quiet=True)
+            return count_activations(model, sites, rows_, batch_size=args.batch, show=False)
         with torch.inference_mode():
             if args.worker == "hooks":
                 with activation_hooks(sites, "cpu"):

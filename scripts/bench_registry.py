@@ -24,6 +24,7 @@ from neuronreg.lape.compute import select
 from neuronreg.lape.selection import SelectionParams
 from neuronreg.manifest import load_manifest
 from neuronreg.provenance import CorpusInfo, CountKey, CountsRecord, LanguageInfo, ModelInfo
+from neuronreg.resolve import languages
 from neuronreg.store.local import LocalRegistry
 
 LAYERS, INTER, HIDDEN, TOKENS = 32, 14336, 4096, 13_000_000
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--rates", default="0.005,0.01,0.02,0.05,0.1")
     args = parser.parse_args()
     manifest = load_manifest()
-    langs = [manifest.language(code) for code in manifest.sets()["ntrex"][: args.languages]]
+    langs = languages(list(manifest.sets()["ntrex"][: args.languages]), manifest)
     rates = [float(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         registry = LocalRegistry(Path(tmp) / "reg")

@@ -15,7 +15,8 @@ from support.cli import assert_one_line_error, run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "registry"
 # Lower layers first; a module may import its own layer or lower ones only.
-LAYERS = ["root", "store", "lape", "steering", "evaluation", "finetune", "cli"]
+# analysis holds pure computations over models and tensors (no registry, no runs): the methods use it.
+LAYERS = ["root", "analysis", "store", "lape", "steering", "evaluation", "finetune", "cli"]
 
 
 def modules() -> dict[str, Path]:
@@ -38,7 +39,12 @@ def imports(name: str, path: Path) -> set[str]:
     """Every neuronreg module ``name`` imports, at the top or inside a function."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found, known = set(), modules()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # What `if TYPE_CHECKING:` imports never runs: it only tells type checkers what lazy names are.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")

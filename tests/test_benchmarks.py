@@ -13,11 +13,13 @@ import torch
 from neuronreg.errors import NeuronregError
 from neuronreg.evaluation import benchmarks as bm
 from neuronreg.evaluation.report import collect, model_index
+from neuronreg.finetune.config import FinetuneSettings
 from neuronreg.finetune.loading import load_sparse_model
-from neuronreg.finetune.training import FinetuneSettings, finetune
+from neuronreg.finetune.training import finetune
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
 from neuronreg.provenance import LanguageInfo, ModelInfo, NeuronsRecord, SelectionInfo
+from neuronreg.resolve import language
 from neuronreg.store.local import LocalRegistry
 
 from support.cli import assert_one_line_error, run
@@ -94,8 +96,7 @@ def write_mask(registry: Path, model: str, lang: str, per_layer: dict[int, list[
 def train(root: Path, subset: str, out: Path, model: str = "llama"):
     settings = FinetuneSettings(data=str(root / "texts"), out=str(out), subset=subset, steps=3, batch_size=2,
                                 seq_len=32, eval_every=3, lr=2e-2)
-    return finetune(str(root / model), "en", manifest=load_manifest(), registry=LocalRegistry(root / "reg"),
-                    settings=settings, quiet=True)
+    return finetune(str(root / model), "en", settings, manifest=load_manifest(), registry=LocalRegistry(root / "reg"))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_flores_translation_scores_are_sacrebleus_bleu_and_chrf_plus_plus(tmp_pa
     flores = write_flores(tmp_path / "flores")
     model, tokenizer = tiny_model("llama").eval(), make_tokenizer()
     manager = bm.task_manager({"flores200_dir": flores})
-    sw = load_manifest().language("sw")
+    sw = language("sw", load_manifest())
     tasks = bm.resolve_tasks(["flores"], [sw], manager)
     assert [t.name for t in tasks] == ["flores200_eng_Latn-swh_Latn", "flores200_swh_Latn-eng_Latn"]
     capfd.readouterr()
@@ -205,7 +206,7 @@ def test_sib200_accuracy_equals_our_own_loglikelihoods(tmp_path):
     data = write_sib(tmp_path / "sib")
     model, tokenizer = tiny_model("llama").eval(), make_tokenizer()
     manager = bm.task_manager({"sib200_dir": tmp_path / "sib"})
-    tasks = bm.resolve_tasks(["sib200"], [load_manifest().language("Swahili")], manager)
+    tasks = bm.resolve_tasks(["sib200"], [language("Swahili", load_manifest())], manager)
     results, _ = bm.evaluate_model(model, tokenizer, tasks, manager=manager)
     topics = ["science/technology", "travel", "politics", "sports", "health", "entertainment", "geography"]
     ours = our_accuracy(model, tokenizer, data["test"], text=lambda r: f"Text: {r['text']}\nTopic:",
@@ -217,7 +218,7 @@ def test_sib200_accuracy_equals_our_own_loglikelihoods(tmp_path):
 def test_benchmarks_resolve_per_language_through_flores_codes(caplog):
     manager = bm.task_manager()
     m = load_manifest()
-    sw, mt, en, tongan = (m.language(c) for c in ("sw", "mt", "en", "to"))
+    sw, mt, en, tongan = (language(c, m) for c in ("sw", "mt", "en", "to"))
     names = [t.name for t in bm.resolve_tasks(["belebele", "sib200", "flores", "english"], [sw, mt], manager)]
     assert names == ["belebele_swh_Latn", "belebele_mlt_Latn", "sib200_swh_Latn", "sib200_mlt_Latn",
                      "flores200_eng_Latn-swh_Latn", "flores200_swh_Latn-eng_Latn", "flores200_eng_Latn-mlt_Latn",
@@ -231,7 +232,7 @@ def test_benchmarks_resolve_per_language_through_flores_codes(caplog):
     text = caplog.text
     assert "Tongan (to) has no FLORES-200 code" in text and "into and out of English, not of English (en)" in text
     # Bemba is in FLORES-200 (and SIB-200) but not in Belebele
-    bemba = m.language("bem")
+    bemba = language("bem", m)
     with caplog.at_level("WARNING", logger="neuronreg"):
         assert [t.name for t in bm.resolve_tasks(["belebele", "sib200"], [bemba], manager)] == ["sib200_bem_Latn"]
     assert "Belebele has no Bemba (bem) (no task belebele_bem_Latn)" in caplog.text

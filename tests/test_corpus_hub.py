@@ -11,6 +11,7 @@ import pytest
 from neuronreg.corpus import CorpusSource, iter_documents
 from neuronreg.errors import CorpusError
 from neuronreg.manifest import load_manifest
+from neuronreg.resolve import language
 
 from support.cli import assert_one_line_error, run
 from support.hubserver import TEST_USER, set_offline
@@ -79,6 +80,6 @@ def test_the_manifest_names_glotcc_configs():
     for lang in manifest.languages:
         assert GLOTCC_CONFIG.match(lang.corpus_config), (lang.code, lang.corpus_config)
     # GlotCC labels with GlotLID's individual-language codes, not FLORES-200's.
-    assert manifest.language("et").corpus_config == "ekk-Latn"
-    assert manifest.language("zh").corpus_config == manifest.language("zh_Hant").corpus_config == "cmn-Hani"
-    assert "No GlotCC-V1 data" in manifest.language("mey").corpus_note
+    assert language("et", manifest).corpus_config == "ekk-Latn"
+    assert language("zh", manifest).corpus_config == language("zh_Hant", manifest).corpus_config == "cmn-Hani"
+    assert "No GlotCC-V1 data" in language("mey", manifest).corpus_note

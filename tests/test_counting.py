@@ -77,7 +77,7 @@ def test_counts_equal_independent_computation(arch):
     model = tiny_model(arch)
     sites = find_mlp_sites(model)
     rows = random_rows(model.config.vocab_size, [40, 40, 40, 40, 40, 17])
-    counts = count_activations(model, sites, rows, batch_size=3, quiet=True)
+    counts = count_activations(model, sites, rows, batch_size=3)
     expected = independent_counts(model, rows)
     assert counts.tokens == 40 * 5 + 17
     assert torch.equal(counts.over_zero, expected)
@@ -93,7 +93,7 @@ def test_counts_after_a_row_start_leave_its_position_out(arch):
     model = tiny_model(arch)
     sites = find_mlp_sites(model)
     rows = random_rows(model.config.vocab_size, [40, 40, 40, 40, 40, 17])
-    counts = count_activations(model, sites, rows, batch_size=3, quiet=True, row_start=1)
+    counts = count_activations(model, sites, rows, batch_size=3, row_start=1)
     expected = independent_counts(model, rows, start=1)
     assert counts.tokens == 40 * 5 + 17
     assert torch.equal(counts.over_zero, expected)
@@ -114,7 +114,7 @@ def test_hooks_exist_only_during_the_run():
         raise RuntimeError("corpus broke")
 
     with pytest.raises(RuntimeError):
-        count_activations(model, sites, failing_rows(), quiet=True)
+        count_activations(model, sites, failing_rows())
     assert all(len(site.activation._forward_hooks) == 0 for site in sites)
 
 
@@ -128,7 +128,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
     model = tiny_model("qwen2")
     sites = find_mlp_sites(model)
     rows = random_rows(model.config.vocab_size, [32] * 9 + [5], seed=3)
-    whole = count_activations(model, sites, rows, batch_size=2, quiet=True)
+    whole = count_activations(model, sites, rows, batch_size=2)
 
     checkpoint = Checkpoint(tmp_path / "ckpt.safetensors", fingerprint="settings-1")
 
@@ -139,11 +139,10 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
             yield row
 
     with pytest.raises(KeyboardInterrupt):
-        count_activations(model, sites, interrupted(), batch_size=2, checkpoint=checkpoint, checkpoint_tokens=10**9,
-                          quiet=True)
+        count_activations(model, sites, interrupted(), batch_size=2, checkpoint=checkpoint, checkpoint_tokens=10**9)
     saved = checkpoint.load()
     assert saved is not None and saved[2] == 4  # two whole batches were counted, the third never finished
-    resumed = count_activations(model, sites, rows, batch_size=2, checkpoint=checkpoint, quiet=True)
+    resumed = count_activations(model, sites, rows, batch_size=2, checkpoint=checkpoint)
     assert resumed.tokens == whole.tokens
     assert torch.equal(resumed.over_zero, whole.over_zero)
     # A checkpoint made with other settings is not used.
@@ -178,8 +177,7 @@ def test_compute_with_a_bos_tokenizer_counts_the_text_after_bos_and_records_it(t
     write_corpus(tmp_path / "texts", {"en": "en", "ru": "ru"})
     registry = LocalRegistry(tmp_path / "registry")
     settings = CountSettings(corpus=str(tmp_path / "texts"), tokens=700, seq_len=64, batch_size=3)
-    compute(str(tmp_path / "model"), ["en", "ru"], manifest=load_manifest(), registry=registry, settings=settings,
-            quiet=True)
+    compute(str(tmp_path / "model"), ["en", "ru"], manifest=load_manifest(), registry=registry, settings=settings)
     for lang in ("en", "ru"):
         over_zero, record = registry.read_counts("model", lang)
         assert record.settings.row_start == "bos" and record.tokens == 700
@@ -195,9 +193,8 @@ def test_compute_with_a_bos_tokenizer_counts_the_text_after_bos_and_records_it(t
     assert CountKey.from_dict(stored).changed(CountKey.from_dict(old)) == ["row_start"]
     save_model(model, tmp_path / "plain")  # the same weights with a tokenizer that adds no BOS
     compute(str(tmp_path / "plain"), ["en"], manifest=load_manifest(), registry=registry, settings=settings,
-            quiet=True, name="model", force=True)
+            name="model", force=True)
     plain = registry.read_counts_record("model", "en").settings
     assert plain.row_start is None and "row_start" not in plain.to_dict()
     with pytest.raises(SettingsConflict, match="row_start"):
-        compute(str(tmp_path / "model"), ["en"], manifest=load_manifest(), registry=registry, settings=settings,
-                quiet=True)
+        compute(str(tmp_path / "model"), ["en"], manifest=load_manifest(), registry=registry, settings=settings)

@@ -62,6 +62,7 @@ def _worker(rank, world, port, root, reg, fail_rank, out):
     import neuronreg.lape.compute as compute_module
     from neuronreg import LocalRegistry, load_manifest
     from neuronreg.lape.compute import CountSettings
+    from neuronreg.options import LoadOptions
 
     if rank == fail_rank:
         real = compute_module.pack_rows
@@ -76,7 +77,8 @@ def _worker(rank, world, port, root, reg, fail_rank, out):
     try:
         compute_module.compute(str(root / "model"), ["ru"], manifest=load_manifest(), registry=LocalRegistry(reg),
                                settings=CountSettings(corpus=str(root / "texts"), tokens=3000, seq_len=64,
-                                                      batch_size=2, checkpoint_tokens=128, device="cpu"), quiet=True)
+                                                      batch_size=2, checkpoint_tokens=128),
+                               load=LoadOptions(device="cpu"))
         result = "ok"
     except Exception as exc:  # recorded for the parent to check
         result = f"{type(exc).__name__}|{getattr(exc, 'silent', '-')}|{exc}"

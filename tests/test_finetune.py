@@ -11,15 +11,16 @@ from safetensors.torch import load_file
 from neuronreg.errors import MaskError
 from neuronreg.finetune.deltas import attach_deltas, merge_deltas
 from neuronreg.finetune.loading import load_sparse_model
-from neuronreg.finetune.training import FinetuneSettings, finetune
+from neuronreg.finetune.training import finetune
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
 from neuronreg.models import find_mlp_sites
-from neuronreg.provenance import LanguageInfo, ModelInfo, NeuronsRecord, SelectionInfo
+from neuronreg.provenance import LanguageInfo, MaskSource, ModelInfo, NeuronsRecord, SelectionInfo
 from neuronreg.store.local import LocalRegistry
 
 from support.cli import assert_one_line_error, run
 from support.hubserver import TEST_USER
+from support.runs import finetune_settings
 from support.tiny import save_model, tiny_model, write_corpus
 
 EN = {0: [3, 7, 11, 20, 33], 1: [5, 6, 40]}  # the "English" neurons of the 2 x 48 tiny models
@@ -56,13 +57,15 @@ def setup(tmp_path_factory) -> Path:
 
 
 def settings(setup, out, **kw):
+    """The run's settings and load options (dtype, device) from one set of keywords."""
     base = dict(data=str(setup / "texts"), out=str(out), steps=4, batch_size=2, seq_len=32, eval_every=2, lr=1e-2)
-    return FinetuneSettings(**{**base, **kw})
+    return finetune_settings(**{**base, **kw})
 
 
-def train(setup, arch, out, lang="en", **kw):
-    return finetune(str(setup / arch), lang, manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
-                    settings=settings(setup, out, **kw), quiet=True)
+def train(setup, arch, out, lang="en", *, on_step=None, mask=None, **kw):
+    run_settings, load = settings(setup, out, **kw)
+    return finetune(str(setup / arch), lang, run_settings, load=load, manifest=load_manifest(),
+                    registry=LocalRegistry(setup / "reg"), mask=mask, on_step=on_step)
 
 
 # -- the row-sparse parameters ------------------------------------------------------------------------
@@ -140,7 +143,8 @@ def test_finetune_trains_only_the_mask_and_loads_back(setup, tmp_path):
     assert config["base_model"]["revision"].startswith("local-") and config["language"]["code"] == "en"
     assert [p["step"] for p in config["validation_curve"]] == [0, 3, 6]
     assert config["training"]["lr"] == 1e-2
-    assert config["mask"]["source"] == {"registry": str(setup / "reg"), "selection": "top10"}
+    assert config["mask"]["source"] == {"kind": "registry", "selection": "top10"}  # what it is, not where it lay
+    assert len(config["mask"]["sha256"]) == 64 and str(setup) not in json.dumps(config["mask"])
     assert not (out / "checkpoint.pt").exists()
 
     tensors = load_file(str(out / "delta.safetensors"))
@@ -180,8 +184,7 @@ def test_optimizer_state_is_twice_the_trainable_weights(setup, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(str(setup / "llama"), "en", manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
-                 settings=settings(setup, tmp_path / "run", checkpoint_every=1), quiet=True, on_step=stop)
+        train(setup, "llama", tmp_path / "run", checkpoint_every=1, on_step=stop)
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     state = saved["optimizer"]["state"]
     moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in state.values())
@@ -198,9 +201,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(setup, tmp_path, a
             raise KeyboardInterrupt  # after the checkpoint of step 4: steps 5.. are redone
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(str(setup / arch), "en", manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
-                 settings=settings(setup, tmp_path / "parts", steps=6, eval_every=2, grad_accum=2), quiet=True,
-                 on_step=stop)
+        train(setup, arch, tmp_path / "parts", steps=6, eval_every=2, grad_accum=2, on_step=stop)
     assert (tmp_path / "parts" / "checkpoint.pt").exists()
     resumed = train(setup, arch, tmp_path / "parts", steps=6, eval_every=2, grad_accum=2)
     assert resumed.resumed_from == 4
@@ -276,10 +277,9 @@ def test_gradient_checkpointing_gives_the_same_deltas_and_schedules_are_recorded
 
 def test_bfloat16_model_keeps_float32_deltas_and_a_mask_file_works(setup, tmp_path):
     mask_file = setup / "reg" / "llama" / "en.parquet"
-    result = finetune(str(setup / "llama"), "en", manifest=load_manifest(), registry=mask_file,
-                      settings=settings(setup, tmp_path / "bf16", steps=2, dtype="bfloat16"), quiet=True)
+    result = train(setup, "llama", tmp_path / "bf16", steps=2, dtype="bfloat16", mask=mask_file)
     assert result.config.training.dtype == "bfloat16"
-    assert result.config.mask.source == {"file": "en.parquet"}  # a name, never a local path
+    assert result.config.mask.source == MaskSource(kind="file", file="en.parquet")  # a name, never a local path
     tensors = load_file(str(tmp_path / "bf16" / "delta.safetensors"))
     assert tensors["model.layers.0.mlp.gate_delta"].dtype == torch.float32
     model = load_sparse_model(tmp_path / "bf16", merge=True)
@@ -341,11 +341,20 @@ def test_release_to_a_branch_with_a_tag_or_as_a_pull_request(setup, tmp_path, hu
     assert {t.name: t.target_commit for t in refs.tags} == {"v1": branch["experiments"]}
     assert "delta.safetensors" in api.list_repo_files(repo, revision="v1")
     assert "delta.safetensors" not in hub.files("model", repo)  # main is untouched
-    # The same tag again is refused before anything is committed
+    # The same release again sends nothing and makes no commit (the tag is on it already); another run with
+    # the same tag is refused before anything is committed, and so is a tag git would refuse.
     before = hub.commits("model", repo, "experiments")
-    assert_one_line_error(run("release", out, "--repo", repo, "--revision", "experiments", "--tag", "v1", ok=False),
-                          "already has the tag 'v1'", "--tag")
-    assert hub.commits("model", repo, "experiments") == before
+    again = run("release", out, "--repo", repo, "--revision", "experiments", "--tag", "v1")
+    assert "no commit" in again.stderr and hub.commits("model", repo, "experiments") == before
+    other = tmp_path / "other"
+    train(setup, "llama", other, steps=3)
+    for branch in ("experiments", "dev"):  # a new branch is not created for a release that is refused
+        assert_one_line_error(run("release", other, "--repo", repo, "--revision", branch, "--tag", "v1",
+                                  ok=False), "already has the tag 'v1'", "--tag")
+    for bad in ("bad tag", "main", "v1~1", "a..b", ".hidden", "x.lock"):
+        assert_one_line_error(run("release", other, "--repo", repo, "--tag", bad, ok=False), "--tag")
+    assert_one_line_error(run("release", other, "--repo", repo, "--revision", "../x", ok=False), "--revision")
+    assert hub.commits("model", repo, "experiments") == before and "dev" not in hub.branches("model", repo)
     # A pull request: printed, and main still untouched
     url = run("release", out, "--repo", repo, "--create-pr", "-q").stdout.strip()
     assert "/discussions/" in url and "delta.safetensors" not in hub.files("model", repo)
@@ -436,9 +445,9 @@ def test_a_bos_tokenizer_trains_and_validates_on_rows_after_bos(setup, tmp_path)
         stream += [tok.convert_tokens_to_ids(ch) for ch in line] + [tok.eos_token_id]
     rows = [stream[i:i + 32] for i in range(0, 160, 32)]  # 5 rows: 4 to train on, the last validates
 
-    result = finetune(str(folder), "en", manifest=load_manifest(), registry=LocalRegistry(tmp_path / "reg"),
-                      settings=settings(setup, tmp_path / "run", steps=1, eval_every=1, batch_size=4, tokens=160),
-                      quiet=True)
+    run_settings, load = settings(setup, tmp_path / "run", steps=1, eval_every=1, batch_size=4, tokens=160)
+    result = finetune(str(folder), "en", run_settings, load=load, manifest=load_manifest(),
+                      registry=LocalRegistry(tmp_path / "reg"))
     assert (result.config.training.train_rows, result.config.training.eval_rows) == (4, 1)
 
     base = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -13,12 +13,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from neuronreg.errors import FinetuneError
-from neuronreg.finetune.training import FinetuneSettings, finetune
+from neuronreg.finetune.training import finetune
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
 from neuronreg.provenance import LanguageInfo, ModelInfo, NeuronsRecord, SelectionInfo
 from neuronreg.store.local import LocalRegistry
 
+from support.runs import finetune_settings
 from support.tiny import save_model, tiny_model, write_corpus
 
 EN = {0: [3, 7, 11, 20, 33], 1: [5, 6, 40]}
@@ -44,16 +45,12 @@ def setup(tmp_path_factory) -> Path:
     return root
 
 
-def settings(root: Path, out: Path, **kw) -> FinetuneSettings:
+def train(root: Path, out: Path, *, on_step=None, **kw):
     base = dict(data=str(root / "texts"), out=str(out), steps=4, batch_size=2, grad_accum=2, seq_len=32,
                 eval_every=2, lr=1e-2, device="cpu")
-    return FinetuneSettings(**{**base, **kw})
-
-
-def train(root: Path, out: Path, **kw):
-    extra = {k: kw.pop(k) for k in ("device_map", "chunked_loss", "on_step") if k in kw}
-    return finetune(str(root / "llama"), "en", manifest=load_manifest(), registry=LocalRegistry(root / "reg"),
-                    settings=settings(root, out, **kw), quiet=True, **extra)
+    settings, load = finetune_settings(**{**base, **kw})
+    return finetune(str(root / "llama"), "en", settings, load=load, manifest=load_manifest(),
+                    registry=LocalRegistry(root / "reg"), on_step=on_step)
 
 
 def free_port() -> int:
@@ -117,7 +114,8 @@ def test_two_processes_give_the_deltas_of_one_with_the_same_global_batch_and_res
 
     outcomes = spawn(setup, tmp_path / "two", tmp_path / "record")  # 2 ranks x 2 rows x 2 micro-batches
     assert outcomes == [f"ok|True|{one.config.best_step}", f"ok|False|{one.config.best_step}"]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["delta.safetensors", "neuronreg_delta.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["delta.safetensors", "neuronreg_delta.json",
+                                                                     "steps.csv"]
     recorded = json.loads((tmp_path / "two" / "neuronreg_delta.json").read_text())["training"]
     assert recorded["world_size"] == 2 and one.config.training.world_size == 1  # the run says how it was spread
     assert_same_deltas(tmp_path / "one", tmp_path / "two", **TOL)

@@ -11,8 +11,10 @@ from click.testing import CliRunner
 
 from neuronreg.cli import cli
 from neuronreg.errors import HubError, MaskError
-from neuronreg.store.hub import fetch_mask, load_mask, publish
+from neuronreg.provenance import MaskSource
+from neuronreg.store.hub import fetch_mask, publish
 from neuronreg.store.local import LocalRegistry
+from neuronreg.store.masks import load_mask
 
 from support.cli import assert_one_line_error, run
 from support.hubserver import TEST_USER, set_offline
@@ -57,7 +59,7 @@ def test_publish_fetch_load_dataset_round_trip(hub, registry_dir, tmp_path):
             assert rows["layer"] == table["layer"].to_pylist() and rows["neuron"] == table["neuron"].to_pylist()
             mask = fetch_mask(model, lang, repo=REPO)
             assert list(zip(mask.layer.tolist(), mask.neuron.tolist())) == list(zip(rows["layer"], rows["neuron"]))
-            assert mask.source["commit"] == hub.commits("dataset", REPO)[0]
+            assert mask.source.commit == hub.commits("dataset", REPO)[0]
     png = hub.file_bytes("dataset", REPO, "planted/neurons_per_layer.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -231,7 +233,7 @@ def test_load_mask_api_and_check(hub, registry_dir):
         mask.check(LlamaForCausalLM(LlamaConfig(vocab_size=90, hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=2, num_attention_heads=4)))
     local = load_mask("planted", "ru", registry=registry_dir)
-    assert local.source == {"registry": str(registry_dir), "selection": "top9.375"}
+    assert local.source == MaskSource(kind="registry", selection="top9.375") and local.location == registry_dir
     assert local.neuron.tolist() == mask.neuron.tolist()
     assert tiny_model  # the same helpers build every model in these tests
 

@@ -5,7 +5,7 @@ import pytest
 
 from neuronreg.errors import ManifestError, UnknownLanguage
 from neuronreg.manifest import SPLIT_NAME, default_manifest_path, load_manifest
-from neuronreg.resolve import resolve_model
+from neuronreg.resolve import language, resolve_model
 
 SEED_LANGUAGES = "mt af is cy mk lv lt sl sk et ka ne".split()
 HIGH_RESOURCE = "en de fr es it pt ru zh ja ko ar hi tr pl nl vi id sw".split()
@@ -28,7 +28,7 @@ def test_every_ntrex_language_is_in_the_manifest(shared):
     ntrex = [line.split()[0] for line in (shared / "corpora/ntrex/LANGUAGES.tsv").read_text().splitlines() if line]
     assert len(ntrex) >= 128
     for stem in ntrex:
-        lang = manifest.language(stem)
+        lang = language(stem, manifest)
         assert lang.ntrex == stem
 
 
@@ -37,21 +37,21 @@ def test_every_language_has_a_family():
     manifest = load_manifest()
     for lang in manifest.languages:
         assert lang.family and re.match(r"^[A-Z][\w-]*(/[A-Z][\w-]*)?$", lang.family), (lang.code, lang.family)
-    assert manifest.language("et").family == "Uralic/Finnic"
-    assert manifest.language("ka").family == "Kartvelian"
-    assert manifest.language("en_GB").family == manifest.language("en").family == "Indo-European/Germanic"
+    assert language("et", manifest).family == "Uralic/Finnic"
+    assert language("ka", manifest).family == "Kartvelian"
+    assert language("en_GB", manifest).family == language("en", manifest).family == "Indo-European/Germanic"
 
 
 @pytest.mark.parametrize("name,code", [("sw", "sw"), ("swa", "sw"), ("swh", "sw"), ("Swahili", "sw"),
                                        ("swh_Latn", "sw"), ("SWAHILI", "sw"), ("eng", "en"), ("eng-GB", "en_GB"),
                                        ("zho_Hant", "zh_Hant"), ("Nepali", "ne"), ("npi", "ne"), ("kat", "ka")])
 def test_a_language_by_any_of_its_codes_or_its_name(name, code):
-    assert load_manifest().language(name).code == code
+    assert language(name, load_manifest()).code == code
 
 
 def test_unknown_language_suggests():
     with pytest.raises(UnknownLanguage, match="Did you mean.*sw"):
-        load_manifest().language("swahil")
+        language("swahil", load_manifest())
 
 
 def test_the_packaged_manifest_is_the_repository_manifest():

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from neuronreg.cli._tables import jaccard_table
 from neuronreg.errors import MaskError
 from neuronreg.manifest import load_manifest
 from neuronreg.mask import NeuronMask
@@ -192,9 +193,9 @@ def test_order_by_script_then_code_with_unknown_languages_last():
 def test_report_table_and_files(tmp_path):
     masks = {"en": mask("en", [[1, 2], [3], []]), "de": mask("de", [[1], [3], [7]])}
     report = overlap(masks, load_manifest(), order=["en", "de"])
-    assert report.table_lines() == ["jaccard           en      de",
-                                    "en (3)          1.00   0.500",
-                                    "de (3)         0.500    1.00"]
+    assert jaccard_table(report) == ["jaccard           en      de",
+                                     "en (3)          1.00   0.500",
+                                     "de (3)         0.500    1.00"]
     paths = report.save(tmp_path / "new" / "out")
     assert sorted(p.name for p in paths.values()) == sorted(p.name for p in (tmp_path / "new" / "out").iterdir())
     assert json.loads(paths["json"].read_text())["jaccard"]["en"]["de"] == 0.5

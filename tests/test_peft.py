@@ -9,16 +9,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from neuronreg.finetune.config import read_run_config
 from neuronreg.finetune.loading import load_sparse_model, merge_run
+from neuronreg.finetune.method import read_run
 from neuronreg.finetune.release import delta_card
-from neuronreg.finetune.training import FinetuneSettings, finetune
+from neuronreg.finetune.training import finetune
 from neuronreg.manifest import load_manifest
 from neuronreg.models import find_mlp_sites
+from neuronreg.runs import read_run_config
 from neuronreg.store.local import LocalRegistry
 
 from support.cli import assert_one_line_error, run
 from support.hubserver import TEST_USER
+from support.runs import finetune_settings
 from support.tiny import save_model, tiny_model, write_corpus
 
 # PEFT (called directly here, as a user would) asks transformers 5 for a renamed attribute.
@@ -34,10 +36,11 @@ def setup(tmp_path_factory) -> Path:
     return root
 
 
-def train(setup, arch, out, **kw):
+def train(setup, arch, out, *, on_step=None, **kw):
     base = dict(data=str(setup / "texts"), out=str(out), steps=4, batch_size=2, seq_len=32, eval_every=2, lr=1e-2)
-    return finetune(str(setup / arch), "en", manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
-                    settings=FinetuneSettings(**{**base, **kw}), quiet=True)
+    settings, load = finetune_settings(**{**base, **kw})
+    return finetune(str(setup / arch), "en", settings, load=load, manifest=load_manifest(),
+                    registry=LocalRegistry(setup / "reg"), on_step=on_step)
 
 
 def base_model(setup, arch="llama"):
@@ -82,7 +85,7 @@ def test_adapter_run_trains_and_plain_peft_loads_the_run_folder(setup, tmp_path,
     assert config.trainable_share == pytest.approx(config.trainable_parameters / config.base_model.num_parameters)
     assert config.training.master_dtype == "float32" and config.neurons is None and config.mask is None
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                               "neuronreg_delta.json"}
+                                               "neuronreg_delta.json", "steps.csv"}
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all(t.dtype == torch.float32 for t in weights.values())
     assert sum(t.numel() for t in weights.values()) == config.trainable_parameters
@@ -110,9 +113,7 @@ def test_adapter_run_resumes_to_the_uninterrupted_result(setup, tmp_path, arch, 
             raise KeyboardInterrupt  # after the checkpoint of step 4: step 5 is done again
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(str(setup / arch), "en", manifest=load_manifest(), registry=LocalRegistry(setup / "reg"),
-                 settings=FinetuneSettings(data=str(setup / "texts"), out=str(tmp_path / "parts"), batch_size=2,
-                                           seq_len=32, lr=1e-2, **kw), quiet=True, on_step=stop)
+        train(setup, arch, tmp_path / "parts", on_step=stop, **kw)
     saved = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 4 and sum(t.numel() for t in saved["trainable"].values()) == \
         expected_trainable(arch, subset)
@@ -149,11 +150,11 @@ def test_lora_options_from_the_command_line_and_a_merged_bfloat16_run(setup, tmp
 def test_bad_adapter_settings_are_one_line_errors(setup, tmp_path):
     common = ("--data", setup / "texts", "--steps", 1, "--seq-len", 32, "--out", tmp_path / "run", "-q")
     assert_one_line_error(run("finetune", setup / "llama", "en", "--lora-r", 8, *common, ok=False),
-                          "lora_r applies to subset 'lora' only", "--subset lora")
+                          "Option r applies to subset 'lora' only, not to subset 'lape'", "--lora-r")
     assert_one_line_error(run("finetune", setup / "llama", "en", "--subset", "ia3", "--lora-alpha", 8, *common,
-                              ok=False), "lora_alpha", "not to subset 'ia3'")
+                              ok=False), "alpha", "not to subset 'ia3'")
     assert_one_line_error(run("finetune", setup / "llama", "en", "--target-modules", "down_proj", *common,
-                              ok=False), "target_modules apply to subsets 'lora' and 'ia3' only")
+                              ok=False), "target_modules applies to subsets 'lora' and 'ia3' only")
     unknown = run("finetune", setup / "llama", "en", "--subset", "lora", "--target-modules", "up_proj,nope_proj",
                   *common, ok=False)
     assert_one_line_error(unknown, "Unknown target module 'nope_proj'", "mlp.gate_proj, mlp.up_proj, mlp.down_proj",
@@ -230,7 +231,7 @@ def test_evaluate_measures_an_adapter_run_unmerged(setup, tmp_path):
 
 def test_run_configs_without_the_new_fields_still_load_and_an_adapter_run_needs_its_settings(setup, tmp_path):
     from neuronreg.errors import RecordError
-    from neuronreg.finetune.config import RunConfig
+    from neuronreg.runs import RunConfig
 
     out = tmp_path / "run"
     train(setup, "llama", out, subset="lora", steps=1, eval_every=1, lora_r=2)
@@ -242,5 +243,6 @@ def test_run_configs_without_the_new_fields_still_load_and_an_adapter_run_needs_
     config = RunConfig.from_dict(older, "old.json")
     assert config.adapter is None and config.merge is None and config.training.master_dtype is None
     assert (config.training.world_size, config.training.device_map, config.training.chunked_loss) == (1, None, None)
+    (out / "neuronreg_delta.json").write_text(json.dumps({**older, "subset": "lora"}))
     with pytest.raises(RecordError, match="subset 'lora' needs adapter settings"):
-        RunConfig.from_dict({**older, "subset": "lora"}, "bad.json")
+        read_run(out)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from neuronreg.errors import MaskError, RecordError
-from neuronreg.finetune.config import MaskRef, NeuronCounts, RunConfig, TrainingInfo, read_run_config
 from neuronreg.mask import FORMATS, NeuronMask
 from neuronreg.provenance import (
     SCHEMA_VERSION,
@@ -19,10 +18,12 @@ from neuronreg.provenance import (
     CountSummary,
     ImportInfo,
     LanguageInfo,
+    MaskSource,
     ModelInfo,
     NeuronsRecord,
     SelectionInfo,
 )
+from neuronreg.runs import MaskRef, NeuronCounts, RunConfig, TrainingInfo, read_run_config
 from neuronreg.store.local import LocalRegistry
 
 from support.cli import assert_one_line_error, neuron_file, run
@@ -58,7 +59,8 @@ def neurons_record(method="lape"):
 
 def run_config():
     return RunConfig(base_model=model_info(), base_path="/somewhere/m", language=LanguageInfo(code="sw"),
-                     subset="lape", mask=MaskRef(model="m", language="sw", source={"registry": "reg"},
+                     subset="lape", mask=MaskRef(model="m", language="sw",
+                                                 source=MaskSource(kind="registry", selection="top1"),
                                                  selection=neurons_record().selection, model_revision="abc"),
                      neurons=NeuronCounts(total=3, per_layer=[1, 2]), trainable_parameters=288,
                      trainable_share=288 / 21024,
@@ -178,6 +180,9 @@ def test_a_run_config_of_the_previous_version_is_read():
     assert config.mask.model_revision == legacy["mask"]["mask_model_revision"]
     assert config.training.lr == legacy["training"]["lr"] and config.best_step == legacy["best_step"]
     assert "path" not in json.dumps(config.public())
+    # The untyped mask source of older runs becomes what the mask IS; the folder it lay in is dropped.
+    assert config.mask.source.kind == "registry" and legacy["mask"]["source"]["registry"] not in json.dumps(
+        config.to_dict())
 
 
 def test_a_damaged_provenance_is_one_line(tmp_path):

@@ -130,12 +130,12 @@ def test_statistics_equal_an_independent_computation_on_every_layout(arch):
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, model.config.vocab_size, (n,), generator=g) for n in [40] * 5 + [17]]
-    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=3, quiet=True)
+    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=3)
     total, positive = independent_sums(model, rows)
     torch.testing.assert_close(counts.activation_sum, total, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(counts.positive_sum, positive, rtol=1e-10, atol=1e-9)
     assert bool((counts.positive_sum[counts.over_zero == 0] == 0).all())
-    assert count_activations(model, find_mlp_sites(model), rows, quiet=True, statistics=False).activation_sum is None
+    assert count_activations(model, find_mlp_sites(model), rows, statistics=False).activation_sum is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt2"])
@@ -145,7 +145,7 @@ def test_statistics_after_a_row_start_leave_its_position_out(arch):
     rows = [torch.randint(3, model.config.vocab_size, (n,), generator=g) for n in [40] * 5 + [17]]
     # One row a batch, as the independent sums run: the same float32 activations, so float64 rounding is all
     # that may differ (batched, a matmul of another shape may round an activation differently).
-    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=1, quiet=True, row_start=1)
+    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=1, row_start=1)
     total, positive = independent_sums(model, rows, start=1)
     assert counts.tokens == 217
     torch.testing.assert_close(counts.activation_sum, total, rtol=1e-10, atol=1e-9)
@@ -567,7 +567,7 @@ def test_statistics_and_steering_on_cuda(fused, monkeypatch):
     sites = find_mlp_sites(model)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 80, (50,), generator=g) for _ in range(6)] + [torch.randint(3, 80, (17,), generator=g)]
-    counts = count_activations(model, sites, rows, batch_size=4, device="cuda", quiet=True)
+    counts = count_activations(model, sites, rows, batch_size=4, device="cuda")
     total, positive = independent_sums(model, rows)
     torch.testing.assert_close(counts.activation_sum, total, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(counts.positive_sum, positive, rtol=1e-10, atol=1e-9)

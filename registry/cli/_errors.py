@@ -13,15 +13,17 @@ from ..errors import NeuronregError, UnknownLanguage, UnknownModel
 
 # fix -> hint, in CLI terms.
 HINTS = {
-    "adapter_options": "Drop --lora-r/--lora-alpha/--lora-dropout/--target-modules, or pass --subset lora (or ia3 "
-                       "for --target-modules).",
     "again": "Run publish again.",
     "base": "Pass --base with the folder (or Hub id) of that model.",
     "busy": "Wait for it to finish; if it died on another machine, delete its lock file.",
+    "checkpointing": "Give --checkpointing none, full, mlp, or a memory budget in GiB (e.g. 20).",
     "compute": "Run 'neuronreg compute MODEL LANG...' first (or pass --registry).",
     "compute_or_fetch": "Run 'neuronreg compute MODEL LANG...' first, or fetch published neurons ('neuronreg fetch "
                         "MODEL LANG -o mask.parquet') and pass --mask mask.parquet.",
+    "config_name": "Use --name to store the model under another name (its datasets configs are NAME and "
+                   "NAME-SELECTION).",
     "corpus": "Give --corpus a folder of <language>.txt/.jsonl/.parquet files, or 'hf'.",
+    "dense_run": "An ffn or full run is a whole model: evaluate or release it as it is.",
     "device": "Pass --device cpu, or a device this machine has.",
     "diverged": "Lower --lr, or clip gradients (--clip 1.0).",
     "empty_mask": "Select with a higher --top-rate, or train --subset ffn.",
@@ -32,9 +34,12 @@ HINTS = {
     "later": "Try again later.",
     "login": "Log in with 'hf auth login', set HF_TOKEN, or pass --token.",
     "manifest": "Check --manifest or $NEURONREG_MANIFEST.",
+    "mask_file": "Give the mask file of that language with --mask.",
     "mask_model": "Use the mask of this model (or --name to pick the registry entry).",
     "memory": "Use a smaller --dtype, or a machine with more memory.",
     "merge_dtype": "Add --merged, or drop --merge-dtype.",
+    "method_options": "Drop the options of another subset (--lora-r, --lora-alpha, --lora-dropout: lora; "
+                      "--target-modules: lora, ia3), or choose the subset they belong to.",
     "model_size": "Pass --layers and --intermediate-size (and --hidden-size for the share of parameters).",
     "model_source": "Give the model's Hub id or local folder as MODEL.",
     "models": "Give a manifest alias ('neuronreg models'), a Hub id like org/name, a local folder, or a name "
@@ -47,10 +52,13 @@ HINTS = {
     "out": "Choose another --out.",
     "overwrite": "Use another --out, or --overwrite to start again.",
     "prompts": "Give PROMPT arguments, or --prompts FILE with one prompt per line.",
+    "quantize": "Train --subset lape, random, lora or ia3 on a 4-bit base, or drop --quantize.",
+    "quantize_merged": "Drop --merged; merge later (neuronreg release --merged, or load_sparse_model(run, "
+                       "merge=True)).",
     "recompute": "Delete it and run 'neuronreg compute' again (with --force).",
     "recount": "Count the language again: 'neuronreg compute MODEL LANG --corpus ... --force' (the same settings).",
     "registry": "Choose another with --registry or $NEURONREG_REGISTRY.",
-    "revision": "Check --revision.",
+    "revision": "Check --revision (a branch name git accepts).",
     "run_folder": "Give the folder that 'neuronreg finetune --out' wrote.",
     "same_text": "Give held-out text the masks never saw, or pass --allow-same-text.",
     "select": "Run 'neuronreg select' again.",
@@ -59,6 +67,7 @@ HINTS = {
     "steer_languages": "Name the languages with --deactivate and/or --activate (generate), --from and --to "
                        "(steer-eval); --mode additive needs both.",
     "strength": "Give strengths as numbers, e.g. --strength 1.5 or --strengths 0,0.5,1,2,4.",
+    "subset": "Choose --subset lape, random, ffn, full, lora or ia3 (or a method you registered).",
     "tag": "Choose another --tag.",
     "target_modules": "Name linear projections of the model with --target-modules a,b,c, or leave it out for the "
                       "MLP projections.",

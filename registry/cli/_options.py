@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
+from ..options import DTYPE_CHOICES as DTYPES
 from ..resolve import split_names
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _option(*names, **kw):
@@ -64,15 +63,28 @@ def languages_option(help: str, name: str = "languages"):
     return _option("--languages", name, multiple=True, help=f"{help} Comma-separated or repeated; codes or names.")
 
 
+device_map_option = _option("--device-map", default=None, type=click.Choice(["auto"]),
+                            help="Spread a model too large for one GPU over all GPUs (needs accelerate).")
+
+
+def load_options(f):
+    """How a model is loaded, declared once: --dtype, --device, --token, --trust-remote-code (one
+    LoadOptions value in the library; see ``load``)."""
+    for option in (token_option, trust_remote_code_option, device_option, dtype_option):
+        f = option(f)
+    return f
+
+
 def model_source_options(f):
-    """How a model is found and loaded: its registry name, its text field, remote code, token."""
-    for option in (token_option, trust_remote_code_option, name_option, text_field_option):
+    """How a model is found and loaded: its registry name, its text field, and the load options."""
+    for option in (load_options, name_option, text_field_option):
         f = option(f)
     return f
 
 
 def which_selection_options(f):
-    """Which of a model's selections to use: by name, or by its top rate (default: the model's default)."""
+    """Which of a model's selections to use: by name, or by its top rate (default: the model's default);
+    ``selection`` makes them the one SelectionRef the library takes."""
     f = _option("--top-rate", "which_top_rate", type=float, default=None,
                 help="Use the model's selection with this top rate (e.g. 0.05) [default: its default selection].")(f)
     f = _option("--selection", default=None,
@@ -107,6 +119,21 @@ def registry(path):
     from ..store.local import LocalRegistry
 
     return LocalRegistry(path)
+
+
+def load(dtype=None, device=None, token=None, trust_remote_code=False, device_map=None):
+    """The LoadOptions of the shared options (--dtype auto means the library's default)."""
+    from ..options import LoadOptions
+
+    return LoadOptions(dtype=None if dtype == "auto" else dtype, device=device, device_map=device_map, token=token,
+                       trust_remote_code=trust_remote_code)
+
+
+def selection(name=None, top_rate=None):
+    """--selection NAME (or a rate, '0.05', '5%') and --top-rate RATE as the one SelectionRef."""
+    from ..store.index import SelectionRef
+
+    return SelectionRef.of(name, top_rate)
 
 
 def params(top_rate, filter_rate, bar_ratio):

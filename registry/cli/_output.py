@@ -18,7 +18,12 @@ def status(quiet: bool, text: str) -> None:
 
 
 def setup_logging(quiet: bool) -> None:
-    """The library's log (warnings, and info unless quiet) on stderr, one plain line each."""
+    """The library's log (warnings, and info unless quiet) on stderr, one plain line each; quiet also
+    silences every progress bar (neuronreg's and the libraries' under it)."""
+    if quiet:
+        from ..progress import disable_progress_bars
+
+        disable_progress_bars()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("neuronreg")

@@ -30,8 +30,6 @@ from ._output import result, setup_logging, status
 @click.option("--allow-same-text", is_flag=True,
               help="Evaluate even on the very text a mask was computed from (with a warning).")
 @o.which_selection_options
-@o.dtype_option
-@o.device_option
 @o.model_source_options
 @o.registry_option
 @o.quiet_option
@@ -51,22 +49,22 @@ def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, se
         neuronreg ablate smollm2-135m --languages en,de,fr,es,ru,zh --data ./heldout --out ablation/
         neuronreg ablate ./my-model --data ./heldout --out ablation/ --tokens 20k --registry ./reg
     """
-    from ..evaluation.ablation import AblationSettings, ablate, save_report, table_lines
+    from ..evaluation.ablation import AblationSettings, ablate, save_report
     from ..files import output_folder
+    from ._tables import ablation_summary, ablation_table
 
     setup_logging(quiet)
     output_folder(out)
     settings = AblationSettings(data=data, tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size,
-                                dtype=dtype, device=device, text_field=text_field, seed=seed,
-                                allow_same_text=allow_same_text, exclusive=exclusive, selection=selection,
-                                top_rate=which_top_rate)
-    report = ablate(model, o.names(languages), manifest=o.manifest(ctx), registry=o.registry(registry),
-                    settings=settings, name=name, quiet=quiet, trust_remote_code=trust_remote_code, token=token)
+                                text_field=text_field, seed=seed, allow_same_text=allow_same_text, exclusive=exclusive,
+                                selection=o.selection(selection, which_top_rate))
+    report = ablate(model, o.names(languages), settings=settings, load=o.load(dtype, device, token, trust_remote_code),
+                    manifest=o.manifest(ctx), registry=o.registry(registry), name=name)
     paths = save_report(report, out)
-    for line in table_lines(report):
+    for line in ablation_table(report):
         result(line)
     result()
-    for line in report.summary_lines():
+    for line in ablation_summary(report):
         result(line)
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -115,18 +113,20 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resum
         neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --limit 100
         neuronreg evaluate runs/sw-* --tasks flores,belebele,sib200,english --resume   # after an interruption
     """
-    from ..finetune.evaluate import evaluate_runs
+    from ..finetune.evaluate import BenchmarkSettings, HeldoutSettings, evaluate_runs
+    from ._tables import benchmark_lines, heldout_lines
 
     setup_logging(quiet)
     if not data and not tasks:
         raise click.UsageError("Give --data (held-out text), --tasks (benchmarks), or both.")
     outcomes = evaluate_runs(
         runs, tasks=o.names([tasks]) if tasks else None, data=data, languages=o.names(languages),
-        manifest=o.manifest(ctx), dtype=dtype,
-        benchmark_options=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                               include_path=include_path, resume=resume, quiet=quiet),
-        heldout_options=dict(tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size, text_field=text_field),
-        device=device, token=token, trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
+        manifest=o.manifest(ctx), load=o.load(dtype, device, token, trust_remote_code),
+        benchmark=BenchmarkSettings(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                    include_path=tuple(include_path), resume=resume),
+        heldout=HeldoutSettings(tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size,
+                                text_field=text_field),
+        allow_other_base=allow_other_base)
     reports = []
     for folder, bench, outcome in outcomes:
         if as_json:
@@ -136,7 +136,7 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resum
             continue
         if len(runs) > 1:
             result(f"{'' if folder == Path(runs[0]) else chr(10)}== {folder}")
-        for line in (bench.lines() if bench else []) + (outcome.lines() if outcome else []):
+        for line in (benchmark_lines(bench) if bench else []) + (heldout_lines(outcome) if outcome else []):
             result(line)
     if as_json:  # one run: its object, as before; several: a list of them
         result(json.dumps(reports[0] if len(runs) == 1 else reports, indent=2))
@@ -170,11 +170,12 @@ def report_cmd(runs, out, target, quiet):
         neuronreg report runs/sw-* -o report/ --tradeoff 'heldout_{lang}/bits_per_character'
     """
     from ..evaluation.report import collect, save_report
+    from ._tables import report_markdown
 
     setup_logging(quiet)
     report = collect(list(runs))
     paths = save_report(report, out, target=target)
-    for line in report.markdown():
+    for line in report_markdown(report):
         result(line)
     status(quiet, f"Wrote {len(paths)} files to {out}: report.csv, report.json, "
                   f"{len(report.metrics)} metric plot(s){', tradeoff.png' if 'tradeoff' in paths else ''}")

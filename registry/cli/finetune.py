@@ -26,8 +26,7 @@ def merge_dtype_option(help: str):
               help="Registry folder holding the language's neurons, or one mask file (.parquet/.json/.safetensors, "
                    "as neuronreg fetch -o writes) [default: --registry].")
 @o.which_selection_options
-@click.option("--subset", type=click.Choice(["lape", "random", "ffn", "full", "lora", "ia3"]), default="lape",
-              show_default=True,
+@click.option("--subset", default="lape", show_default=True, metavar="METHOD",
               help="lape: the language's neurons; random: as many per layer, drawn with --seed; ffn: all MLP "
                    "weights; full: all weights; lora / ia3: a PEFT adapter on the MLP projections (baselines).")
 @click.option("--lora-r", type=click.IntRange(min=1), default=None, show_default="32",
@@ -60,16 +59,20 @@ def merge_dtype_option(help: str):
               help="Validation text folder [default: the last 2% of the training rows].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Checkpoint every so many steps [default: --eval-every].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order and random subset.")
-@o.dtype_option
-@o.device_option
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the order of the training rows, of --subset random's neurons and of LoRA's dropout.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory "
+              "(--checkpointing full).")
+@click.option("--checkpointing", default=None, metavar="none|full|mlp|GiB",
+              help="What the backward pass recomputes: none, full (every layer), mlp (only the MLP intermediates), "
+                   "or a memory budget in GiB that chooses per layer [default: none].")
 @click.option("--chunked-loss/--no-chunked-loss", default=None,
               help="Compute the loss over the vocabulary a few hundred tokens at a time, never holding the full "
                    "logits [default: when a batch's logits would take more than 256 MiB in float32].")
-@click.option("--device-map", default=None, type=click.Choice(["auto"]),
-              help="Spread a model too large for one GPU over all GPUs (needs accelerate); each delta lives on "
-                   "its layer's GPU. (For several GPUs data-parallel, start with torchrun instead.)")
+@o.device_map_option
+@click.option("--quantize", type=click.Choice(["4bit"]), default=None,
+              help="Store the frozen base's decoder projections in 4 bits (NF4, needs bitsandbytes) while training; "
+                   "the float32 deltas or adapter apply to the full-precision base.")
 @click.option("--merged", is_flag=True, help="Also save the merged full model (save_pretrained) in OUT/merged.")
 @merge_dtype_option("Dtype of the merged weights (--merged) and of a dense run's saved weights "
                     "[default: the model's --dtype]; float32 keeps every bit of the training.")
@@ -81,8 +84,9 @@ def merge_dtype_option(help: str):
 def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, lora_r, lora_alpha,
                  lora_dropout, target_modules, steps, batch_size, grad_accum, seq_len, tokens, lr, weight_decay, clip,
                  schedule, warmup_steps, eval_every, eval_data, checkpoint_every, seed, dtype, device,
-                 gradient_checkpointing, chunked_loss, device_map, merged, merge_dtype, overwrite, text_field, name,
-                 trust_remote_code, token, registry, quiet):
+                 gradient_checkpointing, checkpointing, chunked_loss, device_map, quantize, merged, merge_dtype,
+                 overwrite,
+                 text_field, name, trust_remote_code, token, registry, quiet):
     """Train only LANGUAGE's neurons of MODEL on its text (sparse fine-tuning), or a baseline subset.
 
     For each of the language's neurons, its gate and up rows and its down column are trained as
@@ -110,22 +114,28 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
         neuronreg finetune llama-3.1-8b mt --data ./texts --seq-len 512 --grad-accum 8 --merged --out runs/mt
         torchrun --nproc-per-node 8 -m neuronreg finetune llama-3.1-8b mt --data ./texts --out runs/mt
     """
-    from ..finetune.training import FinetuneSettings, finetune
+    from ..finetune.config import FinetuneSettings
+    from ..finetune.training import finetune
 
     setup_logging(quiet)
+    options = {key: value for key, value in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout),
+                                             ("target_modules", o.names(target_modules) or ()
+                                              if target_modules is not None else None)) if value is not None}
+    if gradient_checkpointing and checkpointing not in (None, "full"):
+        raise click.UsageError("--gradient-checkpointing is --checkpointing full; give one of them.")
     settings = FinetuneSettings(
         data=data, out=out, subset=subset, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
         seq_len=seq_len, tokens=o.tokens(tokens), lr=lr, weight_decay=weight_decay, clip=clip,
         warmup_steps=warmup_steps, schedule=schedule, eval_every=eval_every, eval_data=eval_data,
-        checkpoint_every=checkpoint_every, seed=seed, dtype=dtype, device=device,
-        gradient_checkpointing=gradient_checkpointing, text_field=text_field, merged=merged, merge_dtype=merge_dtype,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=(o.names(target_modules) or []) if target_modules is not None else None)
-    source = Path(mask_source) if mask_source and Path(mask_source).is_file() else o.registry(mask_source or registry)
-    run = finetune(model, language, manifest=o.manifest(ctx), registry=source, settings=settings, name=name,
-                   overwrite=overwrite, quiet=quiet, trust_remote_code=trust_remote_code, token=token,
-                   selection=selection, top_rate=which_top_rate, device_map=device_map,
-                   chunked_loss=chunked_loss)
+        checkpoint_every=checkpoint_every, seed=seed,
+        checkpointing=checkpointing or ("full" if gradient_checkpointing else "none"), chunked_loss=chunked_loss,
+        quantize=quantize,
+        text_field=text_field, merged=merged, merge_dtype=merge_dtype, options=options)
+    mask_file = Path(mask_source) if mask_source and Path(mask_source).is_file() else None
+    run = finetune(model, language, settings, load=o.load(dtype, device, token, trust_remote_code, device_map),
+                   registry=o.registry(registry if mask_file or not mask_source else mask_source), mask=mask_file,
+                   selection=o.selection(selection, which_top_rate), manifest=o.manifest(ctx), name=name,
+                   overwrite=overwrite)
     if not run.is_main:
         return  # a rank other than 0 under torchrun: rank 0 reports
     config = run.config
@@ -171,7 +181,12 @@ def release_cmd(run, repo, merged, merge_dtype, private, revision, tag, create_p
                       merge_dtype=merge_dtype, revision=revision, tag=tag, create_pr=create_pr)
     if outcome.merge is not None:
         status(quiet, outcome.merge.describe())
-    status(quiet, f"Uploaded {len(outcome.files)} file(s) in one commit: {', '.join(outcome.files)}")
+    if not outcome.uploaded:
+        status(quiet, f"{repo} already holds this release ({len(outcome.files)} files): no commit made.")
+    else:
+        kept = len(outcome.files) - len(outcome.uploaded)
+        status(quiet, f"Uploaded {len(outcome.uploaded)} file(s) in one commit: {', '.join(outcome.uploaded)}"
+                      + (f" ({kept} already there)" if kept else ""))
     result(outcome.pr_url or outcome.url or f"{repo}@{outcome.commit}")
 
 

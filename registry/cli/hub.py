@@ -72,21 +72,19 @@ def fetch_cmd(ctx, model, language, selection, which_top_rate, repo, revision, f
         neuronreg fetch mistral-nemo sw --repo acme/lape-neurons --revision v1.0 --format pt -o sw.pt
     """
     from ..mask import format_from_suffix
-    from ..resolve import language_code, resolve_model
-    from ..store.hub import fetch_mask
-    from .registry import format_share
+    from ..store.masks import find_masks
+    from ._tables import format_share
 
     if output is None and fmt not in (None, "json"):
         raise click.UsageError(f"--format {fmt} writes a binary file: give -o FILE.")
     manifest = o.manifest(ctx)
-    name = resolve_model(model, manifest, any_name=True).name
-    code = language_code(language, manifest)
     repo = repo or manifest.registry_repo
-    mask = fetch_mask(name, code, repo=repo, revision=revision, token=token, selection=selection,
-                      top_rate=which_top_rate)
-    status(quiet, f"{name} {code} ({mask.source['selection']}): {len(mask)} neurons, "
+    found = find_masks(model, [language], selection=o.selection(selection, which_top_rate), repo=repo,
+                       revision=revision, manifest=manifest, token=token)
+    mask = found.one()
+    status(quiet, f"{found.model} {mask.language} ({found.selection}): {len(mask)} neurons, "
                   f"{format_share(mask.share_of_parameters())} of parameters, "
-                  f"from {repo}@{mask.source['commit'][:12]}")
+                  f"from {repo}@{mask.source.commit[:12]}")
     status(quiet, "per layer: " + " ".join(str(n) for n in mask.counts_per_layer()))
     if output is None:
         result(json.dumps(mask.to_json()))
@@ -153,17 +151,16 @@ def export_cmd(ctx, model, fmt, output, languages, selection, which_top_rate, re
     Example:
         neuronreg export llama-3.1-8b --format lape-pt -o llama-3.1-5.pt
     """
-    from ..resolve import language_codes, resolve_model
     from ..store.authors import export_lape, save_lape
+    from ..store.masks import find_masks
 
-    manifest, reg = o.manifest(ctx), o.registry(registry)
-    name = resolve_model(model, manifest, registry=reg).name
-    entry = reg.selection(name, selection, which_top_rate)
-    langs = language_codes(languages, manifest, entry.languages) if languages else None
-    masks, codes = export_lape(reg, name, langs, selection=entry.name)
+    found = find_masks(model, o.names(languages), selection=o.selection(selection, which_top_rate),
+                       registry=registry, manifest=o.manifest(ctx))
+    masks, codes = export_lape(found, in_given_order=bool(languages))
     save_lape(masks, Path(output))
     result(str(output))
-    status(quiet, f"Wrote {len(codes)} languages of {name} ({entry.name}) in this order: {','.join(codes)}")
+    status(quiet, f"Wrote {len(codes)} languages of {found.model} ({found.selection}) in this order: "
+                  f"{','.join(codes)}")
 
 
 COMMANDS = [publish_cmd, fetch_cmd, import_cmd, export_cmd]

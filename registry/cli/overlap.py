@@ -18,7 +18,7 @@ from ._output import result, status
               help="Folder for overlap.json, jaccard.csv, shared_core.csv, overlap.png and per_layer.png.")
 @o.which_selection_options
 @click.option("--against", default=None,
-              help="Also compare with this other selection of MODEL (a name, or a top rate such as 0.05): how "
+              help="Also compare with this other selection of MODEL (a name, or a top rate such as 0.05 or 5%): how "
                    "each language's mask sits inside it.")
 @o.registry_option
 @o.json_option
@@ -43,43 +43,40 @@ def overlap_cmd(ctx, model, languages, out, selection, which_top_rate, against, 
     """
     from ..files import output_folder
     from ..overlap import containment, overlap
-    from ..resolve import language_codes, resolve_model
+    from ..store.masks import find_masks
+    from ._tables import core_line, jaccard_table
 
     output_folder(out)
     manifest, reg = o.manifest(ctx), o.registry(registry)
-    name = resolve_model(model, manifest, registry=reg).name
-    entry = reg.selection(name, selection, which_top_rate)
     names = o.names(languages)
-    codes = language_codes(names, manifest, entry.languages) if names else entry.languages
-    masks = reg.read_masks(name, codes, entry.name)
-    report = overlap(masks, manifest, order=codes if names else None)
+    found = find_masks(model, names, selection=o.selection(selection, which_top_rate), registry=reg,
+                       manifest=manifest)
+    name, masks = found.model, found.masks
+    report = overlap(masks, manifest, order=found.languages if names else None)
     inside = None
     if against is not None:
-        try:
-            other = reg.selection(name, top_rate=float(against))
-        except ValueError:
-            other = reg.selection(name, against)
-        theirs = reg.read_masks(name, [c for c in codes if c in other.languages], other.name)
-        inside = {"selection": entry.name, "against": other.name,
+        other = reg.selection(name, o.selection(against))
+        theirs = find_masks(name, [c for c in found.languages if c in other.languages], selection=other.name,
+                            registry=reg, manifest=manifest).masks
+        inside = {"selection": found.selection, "against": other.name,
                   "languages": {lang: c.to_json() for lang, c in containment(masks, theirs).items()}}
         report.extra = {"containment": inside}
     paths = report.save(out)
     if as_json:
         result(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
     else:
-        result(f"selection {entry.name} of {name}")
-        for line in report.table_lines():
+        result(f"selection {found.selection} of {name}")
+        for line in jaccard_table(report):
             result(line)
         result()
-        for line in report.core_lines():
-            result(line)
+        result(core_line(report))
         if inside is not None:
             result()
-            result(f"{entry.name} inside {inside['against']}: {'language':<10} {'neurons':>8} {'inside':>8} "
+            result(f"{found.selection} inside {inside['against']}: {'language':<10} {'neurons':>8} {'inside':>8} "
                    f"{'share':>7} {'jaccard':>8}")
             for lang, c in inside["languages"].items():
                 share = "-" if c["contained"] is None else f"{c['contained']:.2f}"
-                result(f"{'':<{len(entry.name) + len(inside['against']) + 9}}{lang:<10} {c['small']:>8} "
+                result(f"{'':<{len(found.selection) + len(inside['against']) + 9}}{lang:<10} {c['small']:>8} "
                        f"{c['shared']:>8} {share:>7} {c['jaccard']:>8.2f}")
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 

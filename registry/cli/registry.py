@@ -20,10 +20,7 @@ from ._output import result, setup_logging, status
 @o.tokens_option("13M", "Tokens to count per language (e.g. 500k, 2M, 100M).")
 @o.seq_len_option(1024)
 @o.batch_size_option(8)
-@o.dtype_option
-@o.device_option
-@click.option("--device-map", default=None, type=click.Choice(["auto"]),
-              help="Split one model too large for a GPU over all GPUs (needs accelerate).")
+@o.device_map_option
 @o.model_source_options
 @click.option("--select-over", "select_langs", multiple=True,
               help="Languages to select over, comma-separated [default: every language counted for the model].")
@@ -60,16 +57,15 @@ def compute_cmd(ctx, model, languages, more_langs, corpus, tokens, seq_len, batc
 
     setup_logging(quiet)
     settings = CountSettings(corpus=corpus, tokens=o.tokens(tokens), seq_len=seq_len, batch_size=batch_size,
-                             dtype=dtype, device=device, text_field=text_field,
-                             checkpoint_tokens=o.tokens(checkpoint_tokens, "Checkpoint interval"),
-                             device_map=device_map)
+                             text_field=text_field,
+                             checkpoint_tokens=o.tokens(checkpoint_tokens, "Checkpoint interval"))
     wanted = list(languages) + list(more_langs)
     if not wanted:
         raise click.UsageError("Name the languages to count: LANGUAGES or --languages (e.g. sw mt, or @seed12).")
-    report = compute(model, wanted, manifest=o.manifest(ctx), registry=o.registry(registry),
-                     settings=settings, params=o.params(top_rate, filter_rate, bar_ratio),
-                     select_languages=o.names(select_langs), name=name, force=force, quiet=quiet,
-                     trust_remote_code=trust_remote_code, token=token, default=make_default, strict=strict)
+    report = compute(model, wanted, settings=settings, params=o.params(top_rate, filter_rate, bar_ratio),
+                     load=o.load(dtype, device, token, trust_remote_code, device_map), manifest=o.manifest(ctx),
+                     registry=o.registry(registry), select_languages=o.names(select_langs), name=name, force=force,
+                     default=make_default, strict=strict)
     selection = report.selection
     if selection is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
@@ -187,23 +183,15 @@ def show_cmd(ctx, model, language, selection, which_top_rate, repo, revision, to
         neuronreg show mistral-nemo Swahili --top-rate 0.05 --json
         neuronreg show mistral-nemo sw --repo acme/lape-neurons
     """
-    from ..resolve import language_code, resolve_model
+    from ..store.masks import find_masks
+    from ._tables import format_share
 
-    reg, manifest = o.registry(registry), o.manifest(ctx)
-    if repo:
-        from ..store.hub import fetch_mask
-
-        name = resolve_model(model, manifest, any_name=True).name
-        mask = fetch_mask(name, language_code(language, manifest), repo=repo, revision=revision, token=token,
-                          selection=selection, top_rate=which_top_rate)
-    else:
-        name = resolve_model(model, manifest, registry=reg).name
-        entry = reg.selection(name, selection, which_top_rate)
-        mask = reg.read_mask(name, language_code(language, manifest, entry.languages), entry.name)
+    found = find_masks(model, [language], selection=o.selection(selection, which_top_rate), repo=repo,
+                       revision=revision, registry=registry, manifest=o.manifest(ctx), token=token)
+    name, mask, chosen = found.model, found.one(), found.selection
     code = mask.language
     share = mask.share_of_parameters()
     per_layer = mask.counts_per_layer()
-    chosen = mask.source.get("selection")
     if as_json:
         result(json.dumps({"model": name, "language": code, "selection": chosen, "neurons": len(mask),
                            "per_layer": per_layer, "trainable_weights": mask.trainable_weights(),
@@ -216,10 +204,6 @@ def show_cmd(ctx, model, language, selection, which_top_rate, repo, revision, to
     result(f"{'layer':>5} {'neurons':>8}")
     for layer, count in enumerate(per_layer):
         result(f"{layer:>5} {count:>8}")
-
-
-def format_share(share: float | None) -> str:
-    return "n/a" if share is None else f"{100 * share:.3f}%"
 
 
 @click.command(name="languages")
@@ -236,7 +220,7 @@ def languages_cmd(ctx, names, show_sets, as_json):
         neuronreg languages @seed12
         neuronreg languages --sets
     """
-    from ..resolve import language_codes
+    from ..resolve import languages
 
     manifest = o.manifest(ctx)
     if show_sets:
@@ -248,7 +232,7 @@ def languages_cmd(ctx, names, show_sets, as_json):
             shown = " ".join(codes[:20]) + (" ..." if len(codes) > 20 else "")
             result(f"@{name:<10} {len(codes):>4}  {shown}")
         return
-    chosen = [manifest.language(code) for code in language_codes(names, manifest)] if names else manifest.languages
+    chosen = languages(names, manifest) if names else manifest.languages
     if as_json:
         result(json.dumps([{"code": lang.code, "name": lang.name, "iso639_3": lang.iso639_3,
                             "flores200": lang.flores200, "ntrex": lang.ntrex, "script": lang.script,

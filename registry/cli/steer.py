@@ -136,12 +136,11 @@ def generate_cmd(ctx, model, prompt, prompts_file, deactivate, activate, strengt
     prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
     check_prompts(prompts)
     steering = SteeringSettings(deactivate=deactivate, activate=activate, strength=strength, mode=mode,
-                                statistic=statistic, layers=layers, selection=selection, top_rate=which_top_rate)
+                                statistic=statistic, layers=layers, selection=o.selection(selection, which_top_rate))
     report = steered_generation(model, prompts, steering, manifest=o.manifest(ctx), registry=o.registry(registry),
                                 settings=_generation(max_new_tokens, sample, temperature, seed, repetition_penalty,
                                                      batch_size),
-                                name=name, dtype=dtype, device=device, quiet=quiet,
-                                trust_remote_code=trust_remote_code, token=token)
+                                name=name, load=o.load(dtype, device, token, trust_remote_code))
     if as_json:
         result(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
         return
@@ -187,21 +186,21 @@ def steer_eval_cmd(ctx, model, source, target, prompts_file, out, strengths, mod
         neuronreg steer-eval mistral-nemo --from en --to sw --prompts prompts.txt --out steer/ --strengths 0,1,2,4
     """
     from ..files import output_folder
-    from ..steering.evaluate import SteerEvalSettings, save_report, steer_eval, table_lines
+    from ..steering.evaluate import SteerEvalSettings, save_report, steer_eval
     from ..steering.generation import read_prompts
+    from ._tables import steering_table
 
     setup_logging(quiet)
     output_folder(out)
     settings = SteerEvalSettings(strengths=strengths, prompts=read_prompts(prompts_file) if prompts_file else None,
-                                 mode=mode, statistic=statistic, layers=layers, selection=selection,
-                                 top_rate=which_top_rate,
+                                 mode=mode, statistic=statistic, layers=layers,
+                                 selection=o.selection(selection, which_top_rate),
                                  generation=_generation(max_new_tokens, sample, temperature, seed,
-                                                        repetition_penalty, batch_size),
-                                 dtype=dtype, device=device)
+                                                        repetition_penalty, batch_size))
     report = steer_eval(model, source, target, manifest=o.manifest(ctx), registry=o.registry(registry),
-                        settings=settings, name=name, quiet=quiet, trust_remote_code=trust_remote_code, token=token)
+                        settings=settings, name=name, load=o.load(dtype, device, token, trust_remote_code))
     paths = save_report(report, out)
-    for line in table_lines(report):
+    for line in steering_table(report):
         result(line)
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 

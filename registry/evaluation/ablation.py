@@ -12,7 +12,6 @@ shared with ``evaluate``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,10 @@ from ..hooks import zeroed_neurons
 from ..manifest import Manifest
 from ..mask import RANDOM, NeuronMask
 from ..models import load_model
+from ..options import LoadOptions
 from ..progress import progress
-from ..resolve import language_codes, resolve_model
+from ..provenance import MaskSource
+from ..resolve import language, resolve_model
 from ..store.local import LocalRegistry
 from .heldout import Score, heldout_text, score
 
@@ -43,12 +44,9 @@ class AblationSettings:
     tokens: int = 100_000  # per language
     seq_len: int = 1024
     batch_size: int = 4
-    dtype: str | None = None
-    device: str | None = None
     text_field: str | None = None
     seed: int = 0  # of the random control
-    selection: str | None = None  # which of the model's selections (default: its default)
-    top_rate: float | None = None  # or the selection with this top rate
+    selection: object = None  # which of the model's selections: a name or a top rate (default: its default)
     allow_same_text: bool = False
     exclusive: bool = False  # switch off only the neurons of a language that no other evaluated language has
 
@@ -63,7 +61,9 @@ def exclusive_masks(masks: dict[str, NeuronMask]) -> dict[str, NeuronMask]:
         keep = ~np.isin(mask.keys(), shared)
         result[lang] = NeuronMask(mask.model, mask.language, mask.num_layers, mask.intermediate_size,
                                   mask.layer[keep], mask.neuron[keep], provenance=mask.provenance,
-                                  source={**mask.source, "exclusive_of": sorted(set(masks) - {lang})})
+                                  source=MaskSource(kind="derived", selection=mask.source.selection if mask.source
+                                                    else None, exclusive_of=sorted(set(masks) - {lang})),
+                                  location=mask.location)
     return result
 
 
@@ -107,30 +107,6 @@ class Verdict:
     other_relative: float | None
     random_relative: float | None
     loss_ratio: float | None  # own / others' mean on loss changes (log of perplexity ratios)
-
-    def line(self, baseline: float, ablated: float) -> str:
-        def pct(value: float | None) -> str:
-            return "n/a" if value is None else f"{100 * value:+.3g}%"
-
-        column = "n/a" if self.strongest_rival is None else (
-            f"{'yes' if self.own_hurts_most else 'NO'} (next: {self.strongest_rival} {pct(self.rival_relative)})")
-        row = "n/a" if self.most_hurt_other is None else (
-            f"{'yes' if self.hurts_own_most else 'NO'} (next: {self.most_hurt_other} {pct(self.other_relative)})")
-        control = "" if self.random_relative is None else f"; random neurons {pct(self.random_relative)}"
-        return (f"{self.language}: own neurons off: perplexity {number(baseline)} -> {number(ablated)} "
-                f"({pct(self.own_relative)}); of all masks its own hurts it most: {column}; its mask hurts it "
-                f"more than any other language: {row}{control}")
-
-
-def number(value: float, sign: bool = False) -> str:
-    """Three significant digits, never in exponent notation: 1234 -> 1,234; 0.01234 -> 0.0123."""
-    if not math.isfinite(value):
-        return str(value)
-    plus = "+" if sign else ""
-    if value == 0:
-        return f"{plus}0" if sign else "0"
-    digits = max(0, 2 - math.floor(math.log10(abs(value))))
-    return f"{value:{plus},.{digits}f}"
 
 
 @dataclass
@@ -183,19 +159,6 @@ class AblationReport:
             )
         return result
 
-    def summary_lines(self) -> list[str]:
-        verdicts = self.verdicts()
-        lines = [verdict.line(self.baseline[lang].perplexity, self.ablated[lang][lang].perplexity)
-                 for lang, verdict in verdicts.items()]
-        if len(verdicts) > 1:
-            column = sum(v.own_hurts_most for v in verdicts.values())
-            row = sum(v.hurts_own_most for v in verdicts.values())
-            lines.append(f"Of {len(verdicts)} languages, {column} {'is' if column == 1 else 'are'} hurt most by "
-                         f"{'its' if column == 1 else 'their'} own mask (of all masks, relative change), and "
-                         + (f"{row} language's mask hurts its own language" if row == 1 else
-                            f"{row} languages' masks hurt their own language") + " more than any other.")
-        return lines
-
     def to_json(self) -> dict:
         return {
             "tool": "neuronreg",
@@ -221,7 +184,7 @@ class AblationReport:
             "same_text": self.same_text,
             "masks": {name: {"neurons": len(mask), "per_layer": mask.counts_per_layer(),
                              **({"selection": mask.provenance.selection.to_dict()} if mask.provenance else
-                                {"seed": mask.source.get("random", {}).get("seed")})}
+                                {"seed": mask.source.seed if mask.source else None})}
                       for name, mask in self.masks.items()},
             "baseline": {lang: score.as_dict() for lang, score in self.baseline.items()},
             "ablated": {row: {lang: {**score.as_dict(),
@@ -264,25 +227,28 @@ def check_separate_text(masks: dict[str, NeuronMask], heldout: dict[str, CorpusS
 
 def ablate(
     model_spec: str,
-    language_names: list[str] | None,
+    language_names: list[str] | str | None = None,
     *,
-    manifest: Manifest,
-    registry: LocalRegistry,
     settings: AblationSettings,
+    load: LoadOptions | None = None,
+    registry: LocalRegistry | str | Path | None = None,
+    manifest: Manifest | None = None,
     name: str | None = None,
-    quiet: bool = False,
-    trust_remote_code: bool = False,
-    token: str | None = None,
 ) -> AblationReport:
     """Perplexity of every language with no neuron, each language's neurons, and random neurons switched off."""
+    from ..manifest import load_manifest
+    from ..store.masks import find_masks
+
+    manifest = manifest or load_manifest()
+    registry = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
     ref = resolve_model(model_spec, manifest, name=name, registry=registry)
-    entry = registry.selection(ref.name, settings.selection, settings.top_rate)
-    available = entry.languages
-    languages = language_codes(language_names, manifest, available) if language_names else available
-    masks = registry.read_masks(ref.name, languages, entry.name)
+    found = find_masks(ref, language_names, selection=settings.selection, registry=registry, manifest=manifest)
+    masks, languages = found.masks, found.languages
     shared = shared_neurons(masks)
-    sources = {lang: resolve_corpus(settings.data, manifest.language(lang), manifest, settings.text_field)
-               for lang in languages}
+    sources = {lang: resolve_corpus(settings.data, language(lang, manifest, [mask.provenance.language]
+                                                            if mask.provenance else [lang]),
+                                    manifest, settings.text_field)
+               for lang, mask in masks.items()}
     same_text = check_separate_text(masks, sources, settings.allow_same_text)
     for lang, source in sources.items():
         if next(iter_documents(source), None) is None:
@@ -293,8 +259,7 @@ def ablate(
     if empty:
         log.warning("%s: no neurons in the mask; its row is the baseline.", ", ".join(empty))
 
-    loaded = load_model(ref, dtype=settings.dtype, device=settings.device, trust_remote_code=trust_remote_code,
-                        token=token, quiet=quiet)
+    loaded = load_model(ref, load)
     first = next(iter(masks.values()))
     revision = first.provenance.model.revision if first.provenance else None
     if revision and revision != loaded.revision:
@@ -313,7 +278,7 @@ def ablate(
             log.info("%s: %s tokens of held-out text (asked for %s); evaluated all of them.", lang,
                      f"{text.tokens:,}", f"{settings.tokens:,}")
     runs = [name for name, mask in all_masks.items() if len(mask)]
-    bar = progress((1 + len(runs)) * sum(t.tokens for t in texts.values()), f"{ref.name} ablation", quiet=quiet)
+    bar = progress((1 + len(runs)) * sum(t.tokens for t in texts.values()), f"{ref.name} ablation")
 
     def scores() -> dict[str, Score]:
         result = {}
@@ -343,26 +308,10 @@ def ablate(
     run_settings = {"data": settings.data if settings.data.startswith("hf") else Path(settings.data).name,
                     "tokens": settings.tokens, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
                     "dtype": loaded.dtype, "device": str(loaded.device), "seed": settings.seed,
-                    "selection": entry.name,
+                    "selection": found.selection,
                     "allow_same_text": settings.allow_same_text, "exclusive": settings.exclusive,
                     "row_start": next(iter(texts.values())).row_start}
     return AblationReport(model, languages, run_settings, heldout, all_masks, shared, baseline, ablated, same_text)
-
-
-# -- output -----------------------------------------------------------------------------------------
-def table_lines(report: AblationReport) -> list[str]:
-    """The perplexity-change table as text: rows the switched-off masks, columns the evaluated languages."""
-    width = max(10, *(len(lang) + 2 for lang in report.languages))
-    labels = {row: f"{row} ({len(report.masks[row]):,})" for row in report.rows}
-    first = max(12, *(len(label) + 1 for label in labels.values()))
-    lines = [f"{'perplexity':<{first}}" + "".join(f"{lang:>{width}}" for lang in report.languages)]
-    lines.append(f"{'baseline':<{first}}" + "".join(f"{number(report.baseline[lang].perplexity):>{width}}"
-                                                   for lang in report.languages))
-    lines.append("change with the neurons of ... switched off (neurons):")
-    for row in report.rows:
-        lines.append(f"{labels[row]:<{first}}" + "".join(f"{number(report.delta(row, lang), sign=True):>{width}}"
-                                                        for lang in report.languages))
-    return lines
 
 
 def save_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:

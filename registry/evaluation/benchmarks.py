@@ -33,8 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CorpusError, FinetuneError, NeuronregError, SettingsError
+from ..errors import CorpusError, NeuronregError, SettingsError
 from ..files import atomic_write_text
+from ..hubcalls import first_line
+from ..limits import load_json
 from ..provenance import now, tool_version
 
 log = logging.getLogger("neuronreg")
@@ -42,10 +44,6 @@ log = logging.getLogger("neuronreg")
 TASKS_PATH = Path(__file__).resolve().parent / "tasks"  # neuronreg's lm-eval task configs
 PIVOT = "eng_Latn"
 ENGLISH_SUITE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
-RUN_CONFIG_FILE = "neuronreg_delta.json"  # a fine-tuning run's config (finetune.config.RunConfig)
-EVAL_DIR = "eval"  # in a run folder: eval/<task>.json (the run), eval/base/<task>.json (its base model)
-BASE_DIR = "base"
-HELDOUT_FILE = "heldout.json"  # eval/heldout.json: evaluate's held-out perplexity (finetune.evaluate writes it)
 FORMAT = "neuronreg-benchmark"
 
 
@@ -209,19 +207,20 @@ def resolve_tasks(names: Iterable[str], languages: Sequence, manager) -> list[Be
     return tasks
 
 
-def load_tasks(tasks: Sequence[BenchmarkTask], manager, *, quiet: bool = False) -> list:
+def load_tasks(tasks: Sequence[BenchmarkTask], manager) -> list:
     """lm-eval's Task (or Group) objects, their data loaded; a task whose data cannot be had is a
     CorpusError naming it (before any model is run)."""
-    import os
 
     built = []
     for task in tasks:
         try:
-            with _lm_eval_quiet(quiet):
+            with _lm_eval_quiet():
                 loaded = manager.load([task.name])
         except Exception as exc:  # lm-eval and datasets raise many kinds; each is the task's data missing
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+            first = first_line(exc)
+            from huggingface_hub import is_offline_mode
+
+            offline = is_offline_mode()
             raise CorpusError(f"The data of task {task.name} could not be loaded ({type(exc).__name__}: {first}).",
                               fix="offline" if offline else None,
                               advice="Unset HF_HUB_OFFLINE to reach the Hub." if offline else None) from exc
@@ -231,17 +230,17 @@ def load_tasks(tasks: Sequence[BenchmarkTask], manager, *, quiet: bool = False) 
 
 
 @contextmanager
-def _lm_eval_quiet(quiet: bool = False):
+def _lm_eval_quiet():
     """lm-eval logs a warning for every model passed in memory and every custom dataset: keep them to
-    errors while it runs (NEURONREG_DEBUG shows everything). Where progress bars are off (``quiet``
-    or HF_HUB_DISABLE_PROGRESS_BARS), its bars and those of ``datasets`` are off too: lm-eval draws
-    them on stderr with no switch, so stderr goes nowhere meanwhile (our log keeps its own stream). What
-it prints goes to stderr (or nowhere) too."""
+    errors while it runs (NEURONREG_DEBUG shows everything). Where progress bars are off
+    (:func:`neuronreg.progress.disable_progress_bars`, or HF_HUB_DISABLE_PROGRESS_BARS), its bars and
+    those of ``datasets`` are off too: lm-eval draws them on stderr with no switch, so stderr goes
+    nowhere meanwhile (our log keeps its own stream). What it prints goes to stderr (or nowhere) too."""
     import os
     import sys
     from contextlib import ExitStack, redirect_stderr, redirect_stdout
 
-    from ..progress import bars_disabled
+    from ..progress import progress_bars_disabled
 
     loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
     levels = [logger.level for logger in loggers]
@@ -249,7 +248,7 @@ it prints goes to stderr (or nowhere) too."""
         for logger in loggers:
             logger.setLevel(logging.ERROR)
     with ExitStack() as stack:
-        if bars_disabled(quiet):
+        if progress_bars_disabled():
             import datasets
 
             if datasets.is_progress_bar_enabled():
@@ -285,20 +284,20 @@ def result_settings(limit: int | float | None, num_fewshot: int | None, batch_si
 
 def evaluate_model(model, tokenizer, tasks: Sequence[BenchmarkTask], *, manager, limit: int | float | None = None,
                    num_fewshot: int | None = None, batch_size: int = 1, log_samples: bool = False,
-                   loaded: list | None = None, quiet: bool = False) -> tuple[dict[str, TaskResult], dict]:
+                   loaded: list | None = None) -> tuple[dict[str, TaskResult], dict]:
     """Run ``tasks`` on ``model`` (in memory, as it is) with lm-eval; the results per task, and
     lm-eval's own output (with the per-example ``samples`` when ``log_samples``).
 
     ``limit`` (examples per task; below 1, a share), ``num_fewshot`` and ``batch_size`` go to
     ``lm_eval.simple_evaluate`` unchanged. ``loaded`` are the tasks' objects from :func:`load_tasks`
-    (loaded here when not given). ``quiet`` turns lm-eval's progress bars off.
+    (loaded here when not given).
     """
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     settings = result_settings(limit, num_fewshot, batch_size)
-    objects = loaded if loaded is not None else load_tasks(tasks, manager, quiet=quiet)
-    with _lm_eval_quiet(quiet):
+    objects = loaded if loaded is not None else load_tasks(tasks, manager)
+    with _lm_eval_quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = lm_eval.simple_evaluate(model=lm, tasks=list(objects), task_manager=manager, limit=settings["limit"],
                                          num_fewshot=num_fewshot, batch_size=batch_size, log_samples=log_samples)
@@ -367,24 +366,6 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def read_run_json(folder: str | Path) -> tuple[Path, object]:
-    """A finished run's config file and its JSON as it is (not yet validated)."""
-    path = Path(folder) / RUN_CONFIG_FILE
-    if not path.is_file():
-        raise FinetuneError(f"{folder} holds no {RUN_CONFIG_FILE}, so it is not a finished fine-tuning run.",
-                            fix="run_folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FinetuneError(f"{path} is not readable JSON ({type(exc).__name__}); the run folder is damaged.") from exc
-    return path, data
-
-
-def results_folder(run_folder: str | Path, *, base: bool = False) -> Path:
-    folder = Path(run_folder) / EVAL_DIR
-    return folder / BASE_DIR if base else folder
-
-
 def save_results(results: dict[str, TaskResult], folder: str | Path) -> list[Path]:
     """``<folder>/<task>.json`` for each task, each written atomically."""
     paths = []
@@ -412,7 +393,7 @@ def read_results(folder: str | Path) -> dict[str, TaskResult]:
         if path.name.startswith("."):
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = load_json(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             log.warning("%s is not readable JSON; left out.", path)
             continue

@@ -9,15 +9,14 @@ metric with its change against the base. :func:`save_report` writes it as CSV, J
 metric plus a trade-off scatter (the trained language against English); :meth:`Report.markdown`
 is the table for stdout. :func:`model_index` gives a run's scores as a model card's ``model-index``.
 
-This module sits below ``finetune`` (it never imports it), so it reads the few keys of the run
-config it shows from the JSON itself.
+Run configs are read typed and migrated (:func:`neuronreg.runs.read_run_config`), so a report takes
+runs of every neuronreg version.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import re
@@ -26,9 +25,10 @@ from pathlib import Path
 
 from ..errors import FinetuneError, NeuronregError, SettingsError
 from ..files import atomic_write_json, atomic_write_text, output_folder
-from ..progress import duration
+from ..limits import load_json
 from ..provenance import now, tool_version
-from .benchmarks import ENGLISH_SUITE, HELDOUT_FILE, PIVOT, TaskResult, read_results, read_run_json, results_folder
+from ..runs import HELDOUT_FILE, RunConfig, read_run_config, results_folder
+from .benchmarks import ENGLISH_SUITE, PIVOT, TaskResult, read_results
 
 log = logging.getLogger("neuronreg")
 
@@ -64,6 +64,7 @@ class Row:
     wall_seconds: float | None = None  # training time of the run's last session
     metrics: dict[str, float] = field(default_factory=dict)
     folder: Path | None = None
+    config: RunConfig | None = field(default=None, repr=False)  # the run's config (None for the base's row)
 
     def as_dict(self) -> dict:
         return {"label": self.label, "subset": self.subset, "language": self.language,
@@ -111,31 +112,6 @@ class Report:
             writer.writerow(["" if c is None else c for c in cells])
         return buffer.getvalue()
 
-    def markdown(self) -> list[str]:
-        """The table as Markdown: a run's metric cell is its value and (its change against the base)."""
-        head = ["run", "subset", "trainable", "share", "tokens", "steps", "wall time", *(m.key for m in self.metrics)]
-        lines = ["| " + " | ".join(_md(h) for h in head) + " |",
-                 "|" + "|".join(["---", "---", *["---:"] * (len(head) - 2)]) + "|"]
-        for row in self.rows():
-            cells = [row.label, row.subset, _count(row.trainable_parameters),
-                     "-" if row.trainable_share is None else f"{100 * row.trainable_share:.3f}%",
-                     _count(row.train_tokens), _count(row.steps), duration(row.wall_seconds)]
-            for m in self.metrics:
-                value = row.metrics.get(m.key)
-                change = self.change(row, m.key) if row is not self.base else None
-                cells.append("-" if value is None else _number(value) + ("" if change is None
-                                                                         else f" ({_signed(change)})"))
-            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
-        return lines
-
-
-def _md(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _count(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
-
 
 def _number(value: float) -> str:
     if not math.isfinite(value):
@@ -143,15 +119,11 @@ def _number(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 100 else f"{value:,.2f}"
 
 
-def _signed(value: float) -> str:
-    return f"{value:+.4f}" if abs(value) < 100 else f"{value:+,.2f}"
-
-
 # -- reading runs -------------------------------------------------------------------------------------
 @dataclass
 class _Run:
     folder: Path
-    config: dict
+    config: RunConfig
     heldout: dict | None
     tuned: dict[str, TaskResult]
     base: dict[str, TaskResult]
@@ -159,17 +131,12 @@ class _Run:
 
 def _read_run(folder: str | Path) -> _Run:
     folder = Path(folder)
-    # Read as plain JSON, not as a RunConfig: a report also takes runs of older neuronreg versions.
-    path, config = read_run_json(folder)
-    base = config.get("base_model") if isinstance(config, dict) else None
-    if not isinstance(base, dict) or not isinstance(base.get("name"), str) \
-            or not isinstance(config.get("subset"), str):
-        raise FinetuneError(f"{path} is not a run config of neuronreg (no base_model or subset).", fix="run_folder")
+    config = read_run_config(folder)
     heldout = None
     heldout_path = results_folder(folder) / HELDOUT_FILE
     if heldout_path.is_file():
         try:
-            heldout = json.loads(heldout_path.read_text(encoding="utf-8"))
+            heldout = load_json(heldout_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             log.warning("%s is not readable JSON; its held-out scores are left out.", heldout_path)
     return _Run(folder, config, heldout if isinstance(heldout, dict) else None, read_results(results_folder(folder)),
@@ -177,8 +144,8 @@ def _read_run(folder: str | Path) -> _Run:
 
 
 def _base_model(run: _Run) -> dict:
-    base = run.config["base_model"]
-    return {"name": base.get("name"), "id": base.get("id"), "revision": base.get("revision")}
+    base = run.config.base_model
+    return {"name": base.name, "id": base.id, "revision": base.revision}
 
 
 def _same_base(runs: list[_Run]) -> dict:
@@ -226,16 +193,14 @@ def _label(run: _Run, taken: set[str]) -> str:
 
 
 def _run_row(run: _Run, label: str) -> Row:
-    config, training = run.config, run.config.get("training") or {}
-    steps, batch, accum, seq = (training.get(k) for k in ("steps", "batch_size", "grad_accum", "seq_len"))
-    tokens = steps * batch * accum * seq if all(isinstance(v, int) for v in (steps, batch, accum, seq)) else None
+    config, training = run.config, run.config.training
+    tokens = training.steps * training.batch_size * training.grad_accum * training.seq_len
     metrics = {f"heldout_{code}/{metric}": value for (code, metric), value in _heldout_metrics(run, "tuned").items()}
     metrics.update({key: value for key, (_, _, value) in _task_metrics(run.tuned).items()})
-    language = config.get("language") if isinstance(config.get("language"), dict) else {}
-    return Row(label=label, subset=config["subset"], language=language.get("code"),
-               flores200=language.get("flores200"), trainable_parameters=config.get("trainable_parameters"),
-               trainable_share=config.get("trainable_share"), train_tokens=tokens, steps=steps,
-               wall_seconds=training.get("seconds_this_session"), metrics=metrics, folder=run.folder)
+    return Row(label=label, subset=config.subset, language=config.language.code,
+               flores200=config.language.flores200, trainable_parameters=config.trainable_parameters,
+               trainable_share=config.trainable_share, train_tokens=tokens, steps=training.steps,
+               wall_seconds=training.seconds_this_session, metrics=metrics, folder=run.folder, config=config)
 
 
 def collect(folders: list[str | Path]) -> Report:

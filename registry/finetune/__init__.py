@@ -1,4 +1,6 @@
-"""Sparse fine-tuning: settings and the run config (``config``), row-sparse deltas (``deltas``), the
-PEFT baselines LoRA and IA3 (``adapters``), what merging into a lower precision loses (``merging``),
-training (``training``), loading runs (``loading``), evaluating them (``evaluate``) and releasing
-them on the Hub (``release``)."""
+"""Fine-tuning: the methods, each an object registered by name (``method``: the base class and the
+registry; ``deltas``: lape and random, row-sparse deltas on neurons; ``adapters``: lora and ia3 through
+PEFT; ``dense``: ffn and full), the shared settings (``config``), training (``training``), what merging
+into a lower precision loses (``merging``), checks of run files (``validate``), loading runs
+(``loading``), evaluating them (``evaluate``) and releasing them on the Hub (``release``). A run
+folder's files and config are described in :mod:`neuronreg.runs`."""

@@ -18,9 +18,11 @@ folder)`` loads it without neuronreg.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,11 +30,22 @@ from torch import nn
 
 from ..errors import FinetuneError
 from ..files import atomic_folder
+from ..hubcalls import first_line
 from ..layouts import BY_NAME as LAYOUTS
+from ..limits import load_json
 from ..models import MLPSite
-from .config import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILES, AdapterInfo, FinetuneSettings, MergeInfo
+from ..runs import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_DIR,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS_FILE,
+    MERGED_DIR,
+    AdapterInfo,
+    MergeInfo,
+)
 from .deltas import module_paths
-from .merging import MergeTally, cast_model
+from .merging import MergeTally, cast_model, save_pretrained
+from .method import CardText, FinetuneMethod, Trained, register_method
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -94,39 +107,19 @@ def resolve_targets(model: nn.Module, sites: list[MLPSite], targets: list[str] |
     return list(targets), feedforward, all(conv1d)
 
 
-def peft_config(settings: FinetuneSettings, model: nn.Module, sites: list[MLPSite]):
-    """The PEFT config of a lora / ia3 run, and the record of it."""
-    import peft
-
-    targets, feedforward, fan_in_fan_out = resolve_targets(model, sites, settings.target_modules)
-    if settings.subset == "lora":
-        r, alpha, dropout = settings.lora()
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                 fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
-        info = AdapterInfo(method="lora", target_modules=targets, r=r, alpha=alpha, dropout=dropout,
-                           fan_in_fan_out=fan_in_fan_out, peft_version=peft.__version__)
-    elif settings.subset == "ia3":
-        config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward,
-                                fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
-        info = AdapterInfo(method="ia3", target_modules=targets, feedforward_modules=feedforward,
-                           fan_in_fan_out=fan_in_fan_out, peft_version=peft.__version__)
-    else:
-        raise FinetuneError(f"Subset {settings.subset!r} is not a PEFT adapter.")
-    return config, info
-
-
-def attach_adapter(model: nn.Module, settings: FinetuneSettings, sites: list[MLPSite]):
+def attach_adapter(model: nn.Module, method: AdapterMethod, options, sites: list[MLPSite]):
     """Wrap ``model`` (in place: its projections get the adapter's layers) in a trainable PeftModel with
     float32 adapter weights; everything else frozen. Returns the PeftModel and the record."""
     from peft import get_peft_model
 
-    config, info = peft_config(settings, model, sites)
+    targets, feedforward, fan_in_fan_out = resolve_targets(model, sites, options.target_modules)
+    config, info = method.peft_config(options, targets, feedforward, fan_in_fan_out)
     try:
         with _quiet_peft():
             wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
     except (ValueError, TypeError) as exc:  # PEFT's word for a target it cannot adapt
-        raise FinetuneError(f"PEFT cannot put a {settings.subset} adapter on {', '.join(info.target_modules)}: "
-                            f"{str(exc).splitlines()[0][:300]}", fix="target_modules") from exc
+        raise FinetuneError(f"PEFT cannot put a {method.name} adapter on {', '.join(info.target_modules)}: "
+                            f"{first_line(exc)}", fix="target_modules") from exc
     _float32_adapter(wrapped)
     return wrapped, info
 
@@ -187,16 +180,33 @@ def load_adapter(model: nn.Module, folder: Path):
     from peft import PeftModel
 
     where = adapter_folder(folder)
+    check_adapter_files(where)
     try:
         with _quiet_peft():
             wrapped = PeftModel.from_pretrained(model, str(where), is_trainable=False, autocast_adapter_dtype=True)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise FinetuneError(f"The adapter in {where} does not load on this model: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from exc
+                            f"{first_line(exc)}") from exc
     _float32_adapter(wrapped)
     for p in wrapped.parameters():
         p.requires_grad_(False)
     return wrapped
+
+
+def check_adapter_files(where: Path) -> None:
+    """The adapter's weights must be safetensors (PEFT would unpickle an ``adapter_model.bin``), finite and
+    bounded; FinetuneError otherwise."""
+    from .validate import check_finite_safetensors
+
+    pickled = [name for name in ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+               if (where / name).exists()]
+    if pickled:
+        raise FinetuneError(f"{where} holds its adapter as {pickled[0]}, a pickle neuronreg does not load (it can run "
+                            "code); only adapter_model.safetensors is read.", fix="run_folder")
+    weights = where / ADAPTER_WEIGHTS_FILE
+    if not weights.is_file():
+        raise FinetuneError(f"{where} has no {ADAPTER_WEIGHTS_FILE}; the run did not finish.", fix="run_folder")
+    check_finite_safetensors(weights)
 
 
 def merge_adapter(wrapped, dtype: torch.dtype | None = None) -> tuple[nn.Module, MergeInfo]:
@@ -230,7 +240,186 @@ def merge_adapter(wrapped, dtype: torch.dtype | None = None) -> tuple[nn.Module,
 
 def public_adapter_config(folder: Path, base_id: str | None, revision: str | None) -> str:
     """The adapter config as published: the base model's Hub id (or nothing) instead of a local path."""
-    data = json.loads((adapter_folder(folder) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    data = load_json((adapter_folder(folder) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
     data["base_model_name_or_path"] = base_id
     data["revision"] = revision if base_id else None
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+# -- the methods --------------------------------------------------------------------------------------
+def _targets(value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not value or not all(isinstance(t, str) and t.strip() and t == t.strip()
+                                                      for t in value):
+        raise FinetuneError(f"target_modules must be a non-empty list of module names, got {value!r}.",
+                            fix="target_modules")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA's options, the seed paper's values by default; ``target_modules`` None: the MLP projections of
+    the model's layout."""
+
+    r: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _targets(self.target_modules))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise FinetuneError(f"lora_r must be a positive integer, got {self.r!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise FinetuneError(f"lora_alpha must be a finite positive number, got {self.alpha!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not math.isfinite(self.dropout) or not 0 <= self.dropout < 1:
+            raise FinetuneError(f"lora_dropout must be in [0, 1), got {self.dropout!r}.")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+
+@dataclass(frozen=True)
+class IA3Options:
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _targets(self.target_modules))
+
+
+class _AdapterTrained(Trained):
+    def __init__(self, wrapped, info: AdapterInfo):
+        self.wrapped = wrapped  # the model itself now holds the adapter layers
+        self.info = info
+        self._named = trainable_weights(wrapped)
+
+    @property
+    def named(self) -> dict:
+        return self._named
+
+    def record(self) -> dict:
+        return {"adapter": self.info}
+
+    def save(self, out: Path, loaded, config, settings, save_dtype):
+        save_adapter(self.wrapped, out)
+        if not settings.merged:
+            return None
+        model, info = merge_adapter(self.wrapped, save_dtype)
+        save_pretrained(model, loaded.tokenizer, out / MERGED_DIR)
+        return info
+
+
+class AdapterMethod(FinetuneMethod):
+    """A PEFT adapter on the MLP projections (or the modules named), saved as a standard PEFT adapter."""
+
+    kind = "adapter"
+    run_files = ADAPTER_FILES
+
+    def result_settings(self, options) -> dict:
+        values = super().result_settings(options)
+        values["target_modules"] = None if options.target_modules is None else list(options.target_modules)
+        return values
+
+    def peft_config(self, options, targets: list[str], feedforward: list[str], fan_in_fan_out: bool):
+        """The PEFT config and the record of it."""
+        raise NotImplementedError
+
+    def attach(self, loaded, settings, mask, options) -> Trained:
+        return _AdapterTrained(*attach_adapter(loaded.model, self, options, loaded.sites))
+
+    def check_config(self, config, where: str) -> None:
+        from ..errors import RecordError
+
+        if config.adapter is None or config.adapter.method != self.name:
+            raise RecordError(f"{where}: subset {self.name!r} needs adapter settings of a {self.name} adapter.")
+
+    def apply(self, model, folder: Path, config):
+        return load_adapter(model, Path(folder))
+
+    def merge(self, model, folder: Path, config, dtype):
+        return merge_adapter(load_adapter(model, Path(folder)), dtype)
+
+    def check_run(self, folder: Path, config) -> None:
+        where = adapter_folder(folder)
+        check_adapter_files(where)
+        try:
+            data = json.loads((where / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FinetuneError(f"{where / ADAPTER_CONFIG_FILE} is not readable JSON; the run is damaged.",
+                                fix="run_folder") from exc
+        if not isinstance(data, dict) or str(data.get("peft_type", "")).lower() != self.name:
+            raise FinetuneError(f"{where / ADAPTER_CONFIG_FILE} is not a {self.name} adapter config; the run is "
+                                "damaged.", fix="run_folder")
+
+    def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
+        from .release import base_hub_id
+
+        where = adapter_folder(folder)
+        prefix = f"{ADAPTER_DIR}/" if merged else ""
+        public = staging / ADAPTER_CONFIG_FILE
+        public.write_text(public_adapter_config(where, base_hub_id(config), config.base_model.revision),
+                          encoding="utf-8")
+        return {prefix + ADAPTER_CONFIG_FILE: public, prefix + ADAPTER_WEIGHTS_FILE: where / ADAPTER_WEIGHTS_FILE}
+
+    def card(self, config, merged: bool) -> CardText:
+        adapter = config.adapter
+        details = ", ".join(adapter.target_modules) + (
+            f"; r {adapter.r}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}" if adapter.method == "lora"
+            else f"; feed-forward {', '.join(adapter.feedforward_modules or [])}") if adapter else ""
+        return CardText("adapter", self.trains, library="transformers" if merged else "peft",
+                        relation="merge" if merged else "adapter", details=details)
+
+    def updates(self, folder: Path, config, model):
+        """Each adapted MLP projection's change: merged into a float32 copy of the base ``model``, minus the
+        base (exact for any adapter; LoRA overrides it with its low-rank form)."""
+        import copy
+
+        from ..analysis.updates import DenseUpdate, mlp_weights
+
+        tuned, _ = self.merge(copy.deepcopy(model).float(), Path(folder), config, torch.float32)
+        return DenseUpdate(mlp_weights(model), mlp_weights(tuned))
+
+
+@register_method
+class LoraMethod(AdapterMethod):
+    name = "lora"
+    trains = "a LoRA adapter (a baseline)"
+    options_class = LoraOptions
+
+    def peft_config(self, options, targets, feedforward, fan_in_fan_out):
+        import peft
+
+        config = peft.LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                                 target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none",
+                                 task_type="CAUSAL_LM")
+        return config, AdapterInfo(method="lora", target_modules=targets, r=options.r, alpha=options.alpha,
+                                   dropout=options.dropout, fan_in_fan_out=fan_in_fan_out,
+                                   peft_version=peft.__version__)
+
+    def updates(self, folder: Path, config, model):
+        """``B @ A * alpha / r`` of each adapted MLP projection, from the adapter's files."""
+        from safetensors.torch import load_file
+
+        from ..analysis.updates import low_rank_update
+
+        where = adapter_folder(folder)
+        check_adapter_files(where)
+        settings = json.loads((where / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+        return low_rank_update(load_file(str(where / ADAPTER_WEIGHTS_FILE)), settings, model)
+
+
+@register_method
+class IA3Method(AdapterMethod):
+    name = "ia3"
+    trains = "an IA3 adapter (a baseline)"
+    options_class = IA3Options
+
+    def peft_config(self, options, targets, feedforward, fan_in_fan_out):
+        import peft
+
+        config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward,
+                                fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
+        return config, AdapterInfo(method="ia3", target_modules=targets, feedforward_modules=feedforward,
+                                   fan_in_fan_out=fan_in_fan_out, peft_version=peft.__version__)

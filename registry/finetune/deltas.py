@@ -1,4 +1,5 @@
-"""Row-sparse deltas on a language's neurons: train, save, load and merge only that subnetwork.
+"""Row-sparse deltas on a language's neurons: train, save, load and merge only that subnetwork; the
+methods ``lape`` (the language's LAPE neurons) and ``random`` (as many per layer, drawn: the control).
 
 For neuron ``j`` of layer ``l`` the trainable weights are row ``j`` of the MLP's first projection(s)
 (``gate_proj`` and ``up_proj``; rows ``j`` and ``I + j`` of a fused ``gate_up_proj``; ``c_fc``/``fc1``/
@@ -33,12 +34,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MaskError
+from ..errors import FinetuneError, MaskError
 from ..files import atomic_path
 from ..layouts import BY_NAME as LAYOUTS
 from ..models import MLPSite, find_mlp_sites
-from .config import MergeInfo
-from .merging import MergeTally
+from ..runs import DELTA_FILE, MERGED_DIR, MergeInfo, NeuronCounts
+from .merging import MergeTally, cast_model, save_pretrained
+from .method import CardText, FinetuneMethod, Trained, register_method
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -211,7 +213,8 @@ def attach_deltas(model: nn.Module, per_layer: list[torch.Tensor], sites: list[M
         mlp = site.mlp
         first_name, second_name = LAYOUTS[site.layout].first, LAYOUTS[site.layout].second
         base_first = getattr(mlp, first_name)
-        hidden = base_first.weight.shape[1] if isinstance(base_first, nn.Linear) else base_first.weight.shape[0]
+        # in_features, not weight.shape[1]: a 4-bit projection (bitsandbytes) stores its weight packed
+        hidden = base_first.in_features if isinstance(base_first, nn.Linear) else base_first.weight.shape[0]
         first: list[tuple[str, RowDelta]] = []
         if site.layout == "gated":
             for name in ("gate_proj", "up_proj"):
@@ -300,3 +303,107 @@ def save_delta(layers: list[LayerDelta], path: Path, metadata: dict | None = Non
     with atomic_path(path) as tmp:
         save_file(delta_tensors(layers), str(tmp), metadata={"neuronreg": json.dumps(metadata or {})})
     return path
+
+
+def read_run_delta(folder: Path, config) -> dict[str, torch.Tensor]:
+    """A run's delta tensors, validated against its config (:func:`.validate.read_delta`)."""
+    from .validate import read_delta
+
+    return read_delta(Path(folder) / DELTA_FILE, config)
+
+
+# -- the methods --------------------------------------------------------------------------------------
+class _DeltaTrained(Trained):
+    def __init__(self, layers: list[LayerDelta], per_layer: list[torch.Tensor]):
+        self.layers = layers
+        self.per_layer = per_layer
+        self._named = {f"{layer.prefix}.{i}": p for layer in layers for i, p in enumerate(layer.parameters())}
+
+    @property
+    def named(self) -> dict:
+        return self._named
+
+    def record(self) -> dict:
+        return {"neurons": NeuronCounts(total=int(sum(t.numel() for t in self.per_layer)),
+                                        per_layer=[int(t.numel()) for t in self.per_layer])}
+
+    def save(self, out: Path, loaded, config, settings, save_dtype):
+        save_delta(self.layers, out / DELTA_FILE, {"base_model": config.base_model.id or "",
+                                                   "revision": config.base_model.revision or "",
+                                                   "language": config.language.code})
+        if not settings.merged:
+            return None
+        info = merge_deltas(self.layers, save_dtype)
+        cast_model(loaded.model, save_dtype)
+        save_pretrained(loaded.model, loaded.tokenizer, out / MERGED_DIR)
+        return info
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@register_method
+class LapeMethod(FinetuneMethod):
+    """The language's LAPE neurons: row-sparse deltas on their gate/up rows and down columns."""
+
+    name = "lape"
+    kind = "delta"
+    trains = "the gate and up rows and down columns of its LAPE neurons, nothing else"
+    needs_mask = True
+    run_files = (DELTA_FILE,)
+
+    def neurons(self, mask, settings) -> list[torch.Tensor]:
+        return mask.per_layer()
+
+    def attach(self, loaded, settings, mask, options) -> Trained:
+        per_layer = self.neurons(mask, settings)
+        return _DeltaTrained(attach_deltas(loaded.model, per_layer, loaded.sites), per_layer)
+
+    def check_config(self, config, where: str) -> None:
+        from ..errors import RecordError
+
+        if config.neurons is None:
+            raise RecordError(f"{where}: subset {self.name!r} needs the neurons it trained (neurons).")
+
+    def apply(self, model, folder: Path, config):
+        apply_delta_tensors(model, read_run_delta(folder, config))
+        _freeze(model)
+        return None
+
+    def merge(self, model, folder: Path, config, dtype):
+        info = apply_delta_tensors(model, read_run_delta(folder, config), merge=True, dtype=dtype)
+        if dtype is not None:
+            cast_model(model, dtype)
+        _freeze(model)
+        return model, info
+
+    def check_run(self, folder: Path, config) -> None:
+        read_run_delta(folder, config)
+
+    def release_files(self, folder: Path, config, staging: Path, merged: bool) -> dict[str, Path]:
+        if not (folder / DELTA_FILE).is_file():
+            raise FinetuneError(f"{folder} has no {DELTA_FILE}; the run did not finish.", fix="run_folder")
+        return {DELTA_FILE: folder / DELTA_FILE}
+
+    def card(self, config, merged: bool) -> CardText:
+        return CardText("delta", self.trains, library="transformers" if merged else None,
+                        relation="merge" if merged else None)
+
+    def updates(self, folder: Path, config, model):
+        """The row-sparse change of every layer with neurons (``model`` is the base, for its module paths)."""
+        from ..analysis.updates import row_sparse_update
+
+        return row_sparse_update(read_run_delta(folder, config), model)
+
+
+@register_method
+class RandomMethod(LapeMethod):
+    """The seed paper's control: as many neurons in each layer as the language's mask, drawn with the seed."""
+
+    name = "random"
+    trains = "a random neuron subset with the LAPE mask's count per layer (a control)"
+
+    def neurons(self, mask, settings) -> list[torch.Tensor]:
+        return mask.random_like(settings.seed).per_layer()

@@ -14,10 +14,12 @@ from ..corpus import resolve_corpus
 from ..evaluation.heldout import Score, heldout_text, score
 from ..files import atomic_write_text
 from ..manifest import Manifest
+from ..options import LoadOptions, load_options
 from ..provenance import now, tool_version
-from ..resolve import language_codes
-from .config import RunConfig, read_run_config
-from .loading import apply_run_delta, load_base_model, load_sparse_model
+from ..resolve import language, language_codes, languages
+from ..runs import HELDOUT_FILE, RunConfig, read_run_config, results_folder
+from .base import load_base_model
+from .method import read_run
 
 log = logging.getLogger("neuronreg")
 
@@ -28,42 +30,47 @@ class RunEvaluation:
     language: str  # the language the run trained
     scores: dict[str, dict]  # language -> {"tokens", "base_loss", "tuned_loss", "base_perplexity", ...}
 
-    def lines(self) -> list[str]:
-        rows = [f"{'language':<10} {'tokens':>9} {'ppl before':>11} {'ppl after':>10} {'change':>8} "
-                f"{'bpc before':>11} {'bpc after':>10}"]
-        for code, s in self.scores.items():
-            mark = " (trained)" if code == self.language else ""
-            rows.append(f"{code:<10} {s['tokens']:>9,} {s['base_perplexity']:>11.3f} {s['tuned_perplexity']:>10.3f} "
-                        f"{100 * (s['tuned_perplexity'] / s['base_perplexity'] - 1):>+7.2f}% "
-                        f"{s['base_bits_per_character']:>11.4f} {s['tuned_bits_per_character']:>10.4f}{mark}")
-        return rows
+
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """How held-out text is measured (as ``ablate`` measures it): tokens per language, row length, rows per
+    forward pass, and the text's field in .jsonl/.parquet files."""
+
+    tokens: int = 100_000
+    seq_len: int = 512
+    batch_size: int = 4
+    text_field: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "seq_len": self.seq_len}
 
 
-def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | None, *, manifest: Manifest,
-                 tokens: int = 100_000, seq_len: int = 512, batch_size: int = 4, dtype: str | None = None,
-                 device: str | None = None, text_field: str | None = None, token: str | None = None,
-                 trust_remote_code: bool = False, allow_other_base: bool = False,
-                 base_scores: dict[str, dict] | None = None) -> RunEvaluation:
-    """Perplexity and bits per character per language, before (base model) and after (base + delta) a
-    run, on held-out text, measured exactly as ``ablate`` measures them (:mod:`..evaluation.heldout`).
+def evaluate_run(folder: str | Path, data: str, languages_: list[str] | str | None = None, *,
+                 manifest: Manifest, settings: HeldoutSettings | None = None, load: LoadOptions | None = None,
+                 allow_other_base: bool = False, base_scores: dict[str, dict] | None = None) -> RunEvaluation:
+    """Perplexity and bits per character per language, before (base model) and after (the run) a run, on
+    held-out text, measured exactly as ``ablate`` measures them (:mod:`..evaluation.heldout`).
 
     ``base_scores`` (language -> the ``base_*`` scores of an earlier run's evaluation on the same base
     model, text and settings, as :func:`evaluate_runs` passes them) are taken as they are instead of
     measuring the base again for those languages.
 
-    The tuned model is measured UNMERGED (the base weights plus the float32 deltas, or the float32 PEFT
-    adapter of a lora / ia3 run, in the forward pass), which loses nothing to merging in any dtype; dense
-    baselines load their saved weights in the run's dtype (their float32 master weights rounded as the
-    training's own forward passes used them).
+    The run is measured UNMERGED (the base weights plus the float32 deltas, or the float32 PEFT adapter
+    of a lora / ia3 run, in the forward pass), which loses nothing to merging in any dtype; dense runs
+    load their saved weights in the run's dtype (their float32 master weights rounded as the training's
+    own forward passes used them).
     """
+    settings = settings or HeldoutSettings()
+    load = load_options(load)
     folder = Path(folder)
-    config = read_run_config(folder)
+    config, method = read_run(folder)
     trained = config.language.code
-    codes = language_codes(languages, manifest) if languages else [trained]
-    sources = {code: resolve_corpus(data, manifest.language(code), manifest, text_field) for code in codes}
-    base = load_base_model(folder, dtype=dtype, device=device, token=token, trust_remote_code=trust_remote_code,
-                           allow_other_base=allow_other_base, tokenizer=True)
-    heldout = {code: heldout_text(source, code, base.tokenizer, seq_len, tokens) for code, source in sources.items()}
+    codes = language_codes(languages_, manifest, [trained]) if languages_ else [trained]
+    sources = {code: resolve_corpus(data, language(code, manifest, [config.language]), manifest,
+                                    settings.text_field) for code in codes}
+    base = load_base_model(folder, load, allow_other_base=allow_other_base, tokenizer=True)
+    heldout = {code: heldout_text(source, code, base.tokenizer, settings.seq_len, settings.tokens)
+               for code, source in sources.items()}
     scores: dict[str, dict] = {code: {"tokens": h.tokens, "characters": h.characters} for code, h in heldout.items()}
 
     known = base_scores or {}
@@ -73,23 +80,17 @@ def evaluate_run(folder: str | Path, data: str, languages: list[str] | str | Non
             if label == "base" and code in known:
                 scores[code].update({k: known[code][k] for k in BASE_SCORE_KEYS})
                 continue
-            result: Score = score(model, text, batch_size=batch_size, device=model_device)
+            result: Score = score(model, text, batch_size=settings.batch_size, device=model_device)
             scores[code][f"{label}_loss"] = result.loss
             scores[code][f"{label}_perplexity"] = result.perplexity
             scores[code][f"{label}_bits_per_character"] = result.bits_per_character
 
     record("base", base.model, base.device)
-    if config.dense:
-        del base
-        tuned = load_sparse_model(folder, dtype=dtype, device=device, token=token,
-                                  trust_remote_code=trust_remote_code)
-        record("tuned", tuned, next(tuned.parameters()).device)
-    else:
-        apply_run_delta(base.model, folder, merge=False)
-        record("tuned", base.model, base.device)
+    tuned = method.on_base(base.model, folder, config, load)
+    record("tuned", tuned, next(tuned.parameters()).device)
     outcome = RunEvaluation(folder, trained, scores)
     _saving(lambda: save_heldout(outcome, config, {
-        "data": Path(data).name, "tokens": tokens, "seq_len": seq_len,
+        "data": Path(data).name, **settings.to_dict(),
         "row_start": next(iter(heldout.values())).row_start,
         "corpora": {code: h.corpus.to_dict() for code, h in heldout.items()}}), folder)
     return outcome
@@ -106,33 +107,48 @@ def base_identity(folder: str | Path, dtype: str | None = None) -> tuple:
     return base.name, base.id, base.revision, dtype or config.training.dtype
 
 
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """How benchmarks run (lm-evaluation-harness): ``limit`` examples per task (below 1: a share),
+    ``num_fewshot``, ``batch_size``, ``data`` for neuronreg's tasks (local FLORES-200 / SIB-200 folders),
+    ``include_path`` (folders of task YAML files of your own), and ``resume`` (keep the scores an
+    interrupted evaluation already has)."""
+
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 4
+    data: dict | None = None
+    include_path: tuple = ()
+    resume: bool = False
+
+
 def evaluate_runs(folders, *, tasks: list[str] | str | None = None, data: str | None = None,
-                  languages: list[str] | str | None = None, manifest: Manifest, dtype: str | None = None,
-                  benchmark_options: dict | None = None, heldout_options: dict | None = None, **common):
+                  languages: list[str] | str | None = None, manifest: Manifest, load: LoadOptions | None = None,
+                  benchmark: BenchmarkSettings | None = None, heldout: HeldoutSettings | None = None,
+                  allow_other_base: bool = False):
     """Evaluate several runs, each as :func:`evaluate_benchmarks` (``tasks``) and :func:`evaluate_run`
     (``data``) do, but measuring each base model once: runs on the same base (:func:`base_identity`)
     share its scores, task by task and language by language, and each run's ``eval/base/`` gets them.
     This is what makes the paper's six runs per language cost seven evaluations instead of twelve.
 
     Yields ``(folder, BenchmarkEvaluation | None, RunEvaluation | None)`` per run, as each is done.
-    ``common`` goes to both (device, token, trust_remote_code, allow_other_base); ``benchmark_options``
-    to the first (limit, num_fewshot, batch_size, data, include_path, quiet), ``heldout_options`` to
-    the second (tokens, seq_len, batch_size, text_field).
     """
-    benchmarks: dict[tuple, dict] = {}
-    heldout: dict[tuple, dict] = {}
-    keys = [base_identity(folder, dtype) for folder in folders]  # every run folder read before hours of work
+    load = load_options(load)
+    shared_benchmarks: dict[tuple, dict] = {}
+    shared_heldout: dict[tuple, dict] = {}
+    keys = [base_identity(folder, load.dtype) for folder in folders]  # every run folder read before hours of work
     for folder, key in zip(folders, keys):
-        bench = evaluate_benchmarks(folder, tasks, languages, manifest=manifest, dtype=dtype,
-                                    base_results=benchmarks.get(key), **common, **(benchmark_options or {})) \
-            if tasks else None
+        bench = evaluate_benchmarks(folder, tasks, languages, manifest=manifest, load=load,
+                                    settings=benchmark, allow_other_base=allow_other_base,
+                                    base_results=shared_benchmarks.get(key)) if tasks else None
         if bench:
-            benchmarks.setdefault(key, {}).update(bench.base)
-        outcome = evaluate_run(folder, data, languages, manifest=manifest, dtype=dtype,
-                               base_scores=heldout.get(key), **common, **(heldout_options or {})) if data else None
+            shared_benchmarks.setdefault(key, {}).update(bench.base)
+        outcome = evaluate_run(folder, data, languages, manifest=manifest, settings=heldout, load=load,
+                               allow_other_base=allow_other_base, base_scores=shared_heldout.get(key)) \
+            if data else None
         if outcome:
-            heldout.setdefault(key, {}).update({code: {k: s[k] for k in BASE_SCORE_KEYS}
-                                                for code, s in outcome.scores.items()})
+            shared_heldout.setdefault(key, {}).update({code: {k: s[k] for k in BASE_SCORE_KEYS}
+                                                       for code, s in outcome.scores.items()})
         yield Path(folder), bench, outcome
 
 
@@ -149,8 +165,6 @@ def _saving(write, folder: Path):
 
 def save_heldout(outcome: RunEvaluation, config: RunConfig, settings: dict) -> Path:
     """``eval/heldout.json``: what ``evaluate --json`` prints, with the settings and the base model."""
-    from ..evaluation.benchmarks import HELDOUT_FILE, results_folder
-
     data = {"format": "neuronreg-heldout", "tool_version": tool_version(), "created": now(),
             "run": outcome.run.name, "trained_language": outcome.language, "scores": outcome.scores,
             "settings": settings, "base_model": _base_of(config)}
@@ -169,67 +183,44 @@ class BenchmarkEvaluation:
     tuned: dict  # task -> TaskResult of the run
     files: list[Path] = field(default_factory=list)
 
-    def lines(self) -> list[str]:
-        rows = [f"{'task':<34} {'metric':<14} {'base':>9} {'tuned':>9} {'change':>9}"]
-        for name, result in self.tuned.items():
-            before = self.base.get(name)
-            for metric, value in result.metrics.items():
-                if metric.endswith("_stderr") or "_stderr[" in metric:
-                    continue
-                old = before.metrics.get(metric) if before else None
-                change = f"{value - old:>+9.4f}" if old is not None else f"{'-':>9}"
-                rows.append(f"{name:<34} {metric:<14} {_cell(old):>9} {value:>9.4f} {change}")
-        return rows
-
     def as_dict(self) -> dict:
         return {name: {"base": self.base[name].metrics if name in self.base else None,
                        "tuned": result.metrics} for name, result in self.tuned.items()}
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: list[str] | str | None = None, *,
-                        manifest: Manifest, limit: int | float | None = None, num_fewshot: int | None = None,
-                        batch_size: int = 4, dtype: str | None = None, device: str | None = None,
-                        token: str | None = None, trust_remote_code: bool = False, allow_other_base: bool = False,
-                        base: bool = True, base_results: dict | None = None, data: dict | None = None,
-                        include_path: list | tuple = (), resume: bool = False,
-                        quiet: bool = False) -> BenchmarkEvaluation:
+def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages_: list[str] | str | None = None, *,
+                        manifest: Manifest, settings: BenchmarkSettings | None = None,
+                        load: LoadOptions | None = None, allow_other_base: bool = False, base: bool = True,
+                        base_results: dict | None = None) -> BenchmarkEvaluation:
     """Benchmarks through lm-evaluation-harness on the run's base model and on the run, in memory.
 
     ``tasks`` are benchmarks (``flores``, ``belebele``, ``sib200``, ``english``) or lm-eval task names,
     resolved per language (default: the language the run trained) through its FLORES-200 code (see
     :mod:`neuronreg.evaluation.benchmarks`). The base model is measured first (``base=False`` skips
-    it), then the run: what :func:`apply_run_delta` puts on the same model in memory, unmerged (exact
-    in any dtype; where it gives back a model around the base, such as an adapter's, that one), or for
-    the dense baselines what :func:`load_sparse_model` gives (their weights). Results go to
-    ``eval/<task>.json`` and ``eval/base/<task>.json`` in the run folder. ``data`` is passed to the
-    tasks (local FLORES-200 / SIB-200 folders), and ``include_path`` are folders of task YAML files of
-    your own (see :func:`neuronreg.evaluation.benchmarks.task_manager`). ``base_results`` (task ->
-    TaskResult of the same base model, as :func:`evaluate_runs` passes them) are taken as they are,
-    where measured with the same settings, instead of measuring the base again. With ``resume``, the scores
-    already in the run's ``eval/`` (and ``eval/base/``) are kept where they were measured with the same
-    settings, lm-eval version and base model, after the run was made; only the rest is measured.
+    it), then the run as its method puts it on the same model in memory, unmerged (exact in any dtype;
+    an adapter run wraps the base, a dense run loads its own weights). Results go to ``eval/<task>.json``
+    and ``eval/base/<task>.json`` in the run folder. ``base_results`` (task -> TaskResult of the same base
+    model, as :func:`evaluate_runs` passes them) are taken as they are, where measured with the same
+    settings, instead of measuring the base again. With ``settings.resume``, the scores already in the
+    run's ``eval/`` (and ``eval/base/``) are kept where they were measured with the same settings,
+    lm-eval version and base model, after the run was made; only the rest is measured.
     """
-    import torch
-
     from ..evaluation import benchmarks as bm
 
+    settings = settings or BenchmarkSettings()
+    load = load_options(load)
     folder = Path(folder)
-    config = read_run_config(folder)
+    config, method = read_run(folder)
     names = [part.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for part in item.split(",")
              if part.strip()]
-    codes = language_codes(languages, manifest) if languages else [config.language.code]
-    # The trained language as the manifest knows it now (else as the run recorded it), others from the manifest.
-    langs = [(manifest.lookup(code) or config.language) if code == config.language.code else manifest.language(code)
-             for code in codes]
-    same = bm.result_settings(limit, num_fewshot, batch_size)  # checked before any work
-    manager = bm.task_manager(data, include_path)
+    langs = languages(languages_, manifest, [config.language]) if languages_ else \
+        [language(config.language.code, manifest, [config.language])]
+    same = bm.result_settings(settings.limit, settings.num_fewshot, settings.batch_size)  # checked before any work
+    manager = bm.task_manager(settings.data, settings.include_path)
     chosen = bm.resolve_tasks(names, langs, manager)
-    loaded = bm.load_tasks(chosen, manager, quiet=quiet)  # every task's data before any model is loaded
-    settings = dict(manager=manager, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, quiet=quiet)
+    loaded = bm.load_tasks(chosen, manager)  # every task's data before any model is loaded
+    run_with = dict(manager=manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
+                    batch_size=settings.batch_size)
     about = {"run": folder.name, "base_model": _base_of(config), "trained_language": config.language.code}
     version = bm.lm_eval_version()
 
@@ -241,7 +232,7 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
                 and pool[task.name].created >= config.created}
 
     def saved(base: bool) -> dict:
-        return bm.read_results(bm.results_folder(folder, base=base)) if resume else {}
+        return bm.read_results(results_folder(folder, base=base)) if settings.resume else {}
 
     done = reusable(saved(False))
     known = reusable({**saved(True), **(base_results or {})})
@@ -249,38 +240,30 @@ def evaluate_benchmarks(folder: str | Path, tasks: list[str] | str, languages: l
     missing = [(task, obj) for task, obj in zip(chosen, loaded) if task.name not in known] if base else []
     model = tokenizer = None
     if missing or any(task.name not in done for task in chosen):
-        loaded_base = load_base_model(folder, dtype=dtype, device=device, token=token,
-                                      trust_remote_code=trust_remote_code, allow_other_base=allow_other_base,
-                                      tokenizer=True)
+        loaded_base = load_base_model(folder, load, allow_other_base=allow_other_base, tokenizer=True)
         model, tokenizer = loaded_base.model, loaded_base.tokenizer
         del loaded_base
     else:
-        log.info("%s: every score is already in %s; nothing measured.", folder, bm.results_folder(folder))
+        log.info("%s: every score is already in %s; nothing measured.", folder, results_folder(folder))
     if base:
         measured = {}
         if missing:
             measured, _ = bm.evaluate_model(model, tokenizer, [t for t, _ in missing],
-                                            loaded=[obj for _, obj in missing], **settings)
+                                            loaded=[obj for _, obj in missing], **run_with)
             loaded = None  # lm-eval's task objects hold the last run's state: load them afresh
         outcome.base = {task.name: copy.copy(known.get(task.name) or measured[task.name]) for task in chosen}
         for result in outcome.base.values():
             result.about = {**about, "model": "base"}
-        outcome.files += _saving(lambda: bm.save_results(outcome.base, bm.results_folder(folder, base=True)),
+        outcome.files += _saving(lambda: bm.save_results(outcome.base, results_folder(folder, base=True)),
                                  folder) or []
     todo = [(task, obj) for task, obj in zip(chosen, loaded or [None] * len(chosen)) if task.name not in done]
     measured = {}
     if todo:
-        if config.dense:  # the baselines' own weights, as the loader gives them
-            del model
-            model = load_sparse_model(folder, merge=False, dtype=dtype, device=device, token=token,
-                                      trust_remote_code=trust_remote_code, allow_other_base=allow_other_base)
-        else:  # on the base in memory, unmerged (for an adapter: the model the loader wraps around it)
-            applied = apply_run_delta(model, folder, merge=False)
-            model = applied if isinstance(applied, torch.nn.Module) else model
+        model = method.on_base(model, folder, config, load)  # the run on the base in memory (dense: its weights)
         measured, _ = bm.evaluate_model(model, tokenizer, [t for t, _ in todo],
-                                        loaded=None if loaded is None else [obj for _, obj in todo], **settings)
+                                        loaded=None if loaded is None else [obj for _, obj in todo], **run_with)
         for result in measured.values():
             result.about = {**about, "model": "tuned"}
-        outcome.files += _saving(lambda: bm.save_results(measured, bm.results_folder(folder)), folder) or []
+        outcome.files += _saving(lambda: bm.save_results(measured, results_folder(folder)), folder) or []
     outcome.tuned = {task.name: done.get(task.name) or measured[task.name] for task in chosen}
     return outcome

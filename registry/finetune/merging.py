@@ -4,11 +4,13 @@ A run trains its change in float32 (row-sparse deltas, PEFT adapters, master cop
 weights). Adding that change into bfloat16 base weights rounds every sum to bfloat16's 8 bits of
 mantissa: a change smaller than half the spacing of the bfloat16 numbers around its weight vanishes,
 and larger ones keep only their leading bits. :class:`MergeTally` measures this while the weights are
-written, block by block, and gives a :class:`~neuronreg.finetune.config.MergeInfo`:
+written, block by block, and gives a :class:`~neuronreg.runs.MergeInfo`:
 
 * ``lost_share``: the share of the change's nonzero elements whose stored weight still equals the base
   weight (the update rounded away entirely);
 * ``relative_error``: ``||(stored - base) - change|| / ||change||`` over every element, in float64.
+
+(:class:`~neuronreg.runs.MergeInfo` is the record; :func:`save_pretrained` writes a merged or dense model.)
 
 Every merge here computes ``base + change`` in float32 and rounds once into the stored dtype, so in
 float32 the stored weight is the float32 sum (exact up to that one float32 addition).
@@ -20,7 +22,8 @@ import logging
 
 import torch
 
-from .config import MergeInfo
+from ..files import atomic_folder
+from ..runs import MergeInfo
 
 log = logging.getLogger("neuronreg")
 
@@ -91,3 +94,18 @@ def parse_merge_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype
     """The dtype merged weights are stored in: ``name`` (float32, bfloat16, float16) or the model's."""
     return model_dtype if name is None else {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                              "float16": torch.float16}[name]
+
+
+def save_dtype_of(settings, loaded) -> torch.dtype:
+    """The dtype a run stores merged or dense weights in: its ``merge_dtype``, else the model's."""
+    from ..models import DTYPES
+
+    return parse_merge_dtype(settings.merge_dtype, DTYPES[loaded.dtype])
+
+
+def save_pretrained(model, tokenizer, folder) -> None:
+    """save_pretrained into a temporary folder that replaces ``folder`` only when complete."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

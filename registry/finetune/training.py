@@ -1,51 +1,47 @@
-"""Sparse fine-tuning of one language's neurons (the seed paper's method), and its baselines.
+"""Fine-tuning one language: the seed paper's sparse training of its neurons, and the baselines.
 
-``finetune`` trains, on a language's text, only what ``subset`` names:
-
-* ``lape`` (default): the language's LAPE neurons from a registry, as row-sparse deltas
-  (:mod:`neuronreg.finetune.deltas`): optimizer state and gradients scale with the neurons;
-* ``random``: the same number of neurons in every layer, drawn with the seed (the paper's control);
-* ``ffn``: every weight of every MLP (dense ``requires_grad``); ``full``: every weight;
-* ``lora`` / ``ia3``: a PEFT adapter on the MLP projections (:mod:`neuronreg.finetune.adapters`).
-
-The optimizer always updates float32 weights, whatever the model's dtype: the deltas and the PEFT
-adapters are float32 parameters; for ``ffn`` and ``full`` in a lower precision the optimizer holds
-float32 master copies of the trainable weights (:class:`MasterWeights`): the gradients of the model's
-weights are handed to them after the backward pass, and after each step the masters are copied
-(rounded) into the model for the next forward pass. So an update smaller than the model dtype's
-rounding step accumulates instead of vanishing.
+``finetune`` trains, on a language's text, what its method (``settings.subset``, a registered
+:class:`~neuronreg.finetune.method.FinetuneMethod`) makes trainable: the language's LAPE neurons as
+row-sparse deltas (``lape``), as many random neurons per layer (``random``), PEFT adapters (``lora``,
+``ia3``) or the dense weights (``ffn``, ``full``). This loop is the same for every method; it asks the
+method to attach itself, and around each step what it needs (``Trained.after_backward``,
+``after_update``), and to save the result. The optimizer always updates float32 weights.
 
 Text is packed as ``compute`` packs it (``pack_rows``); the last 2% of the rows (or ``eval_data``)
 are the validation split, evaluated before training, every ``eval_every`` steps and at the end; the
-deltas (or weights) of the best evaluation are what the run keeps. Batches follow a fixed order that
-depends only on the seed and the step, and checkpoints (written to a temporary file, then renamed)
-hold the trainable weights, the AdamW and schedule state and the RNG state, so an interrupted run
+weights of the best evaluation are what the run keeps. Batches follow a fixed order that depends only
+on the seed and the step: ``seed`` decides the order of the rows (a seeded permutation per epoch), the
+neurons of ``random`` and the dropout of ``lora``; a ``lape`` run that reads every row once differs
+between seeds only in the order. Checkpoints (written to a temporary file, then renamed) hold the
+trainable weights, the AdamW and schedule state, the RNG state and the log, so an interrupted run
 resumes to exactly the result of an uninterrupted one. A loss that stops being finite ends the run
 with an error; the last checkpoint stays.
 
-The loss is :func:`neuronreg.evaluation.heldout.token_nll`; ``chunked_loss`` picks its chunked linear
-cross-entropy (None: by the size of the logits, see ``use_chunked_loss``), which never holds the
-full-vocabulary logits.
+Every optimizer step is logged (``steps.csv`` in the run folder: training loss, gradient norm before
+clipping, learning rate, predicted tokens; the validation loss where one was measured), for the
+training-dynamics plots of ``neuronreg analyze``.
+
+The loss is :func:`neuronreg.evaluation.heldout.token_nll`; ``settings.chunked_loss`` picks its chunked
+linear cross-entropy (None: by the size of the logits), which never holds the full-vocabulary logits.
 
 More than one GPU:
 
-* ``device_map="auto"``: accelerate spreads the frozen base over the machine's GPUs; each delta lives
-  on its layer's device. A model that does not fit on the GPUs (weights left on the CPU or disk) is
-  refused: a delta cannot live on a weight that is not there.
+* ``device_map="auto"`` (in the LoadOptions): accelerate spreads the frozen base over the machine's
+  GPUs; each delta lives on its layer's device. A model that does not fit on the GPUs (weights left on
+  the CPU or disk) is refused: a delta cannot live on a weight that is not there.
 * data-parallel under ``torchrun`` (any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR): each
   process holds the whole model and trains on a disjoint share of every global batch; torch DDP
-  reduces the trainable weights' gradients only (the deltas, for ``lape`` and ``random``). A global
-  micro-batch is ``batch_size x world`` rows (``batch_size`` per process), the one a single process
-  with ``batch_size x world`` would take, and the loss is normalised by that global batch's
-  predicted tokens, so the result equals one process's up to float rounding. Validation is split
-  over the processes and summed. Rank 0 writes checkpoints and results; a checkpoint holds every
-  rank's RNG state and resumes only with the same number of processes. One process is exactly the
-  single-process code path (no process group, no DDP).
+  reduces the trainable weights' gradients only. A global micro-batch is ``batch_size x world`` rows,
+  the one a single process with ``batch_size x world`` would take, and the loss is normalised by that
+  global batch's predicted tokens, so the result equals one process's up to float rounding.
+  Validation is split over the processes and summed. Rank 0 writes checkpoints and results; a
+  checkpoint holds every rank's RNG state and resumes only with the same number of processes.
 """
 
 from __future__ import annotations
 
-import json
+import csv
+import io
 import logging
 import math
 import os
@@ -60,32 +56,18 @@ from ..corpus import iter_documents, pack_rows, resolve_corpus, row_start
 from ..distributed import Ranks
 from ..errors import CorpusError, FinetuneError, MaskError, RegistryError
 from ..evaluation.heldout import IGNORE, token_nll
-from ..files import atomic_folder, atomic_path, atomic_write_text
-from ..layouts import BY_NAME as LAYOUTS
-from ..manifest import Manifest
+from ..files import atomic_path, atomic_write_text
+from ..manifest import Manifest, load_manifest
 from ..mask import NeuronMask
-from ..models import DTYPES, load_model
+from ..models import load_model
+from ..options import LoadOptions, load_options
 from ..progress import progress
 from ..provenance import LanguageInfo
-from ..resolve import language_code, resolve_model
+from ..resolve import language, resolve_model
+from ..runs import CHECKPOINT_FILE, RUN_CONFIG_FILE, STEPS_FILE, MaskRef, RunConfig, TrainingInfo
 from ..store.local import LocalRegistry
-from .adapters import attach_adapter, merge_adapter, save_adapter, trainable_weights
-from .config import (
-    ADAPTER_FILES,
-    ADAPTERS,
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    DELTA_FILE,
-    FULL_MODEL_DIR,
-    MERGED_DIR,
-    FinetuneSettings,
-    MaskRef,
-    NeuronCounts,
-    RunConfig,
-    TrainingInfo,
-)
-from .deltas import LayerDelta, attach_deltas, merge_deltas, save_delta
-from .merging import MergeTally, cast_model, exact, parse_merge_dtype
+from .config import FinetuneSettings
+from .merging import save_dtype_of
 
 log = logging.getLogger("neuronreg")
 
@@ -100,27 +82,26 @@ class FinetuneResult:
 
 
 # -- what to train ------------------------------------------------------------------------------------
-def read_mask(source: LocalRegistry | Path, model: str, language: str, manifest: Manifest, *,
-              selection: str | None = None, top_rate: float | None = None) -> NeuronMask:
-    """The language's mask from a LOCAL registry folder (one of its selections: by name, by top rate,
-    or the model's default) or a mask file (any format ``fetch -o`` writes), never the Hub; or one
-    error saying what is there."""
-    if isinstance(source, Path):
-        return NeuronMask.load(source, model=model, language=language)
+def find_mask(model, language_name: str, *, registry: LocalRegistry | None, file: Path | None,
+              selection, manifest: Manifest) -> NeuronMask:
+    """The language's mask from a LOCAL registry (one of its selections) or a mask file (any format
+    ``fetch -o`` writes), never the Hub: training is where published neurons are most wanted, so the
+    error for a missing one says how to use them."""
+    from ..store.masks import find_masks
+
     try:
-        entry = source.selection(model, selection, top_rate)
+        return find_masks(model, [language_name], selection=selection, registry=registry, file=file,
+                          manifest=manifest).one()
     except RegistryError as exc:
         if exc.fix != "compute":
             raise
-        # Training is where published neurons are most wanted: say how to use them, not only how to count.
         raise RegistryError(exc.message, fix="compute_or_fetch",
                             advice="Compute them, or fetch published ones "
                                    "(neuronreg.load_mask(model, language).save('mask.parquet')) and pass that file "
                                    "as the mask.") from exc
-    code = language_code(language, manifest, entry.languages)
-    return source.read_mask(model, code, entry.name)
 
 
+# -- data ---------------------------------------------------------------------------------------------
 # -- data ---------------------------------------------------------------------------------------------
 def read_rows(source, tokenizer, seq_len: int, tokens: int) -> list[torch.Tensor]:
     """Packed rows, kept as int32 (half the memory of the int64 ids; 100M tokens take 400 MB). Where the
@@ -196,306 +177,325 @@ def schedule_factor(step: int, settings: FinetuneSettings) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
 
-# -- the job ------------------------------------------------------------------------------------------
-def finetune(
-    model_spec: str,
-    language: str,
-    *,
-    manifest: Manifest,
-    registry: LocalRegistry | Path,
-    settings: FinetuneSettings,
-    name: str | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    trust_remote_code: bool = False,
-    token: str | None = None,
-    device_map: str | None = None,
-    chunked_loss: bool | None = None,
-    on_step=None,  # called with the finished step number; tests use it to interrupt a run
-    selection: str | None = None,
-    top_rate: float | None = None,
-) -> FinetuneResult:
-    """Train the language's subnetwork (or a baseline) and write the run folder.
 
-    ``registry`` is where the mask comes from: a local registry, or the Path of one mask file.
-    ``device_map="auto"`` spreads the base model over the GPUs (accelerate); under ``torchrun`` every
-    process trains on its share of each batch (see the module's docstring). ``chunked_loss``: see
-    :func:`neuronreg.evaluation.heldout.use_chunked_loss` (None: chosen by the size of the logits).
+
+# -- the job ------------------------------------------------------------------------------------------
+def finetune(model: str, language_name: str, settings: FinetuneSettings, *, load: LoadOptions | None = None,
+             registry: LocalRegistry | str | Path | None = None, mask: str | Path | NeuronMask | None = None,
+             selection=None, manifest: Manifest | None = None, name: str | None = None, overwrite: bool = False,
+             on_step=None) -> FinetuneResult:
+    """Train the language's subnetwork (or a baseline) and write the run folder ``settings.out``.
+
+    ``model``: anything the resolver accepts; ``language_name``: any of its codes or its name. The neurons
+    (for ``lape`` and ``random``) come from ``mask`` (a mask file, or a NeuronMask) when given, else from
+    the local ``registry`` (None: the default one), of its ``selection`` (a name or a top rate; None: the
+    model's default). ``load``: how the model is loaded (dtype, device, device_map, token, remote code).
+    ``on_step`` is called with each finished step's number (tests use it to interrupt a run).
     """
     settings.check()
-    if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    load = load_options(load)
+    if load.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FinetuneError("A model spread over the GPUs (device_map) cannot also be trained data-parallel "
                             "by several processes; start one process.")
-    ranks = Ranks.from_env(None if device_map else settings.device)
+    ranks = Ranks.from_env(None if load.device_map else load.device)
     try:
-        return _finetune(model_spec, language, manifest=manifest, registry=registry, settings=settings, name=name,
-                         overwrite=overwrite, quiet=quiet or not ranks.is_main, trust_remote_code=trust_remote_code,
-                         token=token, device_map=device_map, chunked_loss=chunked_loss, on_step=on_step, ranks=ranks,
-                         selection=selection, top_rate=top_rate)
+        job = _Job(settings, load, ranks, manifest or load_manifest(), on_step)
+        job.prepare(model, language_name, registry=registry, mask=mask, selection=selection, name=name,
+                    overwrite=overwrite)
+        return job.run()
     finally:
         ranks.close()
 
 
-def _finetune(model_spec: str, language: str, *, manifest: Manifest, registry: LocalRegistry | Path,
-              settings: FinetuneSettings, name, overwrite, quiet, trust_remote_code, token, device_map, chunked_loss,
-              on_step, ranks: Ranks, selection: str | None, top_rate: float | None) -> FinetuneResult:
-    lang = manifest.language(language)
-    out = Path(settings.out)
-    error = None
-    if ranks.is_main:  # one process clears a folder for overwrite; the others must not see it half done
-        try:
-            _check_out(out, overwrite)
-        except Exception as exc:  # raised on every rank by ranks.check
-            error = exc
-    ranks.check(error)
+class _Job:
+    """One fine-tuning run, in the order it happens: prepare (everything checked before the model loads),
+    load and attach, resume, the loop, then the results."""
 
-    ref = resolve_model(model_spec, manifest, name=name,
-                        registry=registry if isinstance(registry, LocalRegistry) else None)
-    mask = None
-    if settings.subset in ("lape", "random"):
-        mask = read_mask(registry, ref.name, lang.code, manifest, selection=selection, top_rate=top_rate)
-        if len(mask) == 0:
-            raise MaskError(f"The {lang.code} mask of {ref.name} in {_where(registry)} has no neurons, so there is "
-                            "nothing to train.", fix="empty_mask",
-                            advice="Select with a higher top_rate, or train subset='ffn'.")
-    source = resolve_corpus(settings.data, lang, manifest, settings.text_field)
-    eval_source = (resolve_corpus(settings.eval_data, lang, manifest, settings.text_field) if settings.eval_data
-                   else None)
+    def __init__(self, settings: FinetuneSettings, load: LoadOptions, ranks: Ranks, manifest: Manifest, on_step):
+        self.settings, self.load, self.ranks, self.manifest, self.on_step = settings, load, ranks, manifest, on_step
+        self.method = settings.method
+        self.options = settings.method_options()
+        self.out = Path(settings.out)
+        self.checkpoint = self.out / CHECKPOINT_FILE
 
-    loaded = load_model(ref, dtype=settings.dtype, device=ranks.device(settings.device),
-                        trust_remote_code=trust_remote_code, token=token, quiet=quiet, device_map=device_map)
-    model, device = loaded.model, loaded.device
-    if device_map:
-        _check_on_devices(model)
-    info = loaded.info()
-    if mask is not None:
-        mask.check_sites(loaded.sites)
-        mask_revision = mask.provenance.model.revision if mask.provenance else None
-        if mask_revision and mask_revision != loaded.revision and ranks.is_main:
-            log.warning("The mask was computed on revision %s of %s; this model is %s.", mask_revision, ref.name,
-                        loaded.revision)
+    # -- before the model loads ----------------------------------------------------------------------
+    def prepare(self, model: str, language_name: str, *, registry, mask, selection, name, overwrite) -> None:
+        settings, manifest = self.settings, self.manifest
+        local = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
+        error = None
+        if self.ranks.is_main:  # one process clears a folder for overwrite; the others must not see it half done
+            try:
+                _check_out(self.out, overwrite, self.method)
+            except Exception as exc:  # raised on every rank by ranks.check
+                error = exc
+        self.ranks.check(error)
+        self.ref = resolve_model(model, manifest, name=name, registry=local)
+        self.mask = None
+        if self.method.needs_mask:
+            if isinstance(mask, NeuronMask):
+                self.mask = mask
+            else:
+                file = Path(mask) if mask is not None else None
+                self.mask = find_mask(self.ref, language_name, registry=local, file=file, selection=selection,
+                                      manifest=manifest)
+            if len(self.mask) == 0:
+                where = self.mask.location or local.root
+                raise MaskError(f"The {self.mask.language} mask of {self.ref.name} in {where} has no neurons, so "
+                                "there is nothing to train.", fix="empty_mask",
+                                advice="Select with a higher top_rate, or train subset='ffn'.")
+        known = [self.mask.provenance.language] if self.mask is not None and self.mask.provenance else []
+        self.lang = language(self.mask.language if self.mask is not None else language_name, manifest, known)
+        self.source = resolve_corpus(settings.data, self.lang, manifest, settings.text_field)
+        self.eval_source = (resolve_corpus(settings.eval_data, self.lang, manifest, settings.text_field)
+                            if settings.eval_data else None)
 
-    train_rows, eval_rows = _split_rows(source, eval_source, loaded.tokenizer, settings, lang.code)
-    pad_id = loaded.tokenizer.pad_token_id
-    pad_id = pad_id if isinstance(pad_id, int) else 0
+    # -- the run ----------------------------------------------------------------------------------------
+    def run(self) -> FinetuneResult:
+        settings, ranks = self.settings, self.ranks
+        self.loaded = load_model(self.ref, self.load.but(device=ranks.device(self.load.device)))
+        model, self.device = self.loaded.model, self.loaded.device
+        if self.load.device_map:
+            _check_on_devices(model)
+        self.info = self.loaded.info()
+        if self.mask is not None:
+            self.mask.check_sites(self.loaded.sites)
+            revision = self.mask.provenance.model.revision if self.mask.provenance else None
+            if revision and revision != self.loaded.revision and ranks.is_main:
+                log.warning("The mask was computed on revision %s of %s; this model is %s.", revision, self.ref.name,
+                            self.loaded.revision)
+        self.train_rows, self.eval_rows = _split_rows(self.source, self.eval_source, self.loaded.tokenizer, settings,
+                                                      self.lang.code)
+        pad_id = self.loaded.tokenizer.pad_token_id
+        self.pad_id = pad_id if isinstance(pad_id, int) else 0
 
-    # What is trainable.
-    torch.manual_seed(settings.seed)
-    layers: list[LayerDelta] = []
-    per_layer = None
-    adapter = adapter_info = None
-    masters = None
-    if settings.subset == "lape":
-        per_layer = mask.per_layer()
-    elif settings.subset == "random":
-        per_layer = mask.random_like(settings.seed).per_layer()
-    if per_layer is not None:
-        layers = attach_deltas(model, per_layer, loaded.sites)
-        named = {f"{layer.prefix}.{i}": p for layer in layers for i, p in enumerate(layer.parameters())}
-    elif settings.subset in ADAPTERS:
-        adapter, adapter_info = attach_adapter(model, settings, loaded.sites)
-        named = trainable_weights(adapter)  # the model itself now holds the adapter layers
-    else:
-        masters = MasterWeights(_dense_trainable(model, settings.subset, loaded.sites))
-        named = masters.named
-    params = list(named.values())
-    trainable = sum(p.numel() for p in params)
-    save_dtype = parse_merge_dtype(settings.merge_dtype, DTYPES[loaded.dtype])
-    # A dense run's trained weights are saved in save_dtype: what that rounding loses is measured
-    # against the weights it started from (kept on the CPU only when there is rounding to measure).
-    initial = masters.snapshot() if masters is not None and save_dtype != torch.float32 else None
+        torch.manual_seed(settings.seed)
+        self.trained = self.method.attach(self.loaded, settings, self.mask, self.options)
+        if settings.quantize:
+            from .quantize import quantize_frozen_base
 
-    model.train()
-    if settings.gradient_checkpointing:
+            done = quantize_frozen_base(model, self.loaded.sites)
+            log.info("Stored %d frozen projections of the base in 4 bits (NF4): %.2f GiB -> %.2f GiB.", done.modules,
+                     done.bytes_before / 2**30, done.bytes_after / 2**30)
+        self.named = self.trained.named
+        self.params = list(self.named.values())
+        self.save_dtype = save_dtype_of(settings, self.loaded)
+        model.train()
+        undo = self._checkpointing(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: schedule_factor(step,
+                                                                                                       settings))
+        self.state = {"step": 0, "curve": [], "log": [], "best": None, "best_step": None, "best_loss": math.inf}
+        self.resumed_from = self._resume()
+        self.step_loss = _loss_step(model, settings.chunked_loss, ranks, self.device, self.trained.find_unused)
+        started = time.perf_counter()
+        self._loop()
+        self.seconds = time.perf_counter() - started
+        self._keep_best()
+        undo()
+        model.eval()
+        return self._finish()
+
+    def _checkpointing(self, model):
+        """Recompute activations in the backward pass as ``settings.checkpointing`` says; returns the undo.
+        ``full`` is transformers' own (every decoder layer); ``mlp`` and a budget are :mod:`.checkpointing`'s."""
+        from .checkpointing import enable_checkpointing, parse_checkpointing
+
+        mode = parse_checkpointing(self.settings.checkpointing)
+        if mode == "none":
+            return lambda: None
         model.config.use_cache = False
+        if mode != "full":
+            rows = max(row.numel() for row in self.train_rows)
+            done = enable_checkpointing(model, self.loaded.sites, mode,
+                                        batch_size=self.settings.batch_size, seq_len=rows)
+            if self.ranks.is_main:
+                log.info("Checkpointing: %s.", done.describe())
+            return done.undo
         # transformers 5 renamed it; older versions (>= 4.46, the floor) only have the old name.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, settings))
+            return model.activation_checkpointing_disable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.gradient_checkpointing_disable
 
-    # Resume.
-    state = {"step": 0, "curve": [], "best": None, "best_step": None, "best_loss": math.inf}
-    checkpoint = out / CHECKPOINT_FILE
-    resumed_from = 0
-    if checkpoint.is_file():
-        saved = _load_checkpoint(checkpoint, named)
-        if saved["settings"] != settings.result_settings() or saved["model_revision"] != loaded.revision:
-            raise FinetuneError(f"{out} holds an unfinished run with other settings or another model.",
+    def _resume(self) -> int:
+        if not self.checkpoint.is_file():
+            return 0
+        saved = _load_checkpoint(self.checkpoint, self.named)
+        if saved["settings"] != self.settings.result_settings() or saved["model_revision"] != self.loaded.revision:
+            raise FinetuneError(f"{self.out} holds an unfinished run with other settings or another model.",
                                 fix="overwrite", advice="Use another output folder, or overwrite=True.")
-        if saved.get("world", 1) != ranks.world:
-            raise FinetuneError(f"{out} holds an unfinished run of {saved.get('world', 1)} process(es); this run "
-                                f"has {ranks.world}. Resume it with as many.", fix="overwrite",
+        if saved.get("world", 1) != self.ranks.world:
+            raise FinetuneError(f"{self.out} holds an unfinished run of {saved.get('world', 1)} process(es); this "
+                                f"run has {self.ranks.world}. Resume it with as many.", fix="overwrite",
                                 advice="Use another output folder, or overwrite=True.")
         with torch.no_grad():
-            for key, p in named.items():
+            for key, p in self.named.items():
                 p.copy_(saved["trainable"][key])
-        if masters is not None:
-            masters.to_model()
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if ranks.world > 1:
-            cpu_rng, cuda_rng = saved["rng_per_rank"][ranks.rank]
+        self.trained.after_update()
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.ranks.world > 1:
+            cpu_rng, cuda_rng = saved["rng_per_rank"][self.ranks.rank]
             torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None and torch.device(device).type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng, device)
+            if cuda_rng is not None and torch.device(self.device).type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng, self.device)
         else:
             torch.set_rng_state(saved["rng"])
             if saved.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        state = {k: saved[k] for k in state}
-        resumed_from = state["step"]
-        if ranks.is_main:
-            log.info("Resuming %s from step %d.", out, resumed_from)
+        self.state = {k: saved.get(k, [] if k == "log" else None) for k in self.state}
+        if self.ranks.is_main:
+            log.info("Resuming %s from step %d.", self.out, self.state["step"])
+        return self.state["step"]
 
-    step_loss = _loss_step(model, chunked_loss, ranks, device, find_unused=masters is not None)
-    world, share = ranks.world, slice(ranks.rank * settings.batch_size, (ranks.rank + 1) * settings.batch_size)
-    eval_every = settings.eval_every
-    checkpoint_every = settings.checkpoint_every or eval_every
+    def _validate(self) -> float:
+        return evaluate(self.loaded.model, self.eval_rows, self.settings.batch_size, self.pad_id, self.device,
+                        chunked=self.settings.chunked_loss, ranks=self.ranks)
 
-    def validate() -> float:
-        return evaluate(model, eval_rows, settings.batch_size, pad_id, device, chunked=chunked_loss, ranks=ranks)
+    def _diverged(self, what: str, value: float, step: int) -> FinetuneError:
+        return FinetuneError(f"The {what} became {value} at step {step}; the run stopped. Its last checkpoint "
+                             f"(step {_checkpoint_step(self.checkpoint)}) is kept.", fix="diverged",
+                             advice="Lower lr, or clip gradients (clip=1.0).")
 
-    if state["step"] == 0 and not state["curve"]:
-        state["curve"].append({"step": 0, "val_loss": validate()})
-    bar = progress(settings.steps, f"finetune {lang.code} ({settings.subset})", unit="step", quiet=quiet,
-                   initial=state["step"])
-    started = time.perf_counter()
-    try:
-        while state["step"] < settings.steps:
-            step = state["step"]
-            picks = [sample_order(step, micro, settings, len(train_rows), world)
-                     for micro in range(settings.grad_accum)]
-            # Predicted tokens of the whole (global) step: every position after a row's first.
-            denominator = sum(max(train_rows[i].numel() - 1, 0) for rows in picks for i in rows)
-            train_loss = 0.0
-            for micro, rows in enumerate(picks):
-                ids, attention, labels = batch_tensors([train_rows[i] for i in rows[share]], pad_id)
-                last = micro == len(picks) - 1
-                with step_loss.no_sync() if world > 1 and not last else nullcontext():
-                    loss, _ = step_loss(ids.to(device), attention.to(device), labels.to(device))
-                    # DDP averages the ranks' gradients: times world, they add up to the global batch's.
-                    (loss * world / denominator).backward()
-                train_loss += float(loss.detach()) / denominator
-            if world > 1:
-                train_loss = float(ranks.sum(torch.tensor([train_loss], dtype=torch.float64)))
-            if not math.isfinite(train_loss):
-                raise FinetuneError(f"The training loss became {train_loss} at step {step + 1}; the run stopped. "
-                                    f"Its last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
-                                    fix="diverged", advice="Lower lr, or clip gradients (clip=1.0).")
-            if masters is not None:
-                masters.take_grads()
-            if settings.clip:
-                torch.nn.utils.clip_grad_norm_(params, settings.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if masters is not None:
-                masters.to_model()
-            state["step"] = step = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
-            if step % eval_every == 0 or step == settings.steps:
-                val = validate()
-                if not math.isfinite(val):
-                    raise FinetuneError(f"The validation loss became {val} at step {step}; the run stopped. Its "
-                                        f"last checkpoint (step {_checkpoint_step(checkpoint)}) is kept.",
-                                        fix="diverged", advice="Lower lr, or clip gradients (clip=1.0).")
-                state["curve"].append({"step": step, "train_loss": train_loss, "val_loss": val})
-                if val < state["best_loss"]:
-                    state["best_loss"], state["best_step"] = val, step
-                    state["best"] = {k: p.detach().cpu().clone() for k, p in named.items()}
-            if step % checkpoint_every == 0 and step < settings.steps:
-                rng_per_rank = _gather_rng(ranks, device)
-                if ranks.is_main:
-                    _save_checkpoint(checkpoint, state, named, optimizer, scheduler, settings, loaded.revision,
-                                     world=world, rng_per_rank=rng_per_rank)
-            if on_step is not None:
-                on_step(step)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - started
-
-    # Keep the best evaluation's weights.
-    if state["best"] is None:
-        raise FinetuneError("The run ended without a finite validation loss; nothing was written.", fix="diverged")
-    with torch.no_grad():
-        for key, p in named.items():
-            p.copy_(state["best"][key])
-    if masters is not None:
-        masters.to_model()
-    if settings.gradient_checkpointing:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model.eval()
-
-    training = TrainingInfo(**{k: getattr(settings, k) for k in settings.RESULT_KEYS}, dtype=loaded.dtype,
-                            device=str(device), data=source.describe(),
-                            eval_data=eval_source.describe() if eval_source else None,
-                            train_rows=len(train_rows), eval_rows=len(eval_rows),
-                            seconds_this_session=round(seconds, 3), resumed_from_step=resumed_from,
-                            master_dtype="float32", world_size=ranks.world, device_map=device_map,
-                            chunked_loss=chunked_loss)
-    config = RunConfig(
-        base_model=info, base_path=ref.source if ref.local else None, language=LanguageInfo.of(lang),
-        subset=settings.subset,
-        mask=None if mask is None else MaskRef(model=mask.model, language=mask.language, source=mask.source,
-                                               selection=mask.provenance.selection if mask.provenance else None,
-                                               model_revision=mask.provenance.model.revision
-                                               if mask.provenance else None),
-        neurons=None if per_layer is None else NeuronCounts(total=int(sum(t.numel() for t in per_layer)),
-                                                            per_layer=[int(t.numel()) for t in per_layer]),
-        trainable_parameters=trainable, trainable_share=trainable / info.num_parameters, training=training,
-        best_step=state["best_step"], best_val_loss=state["best_loss"], validation_curve=state["curve"],
-        adapter=adapter_info,
-    )
-    error = None
-    if ranks.is_main:
+    def _loop(self) -> None:
+        settings, ranks, state = self.settings, self.ranks, self.state
+        world = ranks.world
+        share = slice(ranks.rank * settings.batch_size, (ranks.rank + 1) * settings.batch_size)
+        checkpoint_every = settings.checkpoint_every or settings.eval_every
+        if state["step"] == 0 and not state["curve"]:
+            state["curve"].append({"step": 0, "val_loss": self._validate()})
+        bar = progress(settings.steps, f"finetune {self.lang.code} ({settings.subset})", unit="step",
+                       initial=state["step"], show=ranks.is_main)
         try:
-            _write_outputs(out, model, loaded, layers, config, settings, adapter=adapter, masters=masters,
-                           initial=initial, save_dtype=save_dtype)
-            checkpoint.unlink(missing_ok=True)
-        except Exception as exc:  # every rank hears of it (and none waits for rank 0 forever)
-            error = exc
-    ranks.check(error)
-    return FinetuneResult(out, config, state["curve"], resumed_from, is_main=ranks.is_main)
+            while state["step"] < settings.steps:
+                step = state["step"]
+                lr = self.scheduler.get_last_lr()[0]
+                picks = [sample_order(step, micro, settings, len(self.train_rows), world)
+                         for micro in range(settings.grad_accum)]
+                # Predicted tokens of the whole (global) step: every position after a row's first.
+                denominator = sum(max(self.train_rows[i].numel() - 1, 0) for rows in picks for i in rows)
+                train_loss = 0.0
+                for micro, rows in enumerate(picks):
+                    ids, attention, labels = batch_tensors([self.train_rows[i] for i in rows[share]], self.pad_id)
+                    last = micro == len(picks) - 1
+                    with self.step_loss.no_sync() if world > 1 and not last else nullcontext():
+                        loss, _ = self.step_loss(ids.to(self.device), attention.to(self.device),
+                                                 labels.to(self.device))
+                        # DDP averages the ranks' gradients: times world, they add up to the global batch's.
+                        (loss * world / denominator).backward()
+                    train_loss += float(loss.detach()) / denominator
+                if world > 1:
+                    train_loss = float(ranks.sum(torch.tensor([train_loss], dtype=torch.float64)))
+                if not math.isfinite(train_loss):
+                    raise self._diverged("training loss", train_loss, step + 1)
+                self.trained.after_backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, settings.clip or math.inf))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.trained.after_update()
+                state["step"] = step = step + 1
+                entry = {"step": step, "train_loss": train_loss, "grad_norm": grad_norm, "lr": lr,
+                         "tokens": denominator}
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
+                if step % settings.eval_every == 0 or step == settings.steps:
+                    val = self._validate()
+                    if not math.isfinite(val):
+                        raise self._diverged("validation loss", val, step)
+                    entry["val_loss"] = val
+                    state["curve"].append({"step": step, "train_loss": train_loss, "val_loss": val})
+                    if val < state["best_loss"]:
+                        state["best_loss"], state["best_step"] = val, step
+                        state["best"] = {k: p.detach().cpu().clone() for k, p in self.named.items()}
+                state["log"].append(entry)
+                if step % checkpoint_every == 0 and step < settings.steps:
+                    rng_per_rank = _gather_rng(ranks, self.device)
+                    if ranks.is_main:
+                        _save_checkpoint(self.checkpoint, state, self.named, self.optimizer, self.scheduler, settings,
+                                         self.loaded.revision, world=world, rng_per_rank=rng_per_rank)
+                if self.on_step is not None:
+                    self.on_step(step)
+        finally:
+            bar.close()
 
-
-class MasterWeights:
-    """float32 master copies of a dense baseline's trainable weights when the model computes in a lower
-    precision (weights already float32 are their own masters).
-
-    The optimizer, clipping, weight decay and checkpoints see only the masters (``named``). The model's
-    own weights keep ``requires_grad`` (so backward, and DDP's reduction, work as ever);
-    :meth:`take_grads` hands their gradients to the masters in float32 and :meth:`to_model` copies the
-    masters back into the model, rounded to its dtype, for the next forward pass."""
-
-    def __init__(self, named: dict[str, torch.nn.Parameter]):
-        self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
-        self.named: dict[str, torch.nn.Parameter] = {}
-        self.model_weights = named
-        for name, p in named.items():
-            if p.dtype == torch.float32:
-                self.named[name] = p
-            else:
-                master = torch.nn.Parameter(p.detach().float().clone())
-                self.pairs.append((p, master))
-                self.named[name] = master
-
-    def take_grads(self) -> None:
-        for p, master in self.pairs:
-            master.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-
-    def to_model(self) -> None:
+    def _keep_best(self) -> None:
+        if self.state["best"] is None:
+            raise FinetuneError("The run ended without a finite validation loss; nothing was written.",
+                                fix="diverged")
         with torch.no_grad():
-            for p, master in self.pairs:
-                p.copy_(master)
+            for key, p in self.named.items():
+                p.copy_(self.state["best"][key])
+        self.trained.after_update()
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The model's trainable weights as they are now, on the CPU (in the model's dtype)."""
-        return {name: p.detach().cpu().clone() for name, p in self.model_weights.items()}
+    def _finish(self) -> FinetuneResult:
+        settings, state, ranks, mask, info = self.settings, self.state, self.ranks, self.mask, self.info
+        trainable = sum(p.numel() for p in self.params)
+        training = TrainingInfo(**{k: getattr(settings, k) for k in settings.RESULT_KEYS},
+                                gradient_checkpointing=settings.gradient_checkpointing,
+                                checkpointing=settings.checkpointing, dtype=self.loaded.dtype, device=str(self.device),
+                                data=self.source.describe(),
+                                eval_data=self.eval_source.describe() if self.eval_source else None,
+                                train_rows=len(self.train_rows), eval_rows=len(self.eval_rows),
+                                seconds_this_session=round(self.seconds, 3), resumed_from_step=self.resumed_from,
+                                master_dtype="float32", world_size=ranks.world, device_map=self.load.device_map,
+                                chunked_loss=settings.chunked_loss, quantize=settings.quantize,
+                                options=self.method.result_settings(self.options))
+        config = RunConfig(
+            base_model=info, base_path=self.ref.source if self.ref.local else None,
+            language=LanguageInfo.of(self.lang), subset=settings.subset,
+            mask=None if mask is None else MaskRef(
+                model=mask.model, language=mask.language, source=mask.source,
+                selection=mask.provenance.selection if mask.provenance else None,
+                model_revision=mask.provenance.model.revision if mask.provenance else None, sha256=mask.sha256()),
+            trainable_parameters=trainable, trainable_share=trainable / info.num_parameters, training=training,
+            best_step=state["best_step"], best_val_loss=state["best_loss"], validation_curve=state["curve"],
+            steps_log=STEPS_FILE, **self.trained.record())
+        error = None
+        if ranks.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                config.merge = self.trained.save(self.out, self.loaded, config, settings, self.save_dtype)
+                write_steps(self.out / STEPS_FILE, state["log"])
+                # The run config last: it marks the run finished.
+                atomic_write_text(self.out / RUN_CONFIG_FILE, config.to_json())
+                self.checkpoint.unlink(missing_ok=True)
+            except Exception as exc:  # every rank hears of it (and none waits for rank 0 forever)
+                error = exc
+        ranks.check(error)
+        return FinetuneResult(self.out, config, state["curve"], self.resumed_from, is_main=ranks.is_main)
+
+
+STEP_COLUMNS = ("step", "train_loss", "val_loss", "grad_norm", "lr", "tokens")
+
+
+def write_steps(path: Path, entries: list[dict]) -> None:
+    """``steps.csv``: one row per optimizer step (the validation loss only where one was measured)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(STEP_COLUMNS)
+    for entry in entries:
+        writer.writerow(["" if entry.get(key) is None else repr(entry[key]) for key in STEP_COLUMNS])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_steps(path: Path) -> list[dict]:
+    """The rows of a ``steps.csv`` as dicts of numbers (missing cells left out); [] when there is none."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            entry = {}
+            for key, value in row.items():
+                if key in STEP_COLUMNS and value not in (None, ""):
+                    try:
+                        entry[key] = int(value) if key in ("step", "tokens") else float(value)
+                    except ValueError:
+                        continue
+            rows.append(entry)
+    return rows
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -550,17 +550,15 @@ def _gather_rng(ranks: Ranks, device) -> list | None:
     return states
 
 
-def _where(registry) -> str:
-    return str(registry) if isinstance(registry, Path) else str(registry.root)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, method) -> None:
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"The output {out} is a file; give a folder.")
     if overwrite and out.is_dir():
-        for name in (CHECKPOINT_FILE, CONFIG_FILE, DELTA_FILE, *ADAPTER_FILES):
-            (out / name).unlink(missing_ok=True)
-    elif (out / CONFIG_FILE).is_file():
+        for name in (CHECKPOINT_FILE, RUN_CONFIG_FILE, STEPS_FILE, *method.run_files):
+            target = out / name
+            if target.is_file():
+                target.unlink()
+    elif (out / RUN_CONFIG_FILE).is_file():
         raise FinetuneError(f"{out} already holds a finished run.", fix="overwrite",
                             advice="Use another output folder, or overwrite=True to replace it.")
 
@@ -580,23 +578,6 @@ def _split_rows(source, eval_source, tokenizer, settings: FinetuneSettings, code
                           advice="Give more text, a smaller seq_len, or eval_data.")
     held = max(1, int(len(rows) * settings.eval_fraction))
     return rows[:-held], rows[-held:]
-
-
-def _dense_trainable(model, subset: str, sites) -> dict[str, torch.nn.Parameter]:
-    if subset == "full":
-        named = dict(model.named_parameters())
-    else:
-        wanted = set()
-        for site in sites:
-            modules = [site.projection, getattr(site.mlp, LAYOUTS[site.layout].second)]
-            if site.layout == "gated":
-                modules.append(site.mlp.up_proj)
-            for module in modules:
-                wanted.update(id(p) for p in module.parameters())
-        named = {n: p for n, p in model.named_parameters() if id(p) in wanted}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in named)
-    return named
 
 
 def _save_checkpoint(path: Path, state: dict, named: dict, optimizer, scheduler, settings: FinetuneSettings,
@@ -635,54 +616,3 @@ def _checkpoint_step(path: Path) -> int:
         return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
     except Exception:  # only for the message
         return 0
-
-
-def _write_outputs(out: Path, model, loaded, layers: list[LayerDelta], config: RunConfig,
-                   settings: FinetuneSettings, *, adapter=None, masters: MasterWeights | None = None,
-                   initial: dict | None = None, save_dtype: torch.dtype = torch.float32) -> None:
-    """The run's files; the run config last (it marks the run finished). Merged or dense weights are
-    stored in ``save_dtype`` and the run config records what that rounding lost (``merge``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if layers:
-        save_delta(layers, out / DELTA_FILE, {"base_model": config.base_model.id or "",
-                                              "revision": config.base_model.revision or "",
-                                              "language": config.language.code})
-    if adapter is not None:
-        save_adapter(adapter, out)
-        if settings.merged:
-            model, config.merge = merge_adapter(adapter, save_dtype)
-            save_pretrained(model, loaded.tokenizer, out / MERGED_DIR)
-    elif config.dense:
-        config.merge = _store_dense(model, masters, initial, save_dtype)
-        save_pretrained(model, loaded.tokenizer, out / FULL_MODEL_DIR)
-    elif settings.merged:
-        config.merge = merge_deltas(layers, save_dtype)
-        cast_model(model, save_dtype)
-        save_pretrained(model, loaded.tokenizer, out / MERGED_DIR)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=1, sort_keys=True) + "\n")
-
-
-def _store_dense(model, masters: MasterWeights, initial: dict | None, dtype: torch.dtype):
-    """A dense baseline's trained weights (its float32 masters) stored in ``dtype`` in the model, and what
-    that rounding lost against the weights the run started from."""
-    # Weights that are their own masters (a float32 model) are cast with the model: keep their values.
-    trained = {name: m.detach().clone() if m is masters.model_weights[name] and m.dtype != dtype else m
-               for name, m in masters.named.items()}
-    cast_model(model, dtype)
-    tally = MergeTally(dtype, operation="save")
-    with torch.no_grad():
-        for name, weight in masters.model_weights.items():
-            master = trained[name]
-            weight.copy_(master)
-            if initial is not None:
-                tally.add(initial[name], weight.detach().cpu(), target=master.detach().cpu())
-    return tally.info() if initial is not None else exact(dtype)
-
-
-def save_pretrained(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder that replaces ``folder`` only when complete."""
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-

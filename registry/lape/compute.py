@@ -16,10 +16,11 @@ import torch
 
 from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus, row_start, row_start_name
 from ..distributed import Ranks
-from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError
+from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError, UnknownLanguage
 from ..manifest import Language, Manifest
+from ..options import LoadOptions, load_options
 from ..progress import duration
-from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, NeuronsRecord, SelectionInfo
+from ..provenance import CountKey, CountsRecord, CountSummary, LanguageInfo, MaskSource, NeuronsRecord, SelectionInfo
 from ..resolve import ModelRef, language_codes, languages, resolve_model
 from ..store.local import LocalRegistry
 from .counting import ActivationCounts, Checkpoint, count_activations, fingerprint
@@ -33,15 +34,16 @@ TIE_BREAK = "lowest (layer, neuron) first"
 
 @dataclass
 class CountSettings:
+    """What is counted: the corpus (a folder, ``hf`` or ``hf:DATASET[:CONFIG]``), tokens per language, row
+    length, rows per forward pass, the text's field, and how often progress is checkpointed. How the model
+    is loaded (dtype, device, device_map ...) is a :class:`~neuronreg.options.LoadOptions`."""
+
     corpus: str = "hf"
     tokens: int = SEED_PIPELINE_TOKENS
     seq_len: int = 1024
     batch_size: int = 8
-    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
-    device: str | None = None
     text_field: str | None = None
     checkpoint_tokens: int = 1_000_000
-    device_map: str | None = None  # "auto": split one model over the GPUs (accelerate)
 
     def __post_init__(self):
         for key in ("tokens", "seq_len", "batch_size", "checkpoint_tokens"):
@@ -66,7 +68,7 @@ class ComputeReport:
     skipped: dict[str, str] = field(default_factory=dict)  # language -> why it had no text
 
 
-def _sources(langs: list[Language], settings: CountSettings, manifest, strict: bool, quiet: bool):
+def _sources(langs: list[Language], settings: CountSettings, manifest, strict: bool):
     """Each language's text; a language without any is skipped with a warning (an error if ``strict``)."""
     from ..corpus import missing_text
 
@@ -119,26 +121,30 @@ def compute(
     model_spec: str,
     language_names: list[str] | str,
     *,
-    manifest: Manifest,
-    registry: LocalRegistry,
     settings: CountSettings | None = None,
     params: SelectionParams | None = None,
+    load: LoadOptions | None = None,
+    registry: LocalRegistry | str | Path | None = None,
+    manifest: Manifest | None = None,
     select_languages: list[str] | str | None = None,
     name: str | None = None,
     force: bool = False,
     default: bool = False,
     strict: bool = False,
-    quiet: bool = False,
-    trust_remote_code: bool = False,
-    token: str | None = None,
 ) -> ComputeReport:
     """Count every language not yet in the registry (or changed, with ``force``), then select.
 
     ``language_names`` are codes, names or sets (``@ntrex``, ``@seed12``, ``@all``). A language
     without text (no file in the corpus folder, no config in the Hub dataset) is reported and
-    skipped, unless ``strict``.
+    skipped, unless ``strict``. ``registry``: a LocalRegistry or folder (None: the default one);
+    ``load``: how the model is loaded.
     """
+    from ..manifest import load_manifest
+
     settings = settings or CountSettings()
+    load = load_options(load)
+    manifest = manifest or load_manifest()
+    registry = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
     params = params or SelectionParams()
     langs = languages(language_names, manifest)
     if not langs:
@@ -147,7 +153,9 @@ def compute(
     if ref.source is None:
         raise RegistryError(f"{ref.name} is a name the registry holds, but it does not say where the model's "
                             "weights are.", fix="model_source", advice="Give the model's Hub id or folder.")
-    ranks = Ranks.from_env(settings.device)
+    # A name whose datasets config is another model's or selection's is refused now, not after the counting.
+    registry.check_config_names(ref.name, _selection_name(params, select_languages, manifest))
+    ranks = Ranks.from_env(load.device)
     try:
         with ExitStack() as held:
             # Rank 0 alone writes the registry, so it alone holds the model's lock; every rank hears if
@@ -160,30 +168,50 @@ def compute(
                     error = exc
             ranks.check(error)
             return _compute(langs, ref, ranks, manifest=manifest, registry=registry, settings=settings,
-                            params=params, select_languages=select_languages, force=force, quiet=quiet,
-                            trust_remote_code=trust_remote_code, token=token, default=default, strict=strict)
+                            params=params, load=load, select_languages=select_languages, force=force,
+                            default=default, strict=strict)
     finally:
         ranks.close()
 
 
-def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
-             settings: CountSettings, params, select_languages, force, quiet, trust_remote_code,
-             token, default, strict) -> ComputeReport:
-    from ..models import check_device, default_device, dtype_name, load_model, local_fingerprint, parse_dtype
+def _selection_name(params: SelectionParams, select_languages, manifest: Manifest) -> str | None:
+    """The name of the selection a compute will make (None where its languages are known only later)."""
+    from ..store.index import selection_name
 
-    device = ranks.device(settings.device)
-    device = (device or default_device()) if settings.device_map else check_device(device)
-    dtype = dtype_name(parse_dtype(settings.dtype, device))
+    info = SelectionInfo(method="lape", languages=[], top_rate=params.top_rate, filter_rate=params.filter_rate,
+                         activation_bar_ratio=params.activation_bar_ratio)
+    try:
+        over = language_codes(select_languages, manifest) if select_languages else None
+    except UnknownLanguage:  # a code only the registry knows: select checks the name when it writes
+        return None
+    return selection_name(info, over)
+
+
+def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, registry: LocalRegistry,
+             settings: CountSettings, params, load: LoadOptions, select_languages, force, default,
+             strict) -> ComputeReport:
+    from ..models import (
+        check_device,
+        default_device,
+        dtype_name,
+        load_model,
+        local_fingerprint,
+        older_fingerprint,
+        parse_dtype,
+    )
+
+    device = ranks.device(load.device)
+    device = (device or default_device()) if load.device_map else check_device(device)
+    dtype = dtype_name(parse_dtype(load.dtype, device))
     registry.ensure_writable()
-    quiet = quiet or not ranks.is_main  # one progress bar and one set of messages: rank 0's
-    sources, skipped = _sources(langs, settings, manifest, strict, quiet)
+    sources, skipped = _sources(langs, settings, manifest, strict)
     langs = [lang for lang in langs if lang.code in sources]
     # The revision decides whether stored counts are still good: a local folder's is its content hash; a
     # Hub model's is the revision asked for (the commit it resolved to is in the counts' model info).
     revision = local_fingerprint(Path(ref.source)) if ref.local else ref.revision
     # Whether rows are fed after a BOS is the tokenizer's to say, and part of what makes counts comparable;
     # the tokenizer alone is read before deciding what to count (the weights only if something is).
-    tokenizer = _load_tokenizer(ref, trust_remote_code, token)
+    tokenizer = _load_tokenizer(ref, load)
     start = row_start_name(tokenizer)
 
     report = ComputeReport(ref, registry.root, skipped=skipped)
@@ -198,24 +226,26 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
                 report.languages.append(LanguageResult(lang.code, stored.tokens, "unchanged"))
                 continue
             if not force:
+                changed = wanted.changed(stored.settings)
+                older = older_fingerprint(Path(ref.source), stored.settings.revision, "they were counted with") \
+                    if ref.local and changed == ["revision"] else None
                 raise SettingsConflict(
-                    f"{ref.name}/{lang.code} was counted with other settings (changed: "
-                    f"{', '.join(wanted.changed(stored.settings))}).", fix="force",
-                    advice="Pass force=True to count it again, or use another registry.")
+                    f"The counts of {ref.name}/{lang.code} name the model by fingerprint {older}" if older else
+                    f"{ref.name}/{lang.code} was counted with other settings (changed: {', '.join(changed)}).",
+                    fix="force", advice="Pass force=True to count it again, or use another registry.")
         pending.append((lang, wanted))
 
     if pending:
-        loaded = load_model(ref, dtype=settings.dtype, device=device, trust_remote_code=trust_remote_code, token=token,
-                            quiet=quiet, device_map=settings.device_map, tokenizer=False)
+        loaded = load_model(ref, load.but(device=device), tokenizer=False)
         loaded.tokenizer = tokenizer
         info = loaded.info()
         _check_same_model(registry, ref.name, info.num_layers, info.intermediate_size,
                           [lang.code for lang, _ in pending])
-        if not quiet:
+        if ranks.is_main:  # one progress bar and one set of messages: rank 0's
             _announce(loaded, len(pending), settings, ranks.world)
         for lang, wanted in pending:
             report.languages.append(_count_language(loaded, info, lang, sources[lang.code], wanted, settings,
-                                                    registry, quiet, ranks))
+                                                    registry, ranks))
     if ranks.is_main:
         report.selection = select_locked(ref.name, registry=registry, params=params, languages=select_languages,
                                          manifest=manifest, default=default)
@@ -223,14 +253,14 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
     return report
 
 
-def _load_tokenizer(ref: ModelRef, trust_remote_code: bool, token: str | None):
+def _load_tokenizer(ref: ModelRef, load: LoadOptions):
     from transformers import AutoTokenizer
 
     from ..models import load_error
 
     try:
-        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, trust_remote_code=trust_remote_code,
-                                             token=token)
+        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, token=load.token,
+                                             trust_remote_code=load.trust_remote_code)
     except Exception as exc:  # transformers and the Hub raise many types; load_error maps them
         raise load_error(ref, exc) from exc
 
@@ -248,7 +278,7 @@ def _check_same_model(registry: LocalRegistry, model: str, layers: int, inter: i
 
 
 def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: CountKey, settings: CountSettings,
-                    registry: LocalRegistry, quiet: bool, ranks: Ranks) -> LanguageResult:
+                    registry: LocalRegistry, ranks: Ranks) -> LanguageResult:
     # Each rank checkpoints its own share; a checkpoint of another world size is not reused.
     checkpoint = Checkpoint(registry.checkpoint_path(loaded.name, lang.code, ranks.checkpoint_suffix()),
                             fingerprint({**wanted.to_dict(), "world": ranks.world, "rank": ranks.rank}))
@@ -259,7 +289,7 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
         counts = count_activations(
             loaded.model, loaded.sites, rows, batch_size=settings.batch_size, device=loaded.device,
             checkpoint=checkpoint, checkpoint_tokens=settings.checkpoint_tokens,
-            total_tokens=-(-settings.tokens // ranks.world), desc=f"{loaded.name} {lang.code}", quiet=quiet,
+            total_tokens=-(-settings.tokens // ranks.world), desc=f"{loaded.name} {lang.code}", show=ranks.is_main,
             row_start=row_start(loaded.tokenizer),
         )
     except BaseException as exc:  # every rank must hear of it before anyone waits on a sum
@@ -305,8 +335,8 @@ def load_count_tensor(registry: LocalRegistry, model: str, codes: list[str]
     return torch.stack(columns, dim=-1), torch.tensor(tokens, dtype=torch.int64), records
 
 
-def select(model: str, *, registry: LocalRegistry, params: SelectionParams | None = None,
-           languages: list[str] | str | None = None, manifest: Manifest | None = None,
+def select(model: str, *, params: SelectionParams | None = None, languages: list[str] | str | None = None,
+           registry: LocalRegistry | str | Path | None = None, manifest: Manifest | None = None,
            default: bool = False) -> Selection:
     """Select neurons from the counts in the registry and store them as a selection of the model.
 
@@ -319,6 +349,7 @@ def select(model: str, *, registry: LocalRegistry, params: SelectionParams | Non
     from ..manifest import load_manifest
 
     manifest = manifest or load_manifest()
+    registry = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
     name = resolve_model(model, manifest, registry=registry).name
     with registry.model_lock(name, "select"):
         return select_locked(name, registry=registry, params=params, languages=languages, manifest=manifest,
@@ -355,7 +386,7 @@ def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams
         mask = selection.neurons[lang]
         mask.provenance = NeuronsRecord(model=model_info, language=own.language, selection=info,
                                         num_neurons=len(mask), counts=counts)
-        mask.source = {"registry": str(registry.root)}
+        mask.source, mask.location = MaskSource(kind="registry"), registry.root
     selection.entry = registry.write_selection(name, selection.neurons, over=chosen if languages else None,
                                                default=default)
     return selection

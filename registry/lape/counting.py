@@ -282,12 +282,13 @@ def count_activations(
     checkpoint_tokens: int = 1_000_000,
     total_tokens: int | None = None,
     desc: str = "counting",
-    quiet: bool = False,
     statistics: bool = True,
+    show: bool = True,
     row_start: int | None = None,
 ) -> ActivationCounts:
     """Run ``rows`` through the model body and count positive activations per layer and neuron; with
     ``statistics``, also sum the activations in float64 (over all positions and the positive ones).
+    ``show=False`` draws no progress bar (a process other than rank 0).
 
     With ``row_start`` (a token id, :func:`neuronreg.corpus.row_start`), every row is fed after that
     token, whose position is counted nowhere; ``tokens`` stays the rows' own tokens."""
@@ -297,7 +298,7 @@ def count_activations(
     loaded_rows = done_rows
     rows = itertools.islice(iter(rows), done_rows, None)  # rows are deterministic: skip the counted ones
     forward = body(model)
-    bar = progress(total_tokens, desc, quiet=quiet, initial=done_tokens)
+    bar = progress(total_tokens, desc, initial=done_tokens, show=show)
     since_save = 0
     total = sums = None
 

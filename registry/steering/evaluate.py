@@ -11,6 +11,7 @@ from ..errors import SettingsError
 from ..files import atomic_csv, atomic_write_json, output_folder
 from ..manifest import Manifest
 from ..models import load_model
+from ..options import LoadOptions
 from ..progress import progress
 from ..resolve import resolve_model
 from ..store.local import LocalRegistry
@@ -31,11 +32,8 @@ class SteerEvalSettings:
     mode: str = "replace"
     statistic: str = "mean"
     layers: object = None
-    selection: str | None = None
-    top_rate: float | None = None
+    selection: object = None  # a name or a top rate (default: the model's default selection)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    dtype: str | None = None
-    device: str | None = None
 
     def __post_init__(self):
         self.strengths = parse_strengths(self.strengths)
@@ -120,8 +118,8 @@ class SteerEvalReport:
 
 
 def steer_eval(model_spec: str, source: str, target: str, *, manifest: Manifest, registry: LocalRegistry,
-               settings: SteerEvalSettings | None = None, name: str | None = None, quiet: bool = False,
-               trust_remote_code: bool = False, token: str | None = None) -> SteerEvalReport:
+               settings: SteerEvalSettings | None = None, name: str | None = None,
+               load: LoadOptions | None = None) -> SteerEvalReport:
     """Generate from every prompt without steering and, for each strength, steered from ``source`` to
     ``target``; identify each output's language. Everything that can be checked without the model
     (masks, mean activations, the identifier's languages, the prompts) is checked before it loads."""
@@ -129,8 +127,7 @@ def steer_eval(model_spec: str, source: str, target: str, *, manifest: Manifest,
     prompts = check_prompts(settings.prompts if settings.prompts is not None else DEFAULT_PROMPTS)
     ref = resolve_model(model_spec, manifest, name=name, registry=registry)
     steering = SteeringSettings(deactivate=source, activate=target, strength=1.0, mode=settings.mode,
-                                statistic=settings.statistic, layers=settings.layers, selection=settings.selection,
-                                top_rate=settings.top_rate)
+                                statistic=settings.statistic, layers=settings.layers, selection=settings.selection)
     plan = plan_steering(ref.name, steering, registry=registry, manifest=manifest)
     identifier = LanguageIdentifier()
     labels = {}
@@ -144,12 +141,10 @@ def steer_eval(model_spec: str, source: str, target: str, *, manifest: Manifest,
     log.info("Steering %s (%s): %s; languages identified by %s %s", plan.model, plan.selection,
              plan.describe("STRENGTH"), identifier.name, identifier.version)
 
-    loaded = load_model(ref, dtype=settings.dtype, device=settings.device, trust_remote_code=trust_remote_code,
-                        token=token, quiet=quiet)
+    loaded = load_model(ref, load)
     plan.check(loaded.sites)
     runs = [(BASE, None), *((f"x{s:g}", s) for s in settings.strengths)]
-    bar = progress(len(runs) * len(prompts), f"{ref.name} {plan.deactivate}->{plan.activate}", unit="prompt",
-                   quiet=quiet)
+    bar = progress(len(runs) * len(prompts), f"{ref.name} {plan.deactivate}->{plan.activate}", unit="prompt")
     conditions = []
     try:
         for label, strength in runs:
@@ -172,18 +167,6 @@ def steer_eval(model_spec: str, source: str, target: str, *, manifest: Manifest,
     return SteerEvalReport(model=loaded.info().to_dict(), source=plan.deactivate, target=plan.activate,
                            labels=labels, identifier={"name": identifier.name, "version": identifier.version},
                            plan=plan_dict, settings=run_settings, prompts=prompts, conditions=conditions)
-
-
-# -- output -----------------------------------------------------------------------------------------------
-def table_lines(report: SteerEvalReport) -> list[str]:
-    """Per condition, the share of outputs in the target and the source language."""
-    target, source = f"{report.target} (target)", f"{report.source} (source)"
-    lines = [f"{'strength':<10}{target:>14}{source:>14}{'other':>8}{'distinct-2':>12}  most frequent"]
-    for row in report.shares():
-        common = ", ".join(f"{lang} {n}" for lang, n in list(row["languages"].items())[:3])
-        lines.append(f"{row['condition']:<10}{row['target_share']:>14.0%}{row['source_share']:>14.0%}"
-                     f"{row['other_share']:>8.0%}{row['distinct_2']:>12.2f}  {common}")
-    return lines
 
 
 def save_report(report: SteerEvalReport, folder: str | Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from .. import __version__
 from ..errors import SettingsError
 from ..manifest import Manifest
 from ..models import load_model
+from ..options import LoadOptions
 from ..progress import progress
 from ..resolve import resolve_model
 from ..store.local import LocalRegistry
@@ -152,18 +153,16 @@ class GenerationReport:
 
 def steered_generation(model_spec: str, prompts: list[str], steering: SteeringSettings, *, manifest: Manifest,
                        registry: LocalRegistry, settings: GenerationSettings | None = None, name: str | None = None,
-                       dtype: str | None = None, device: str | None = None, quiet: bool = False,
-                       trust_remote_code: bool = False, token: str | None = None) -> GenerationReport:
+                       load: LoadOptions | None = None) -> GenerationReport:
     """Generate from every prompt without and with steering (the registry is read before the model loads)."""
     settings = settings or GenerationSettings()
     prompts = check_prompts(prompts)
     ref = resolve_model(model_spec, manifest, name=name, registry=registry)
     plan = plan_steering(ref.name, steering, registry=registry, manifest=manifest)
     log.info("Steering %s (%s): %s", plan.model, plan.selection, plan.describe())
-    loaded = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code, token=token,
-                        quiet=quiet)
+    loaded = load_model(ref, load)
     plan.check(loaded.sites)
-    bar = progress(2 * len(prompts), f"{ref.name} generate", unit="prompt", quiet=quiet)
+    bar = progress(2 * len(prompts), f"{ref.name} generate", unit="prompt")
     try:
         base = generate_texts(loaded.model, loaded.tokenizer, prompts, settings, bar=bar)
         with steered(loaded.sites, plan):

@@ -111,8 +111,7 @@ class SteeringSettings:
     mode: str = "replace"
     statistic: str = "mean"  # "mean": over every position of the language's text; "positive": where it fired
     layers: object = None  # None (all), range(20, 30), [20, 21], "20-29"
-    selection: str | None = None  # which of the model's selections (default: its default)
-    top_rate: float | None = None  # or the selection with this top rate
+    selection: object = None  # which of the model's selections: a name or a top rate (default: its default)
 
     def __post_init__(self):
         self.strength = check_strength(self.strength)
@@ -190,10 +189,6 @@ class SteeringPlan:
                 "activated": self.activated, "per_layer": self.per_layer()}
 
 
-def _language(name: str, manifest: Manifest, available: list[str]) -> str:
-    return language_code(name, manifest, available)
-
-
 def _means(registry: LocalRegistry, model: str, lang: str, statistic: str, mask: NeuronMask) -> torch.Tensor:
     stats = registry.read_activation_means(model, lang)
     shape = (stats.record.model.num_layers, stats.record.model.intermediate_size)
@@ -209,16 +204,18 @@ def plan_steering(model: str, settings: SteeringSettings, *, registry: LocalRegi
     """Read the masks (and, where values are needed, the mean activations) from the registry and
     decide every steered neuron's value. ``model`` is the registry name; nothing is loaded."""
     from ..manifest import load_manifest
+    from ..store.masks import find_masks
 
     manifest = manifest or load_manifest()
-    entry = registry.selection(model, settings.selection, settings.top_rate)
+    entry = registry.selection(model, settings.selection)
     available = list(entry.languages)
-    source = _language(settings.deactivate, manifest, available) if settings.deactivate else None
-    target = _language(settings.activate, manifest, available) if settings.activate else None
+    source = language_code(settings.deactivate, manifest, available) if settings.deactivate else None
+    target = language_code(settings.activate, manifest, available) if settings.activate else None
     if source is not None and source == target:
         raise SettingsError(f"{source} is both the language to deactivate and the one to activate.",
                             fix="steer_languages")
-    masks = registry.read_masks(model, [lang for lang in (source, target) if lang], entry.name)
+    masks = find_masks(model, [lang for lang in (source, target) if lang], selection=entry.name, registry=registry,
+                       manifest=manifest).masks
     first = next(iter(masks.values()))
     layers = parse_layers(settings.layers, first.num_layers)
     empty = torch.zeros(0, dtype=torch.long)
@@ -278,7 +275,7 @@ def _model_name(model: torch.nn.Module, manifest: Manifest, registry: LocalRegis
 @contextmanager
 def steer(model: torch.nn.Module, deactivate: str | None = None, activate: str | None = None, strength: float = 1.0,
           mode: str = "replace", layers: object = None, registry: LocalRegistry | str | Path | None = None,
-          model_name: str | None = None, selection: str | None = None, *, top_rate: float | None = None,
+          model_name: str | None = None, selection=None, *,
           statistic: str = "mean", manifest: Manifest | None = None) -> Iterator[SteeringPlan]:
     """Steer ``model`` inside the block with the registry's neurons; yields the :class:`SteeringPlan`.
 
@@ -298,7 +295,7 @@ def steer(model: torch.nn.Module, deactivate: str | None = None, activate: str |
     manifest = manifest or load_manifest()
     registry = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
     settings = SteeringSettings(deactivate=deactivate, activate=activate, strength=strength, mode=mode,
-                                statistic=statistic, layers=layers, selection=selection, top_rate=top_rate)
+                                statistic=statistic, layers=layers, selection=selection)
     name = model_name or _model_name(model, manifest, registry)
     plan = plan_steering(name, settings, registry=registry, manifest=manifest)
     with steered(model, plan):

@@ -16,7 +16,7 @@ from ..errors import MaskError, SelectionError, UnknownModel
 from ..files import atomic_path
 from ..manifest import Language, Manifest
 from ..mask import NeuronMask
-from ..provenance import ImportInfo, LanguageInfo, ModelInfo, NeuronsRecord, SelectionInfo
+from ..provenance import ImportInfo, LanguageInfo, MaskSource, ModelInfo, NeuronsRecord, SelectionInfo
 from ..resolve import resolve_model
 from .local import LocalRegistry
 
@@ -98,23 +98,22 @@ def import_lape(path: Path, model: ModelInfo, languages: list[Language], registr
         mask.provenance = NeuronsRecord(
             model=model, language=LanguageInfo.of(lang), selection=selection, num_neurons=len(mask),
             imported=ImportInfo(file=path.name, sha256=digest, format="lape-pt", index=index))
-        mask.source = {"registry": str(registry.root)}
+        mask.source, mask.location = MaskSource(kind="registry"), registry.root
         masks[lang.code] = mask
     with registry.model_lock(model.name, "import"):
         registry.write_selection(model.name, masks, default=default)
     return masks
 
 
-def export_lape(registry: LocalRegistry, model: str, languages: list[str] | None = None, *,
-                selection: str | None = None, top_rate: float | None = None) -> tuple[list, list[str]]:
-    """A selection's masks as ``list[language][layer] -> LongTensor``, in the selection's language order."""
-    entry = registry.selection(model, selection, top_rate)
-    available = entry.languages
-    if languages is None:
-        order = registry.read_mask(model, available[0], entry.name).provenance.selection.languages or available
-        languages = [code for code in order if code in available]
-    masks = registry.read_masks(model, languages, entry.name)
-    return [masks[code].per_layer() for code in languages], languages
+def export_lape(found, *, in_given_order: bool = False) -> tuple[list, list[str]]:
+    """A selection's masks (a :class:`~neuronreg.store.masks.MaskSet`) as ``list[language][layer] ->
+    LongTensor``, in the order the selection was made over (``in_given_order``: as ``found`` has them)."""
+    codes = list(found.masks)
+    if not in_given_order:
+        first = found.masks[codes[0]]
+        order = first.provenance.selection.languages if first.provenance else codes
+        codes = [code for code in order if code in found.masks] + [code for code in codes if code not in order]
+    return [found.masks[code].per_layer() for code in codes], codes
 
 
 def save_lape(masks: list, path: Path) -> Path:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .. import __version__
-from .index import INDEX_KEY, RegistryIndex, SelectionEntry
+from .index import INDEX_KEY, RegistryIndex, SelectionEntry, config_name
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
 PLOT_NAME = "neurons_per_layer.png"
@@ -92,7 +92,7 @@ def model_card_entry(registry, model: str, *, remote: bool = False, plot: str | 
                          "path": remote_path(model, entry.name, lang) if remote else f"{entry.path}/{lang}.parquet",
                          "default_path": remote_path(model, None, lang) if remote else f"{entry.path}/{lang}.parquet"})
         selections.append({
-            "name": entry.name, "config": f"{model}-{entry.name}", "entry": entry, "describe": entry.describe(),
+            "name": entry.name, "config": config_name(model, entry.name), "entry": entry, "describe": entry.describe(),
             "info": record.selection, "imported": record.imported, "languages": rows,
             # `datasets` cannot serve a split of zero rows: such a language stays in the folder (and
             # in the card's table) but not in the loadable configs.

@@ -17,7 +17,6 @@ needs no network. Tokens never appear in a message.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -26,11 +25,21 @@ from pathlib import Path
 from .. import __version__
 from ..errors import HubError, MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, write_parquet
-from ..hubcalls import check_new_tag, check_repo_id, hub_error, hub_errors, repo_for_commit, retrying
+from ..hubcalls import (
+    CommitTarget,
+    check_ref_name,
+    check_repo_id,
+    commit_to,
+    hub_error,
+    hub_errors,
+    retrying,
+    same_content,
+)
 from ..mask import NeuronMask, read_mask_file
 from ..plots import neurons_per_layer_png
+from ..provenance import MaskSource
 from .cards import OVERLAP_NAME, PER_LAYER_NAME, PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
-from .index import INDEX_KEY, RegistryIndex, SelectionEntry, find_selection, percent
+from .index import INDEX_KEY, RegistryIndex, SelectionEntry, SelectionRef, find_selection
 from .local import CARD, COUNTS, LocalRegistry, read_card_metadata
 
 log = logging.getLogger("neuronreg")
@@ -48,25 +57,10 @@ class PublishResult:
     deleted: list[str] = field(default_factory=list)
 
 
-def _git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _unchanged(remote, data: bytes) -> bool:
-    """Whether a remote file (a RepoSibling with metadata) holds exactly ``data``."""
-    if remote is None:
-        return False
-    lfs = getattr(remote, "lfs", None)
-    if lfs:
-        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
-        return sha == hashlib.sha256(data).hexdigest()
-    return getattr(remote, "blob_id", None) == _git_blob_sha1(data)
-
-
 def ours(path: str) -> bool:
     """A repo path of neuronreg's layout: safe names only, no '..', nothing absolute."""
     parts = path.split("/")
-    return (0 < len(parts) <= 4 and all(SAFE_NAME.match(p) and ".." not in p for p in parts)
+    return (0 < len(parts) <= 4 and all(SAFE_NAME.fullmatch(p) and ".." not in p for p in parts)
             and not path.startswith("/"))
 
 
@@ -118,11 +112,11 @@ def _only_ours(index: RegistryIndex, repo: str) -> RegistryIndex:
     """The index without entries whose names or paths are not neuronreg's (a hostile or foreign card)."""
     clean = RegistryIndex()
     for model, found in index.models.items():
-        if not SAFE_NAME.match(model):
+        if not SAFE_NAME.fullmatch(model):
             log.warning("Ignoring model %r in the card of %s: not a name neuronreg writes.", model, repo)
             continue
         for entry in index.entries(model):
-            if not all(SAFE_NAME.match(lang) for lang in entry.languages):
+            if not all(SAFE_NAME.fullmatch(lang) for lang in entry.languages):
                 log.warning("Ignoring selection %s of %s in %s: odd language names.", entry.name, model, repo)
                 continue
             clean = clean.with_selection(model, entry, make_default=entry.name == found.default)
@@ -169,18 +163,14 @@ def publish(
         raise RegistryError(f"No neurons for {', '.join(missing)} in {registry.root} (available: "
                             f"{', '.join(available)}).")
     check_repo_id(repo_id)
+    check_ref_name(revision, "revision")
+    check_ref_name(tag, "tag")
     local = _local_files(registry, models)  # everything read back and validated before the Hub is touched
 
-    api = HfApi(token=token)
-    with repo_for_commit(api, repo_id, REPO_TYPE, private=private, what="this publish"):
-        with hub_errors(repo_id):
-            if revision and revision != "main" and not create_pr:
-                api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
-            info = retrying(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision,
-                                                  files_metadata=True))
-        tags = check_new_tag(api, repo_id, REPO_TYPE, tag)
-        result = _publish(api, registry, repo_id, models, local, info, revision=revision, create_pr=create_pr,
-                          token=token, message=message, tag=tag, tags=tags)
+    with commit_to(HfApi(token=token), repo_id, REPO_TYPE, revision=revision, create_pr=create_pr, tag=tag,
+                   private=private, what="this publish") as target:
+        result = _publish(target, registry, repo_id, models, local, token=token, message=message,
+                          manifest=manifest)
     return result
 
 
@@ -189,6 +179,9 @@ def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
     Only regular files inside the registry are taken (no symbolic links: they could point anywhere)."""
     from ..files import inside
 
+    clash = registry.index().duplicate_config(models)
+    if clash:  # a registry of an older neuronreg: its card would hide one of them on the Hub too
+        raise RegistryError(clash, fix="config_name", advice="Store one of the models under another name (name=...).")
     found = {}
     for model in models:
         selections = {}
@@ -219,12 +212,12 @@ def _regular(registry: LocalRegistry, path: Path) -> None:
                             fix="recompute")
 
 
-def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], local: dict, info, *, revision,
-             create_pr, token, message, tag, tags) -> PublishResult:
+def _publish(target: CommitTarget, registry: LocalRegistry, repo_id: str, models: list[str], local: dict, *,
+             token, message, manifest) -> PublishResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    head = info.sha
-    remote = {s.rfilename: s for s in (info.siblings or [])}
+    head = target.head
+    remote = target.files
     with tempfile.TemporaryDirectory(prefix="neuronreg-publish-") as tmp:
         staging = Path(tmp)
         files: dict[str, Path] = {}
@@ -240,10 +233,11 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
                 files[f"{model}/{COUNTS}/{lang}.parquet"] = path
             entry = model_card_entry(registry, model, remote=True, plot=f"{model}/{PLOT_NAME}")
             files[f"{model}/{PLOT_NAME}"] = neurons_per_layer_png(entry, staging / model / PLOT_NAME)
-            files.update(_overlap_figures(registry, model, staging, entry))
+            files.update(_overlap_figures(registry, model, staging, entry, manifest))
             entries.append(entry)
         # Models already in the repo but not published now stay on the card.
-        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging)
+        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging,
+                                          ours=index)
         entries += kept
         for model, found in kept_index.models.items():
             for entry in kept_index.entries(model):
@@ -253,60 +247,51 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
                         encoding="utf-8")
         files[CARD] = card
 
-        uploads = {path: src for path, src in files.items() if not _unchanged(remote.get(path), src.read_bytes())}
+        uploads = {path: src for path, src in files.items() if not same_content(remote.get(path), src)}
         # Files of a published model that the local registry no longer has (a language dropped from a
         # selection, a selection replaced) go, so the repo shows what the registry holds.
         deletions = sorted(p for p in remote if ours(p) and p.split("/")[0] in models and p not in files)
-        if tag in tags:
-            if tags[tag] == head and not uploads and not deletions:
-                return PublishResult(repo_id, False, head)  # asked again after it was done: nothing to do
-            raise HubError(f"{repo_id} already has the tag {tag!r} (on another commit); nothing was committed.",
-                           fix="tag", advice="Choose another tag.")
-        if not uploads and not deletions:
-            result = PublishResult(repo_id, False, head)
-        else:
-            operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
-                          for p, f in sorted(uploads.items())]
-            operations += [CommitOperationDelete(path_in_repo=p) for p in deletions]
-            with hub_errors(repo_id):
-                commit = api.create_commit(
-                    repo_id, operations, repo_type=REPO_TYPE, revision=revision, create_pr=create_pr,
-                    parent_commit=head,
-                    commit_message=message or f"Publish {', '.join(models)} (neuronreg {__version__})",
-                )
-            result = PublishResult(repo_id, True, commit.oid, commit.commit_url, commit.pr_url,
-                                   sorted(uploads), deletions)
-    if tag and tag not in tags:
-        with hub_errors(repo_id):
-            api.create_tag(repo_id, tag=tag, revision=result.commit, repo_type=REPO_TYPE, exist_ok=False)
-    return result
+        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(uploads.items())]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in deletions]
+        commit = target.commit(operations, message or f"Publish {', '.join(models)} (neuronreg {__version__})")
+    if commit is None:
+        return PublishResult(repo_id, False, head)
+    return PublishResult(repo_id, True, commit.oid, commit.commit_url, commit.pr_url, sorted(uploads), deletions)
 
 
-def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: dict) -> dict[str, Path]:
-    """The overlap heatmap and neurons-per-layer plot of the model's default selection, for the card."""
-    from ..manifest import load_manifest
+def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: dict, manifest) -> dict[str, Path]:
+    """The overlap heatmap and neurons-per-layer plot of the model's default selection, for the card (languages
+    grouped by the manifest's scripts and families: the one given to publish)."""
     from ..overlap import overlap
 
     default = registry.default_selection(model)
     masks = registry.read_masks(model, default.languages, default.name)
     if len(masks) < 2:
         return {}
-    report = overlap(masks, load_manifest())
+    report = overlap(masks, manifest)
     names = {"overlap": f"{model}/{OVERLAP_NAME}", "per_layer": f"{model}/{PER_LAYER_NAME}"}
     report.draw(staging / names["overlap"], staging / names["per_layer"])
     entry["overlap_plot"], entry["per_layer_plot"] = names["overlap"], names["per_layer"]
     return {path: staging / path for path in names.values()}
 
 
-def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path):
+def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path,
+                   ours: RegistryIndex | None = None):
     """Card entries of the models a repo holds that are not being published now: their neuron files
-    are downloaded (at ``head``) and validated; what is malformed is skipped with a warning."""
+    are downloaded (at ``head``) and validated; what is malformed, or would give a ``datasets`` config
+    the name of one of ``ours`` (or of another kept one), is skipped with a warning."""
     index = read_remote_index(repo_id, revision=head, token=token, files=list(remote))
     others = LocalRegistry(staging / "remote")
     kept = RegistryIndex()
     for model in sorted(set(index.models) - exclude):
         found = index.models[model]
         for entry in index.entries(model):
+            taken = RegistryIndex(models={**(ours.models if ours else {}), **kept.models})
+            clash = taken.config_clash(model, None) or taken.config_clash(model, entry.name)
+            if clash:
+                log.warning("Leaving selection %s of model %s in %s off the card: %s", entry.name, model, repo_id,
+                            clash[0].lower() + clash[1:])
+                continue
             folder = others.root / model / entry.name / "v1"
             languages = []
             for lang in entry.languages:
@@ -315,7 +300,9 @@ def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set
                     log.warning("%s lists %s but the repo has no such file; skipped.", repo_id, name)
                     continue
                 try:
-                    mask = read_mask_file(_download(repo_id, name, head, token), model, lang, {"repo": repo_id})
+                    mask = read_mask_file(_download(repo_id, name, head, token), model, lang,
+                                          MaskSource(kind="repo", repo=repo_id, commit=head, selection=entry.name),
+                                          where=f"{name} from {repo_id}")
                 except (MaskError, RecordError) as exc:
                     log.warning("Skipping %s of %s: %s", name, repo_id, exc)
                     continue
@@ -337,16 +324,20 @@ def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set
 
 # -- fetch ---------------------------------------------------------------------------------------------
 def fetch_mask(model: str, language: str, *, repo: str, revision: str | None = None, token: str | None = None,
-               selection: str | None = None, top_rate: float | None = None) -> NeuronMask:
-    """Download (or take from the cache) one language's neuron file of one selection and validate it.
+               selection: SelectionRef | str | float | None = None) -> NeuronMask:
+    """Download (or take from the cache) one language's neuron file of one selection and validate it;
+    ``model`` is a registry name, ``language`` a code (:func:`~neuronreg.store.masks.find_masks` resolves
+    what a user typed).
 
     The default selection, or a selection named or given by its top rate, is one file at a known
-    path, so a cold fetch is one request pair; the card is read only when that path does not exist
-    (a selection of another name, or a message saying what the repo holds).
+    path (:meth:`SelectionRef.expected_name`), so a cold fetch is one request pair; the card is read
+    only when that path does not exist (a selection of another name, or a message saying what the
+    repo holds).
     """
     from huggingface_hub import errors as e
 
-    guess = selection or (f"top{percent(top_rate)}" if top_rate is not None else None)
+    ref = SelectionRef.of(selection)
+    guess = ref.expected_name()
     filename = remote_path(model, guess, language)
     try:
         path = _download_raw(repo, filename, revision, token)
@@ -354,20 +345,21 @@ def fetch_mask(model: str, language: str, *, repo: str, revision: str | None = N
         if isinstance(exc, e.LocalEntryNotFoundError):
             raise hub_error(exc, repo) or exc
         index = read_remote_index(repo, revision=revision, token=token)
-        entry = find_selection(index, model, selection, top_rate, where=repo)
+        entry = find_selection(index, model, ref, where=repo)
         if language not in entry.languages:
             raise HubError(f"No {language} neurons for {model} ({entry.name}) in {repo} (available: "
                            f"{', '.join(entry.languages)}).") from exc
         filename = _remote_file(model, entry, language, default=index.models[model].default == entry.name
-                                and selection is None and top_rate is None)
+                                and ref.is_default)
         if filename == remote_path(model, guess, language):
             raise HubError(f"{repo} lists {filename} but does not hold it.") from exc
         path = _download(repo, filename, revision, token)
         guess = entry.name
     # The cache keeps files under .../snapshots/<commit>/<path>: the commit this mask came from.
     commit = path.parents[filename.count("/")].name
-    source = {"repo": repo, "revision": revision or "main", "commit": commit, "selection": guess or "default"}
-    return read_mask_file(path, model, language, source)
+    source = MaskSource(kind="repo", repo=repo, revision=revision or "main", commit=commit,
+                        selection=guess or "default")
+    return read_mask_file(path, model, language, source, where=f"{filename} from {repo}")
 
 
 def _download_raw(repo: str, filename: str, revision: str | None, token: str | None) -> Path:
@@ -382,30 +374,3 @@ def _download_raw(repo: str, filename: str, revision: str | None, token: str | N
         raise
     except Exception as exc:
         raise hub_error(exc, repo) or exc
-
-
-def load_mask(model: str, language: str, *, repo: str | None = None, revision: str | None = None,
-              registry: LocalRegistry | str | None = None, token: str | None = None, manifest=None,
-              selection: str | None = None, top_rate: float | None = None) -> NeuronMask:
-    """A language's mask: from ``repo`` on the Hub when given, else from the local registry when it
-    holds it, else from the manifest's default registry repo.
-
-    ``model`` is anything the resolver accepts (alias, Hub id, folder, registry name); ``language``
-    any of its codes or its name; ``selection`` (a name) or ``top_rate`` chooses among the model's
-    selections (default: its default selection).
-    """
-    from ..manifest import load_manifest
-    from ..resolve import language_code, resolve_model
-
-    manifest = manifest or load_manifest()
-    local = registry if isinstance(registry, LocalRegistry) else LocalRegistry(registry)
-    name = resolve_model(model, manifest, registry=local, any_name=True).name
-    held = local.selections(name)
-    if repo is None and held:
-        entry = local.selection(name, selection, top_rate)
-        code = language_code(language, manifest, entry.languages)
-        if code in entry.languages:
-            return local.read_mask(name, code, entry.name)
-    code = language_code(language, manifest)
-    return fetch_mask(name, code, repo=repo or manifest.registry_repo, revision=revision, token=token,
-                      selection=selection, top_rate=top_rate)

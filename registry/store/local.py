@@ -14,7 +14,11 @@ schema metadata under the key ``neuronreg``. Guarantees:
 * A selection (its files AND the card) becomes visible all at once or not at all: its files go into
   a new version folder, and the card, rewritten by one atomic rename, is the single commit point
   (:mod:`.index`). A failure before that rename removes the new folder: the registry is left byte
-  for byte as it was. Old versions, and the leftovers of a killed run, go on the next write.
+  for byte as it was. The version a write replaces stays until the model's next write (a ``datasets``
+  reader that read the old card opens its files after); older versions, and the leftovers of a
+  killed run, go on the next write.
+* ``datasets`` config names (``<model>``, ``<model>-<selection>``) are unique: a write that would give
+  two configs one name is refused.
 * Counts files are replaced one at a time by an atomic rename, and read back validated: every
   neuron exactly once, counts between 0 and the tokens counted, and the optional float64 columns
   ``activation_sum``/``positive_sum`` (the activations summed over every counted position and over
@@ -38,9 +42,10 @@ from pathlib import Path
 
 from ..errors import MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, TEMP_SUFFIX, atomic_path, atomic_write_text, inside, safe_name, write_parquet
+from ..limits import BeyondLimits, load_json, load_yaml
 from ..mask import META_KEY, NeuronMask, mask_from_table, read_neuron_table
-from ..provenance import CountsRecord
-from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, find_selection, selection_name
+from ..provenance import CountsRecord, MaskSource
+from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, Which, find_selection, selection_name
 from .locks import lock
 
 log = logging.getLogger("neuronreg")
@@ -111,6 +116,15 @@ def model_name(name: str) -> str:
     return name
 
 
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` that are empty, the deepest first (rmdir leaves any other alone)."""
+    for path in reversed(folders):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
 def read_card_metadata(text: str, where: str) -> dict:
     """The YAML metadata block of a card ({} when there is none)."""
     import yaml
@@ -121,7 +135,10 @@ def read_card_metadata(text: str, where: str) -> dict:
     if end < 0:
         return {}
     try:
-        data = yaml.safe_load(text[3:end])
+        data = load_yaml(text[3:end])
+    except BeyondLimits as exc:
+        raise RegistryError(f"The card {where} has YAML metadata that neuronreg does not read: {exc}.",
+                            fix="recompute") from exc
     except yaml.YAMLError as exc:
         raise RegistryError(f"The card {where} has YAML metadata that cannot be read ({type(exc).__name__}).",
                             fix="recompute") from exc
@@ -157,10 +174,25 @@ class LocalRegistry:
                                 fix="registry", advice="Choose another folder.") from exc
 
     # -- locks -----------------------------------------------------------------------------------
+    @contextmanager
     def model_lock(self, model: str, command: str | None = None, timeout: float = 0.0):
-        """Held while a model's counts or selections are written (a whole ``compute``)."""
+        """Held while a model's counts or selections are written (a whole ``compute``).
+
+        The folders the lock's holder created (the registry's, the model's, its checkpoints' and counts')
+        go again when it leaves them empty: a failed ``compute`` of a new model leaves nothing behind.
+        What holds a file (a checkpoint to resume from) stays."""
+        folder = self.model_dir(model)
+        new = [p for p in (self.root, folder) if not p.exists()]
+        inner = [p for p in (folder / ".partial", folder / COUNTS) if not p.exists()]
         self.ensure_writable()
-        return lock(self.model_dir(model) / ".lock", f"{model} in {self.root}", timeout=timeout, command=command)
+        try:
+            with lock(folder / ".lock", f"{model} in {self.root}", timeout=timeout, command=command):
+                try:
+                    yield
+                finally:
+                    _remove_if_empty(inner)  # while the lock is held: no other writer is filling them
+        finally:
+            _remove_if_empty(new)  # they held the lock file; a writer that takes it next makes them again
 
     @contextmanager
     def _card_lock(self):
@@ -210,9 +242,9 @@ class LocalRegistry:
             found = []
             if self._files(folder):
                 found.append(self._scanned_entry(folder.name, folder))
-            for sel in sorted(p for p in folder.iterdir() if p.is_dir() and SAFE_NAME.match(p.name)
+            for sel in sorted(p for p in folder.iterdir() if p.is_dir() and SAFE_NAME.fullmatch(p.name)
                               and p.name != COUNTS):
-                versions = sorted((int(m.group(1)), v) for v in sel.iterdir() if (m := VERSION_DIR.match(v.name)))
+                versions = sorted((int(m.group(1)), v) for v in sel.iterdir() if (m := VERSION_DIR.fullmatch(v.name)))
                 if versions and self._files(versions[-1][1]):
                     found.append(self._scanned_entry(folder.name, versions[-1][1], sel.name))
             for position, entry in enumerate(e for e in found if e is not None):
@@ -235,7 +267,7 @@ class LocalRegistry:
             over=over)
 
     def _is_model_dir(self, folder: Path) -> bool:
-        return (not folder.is_symlink() and SAFE_NAME.match(folder.name) is not None
+        return (not folder.is_symlink() and SAFE_NAME.fullmatch(folder.name) is not None
                 and folder.name.lower() not in RESERVED)
 
     @staticmethod
@@ -244,7 +276,7 @@ class LocalRegistry:
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.glob("*.parquet")
-                      if p.is_file() and not p.is_symlink() and SAFE_NAME.match(p.stem))
+                      if p.is_file() and not p.is_symlink() and SAFE_NAME.fullmatch(p.stem))
 
     # -- listing ---------------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -261,7 +293,7 @@ class LocalRegistry:
         """The model's selections, its default first."""
         return self.index().entries(model)
 
-    def selection(self, model: str, selection: str | None = None, top_rate: float | None = None) -> SelectionEntry:
+    def selection(self, model: str, selection: Which = None, top_rate: float | None = None) -> SelectionEntry:
         """The selection asked for by name or top rate, or the model's default; RegistryError listing
         the selections there are."""
         return find_selection(self.index(), model, selection, top_rate, where=str(self.root))
@@ -269,14 +301,14 @@ class LocalRegistry:
     def default_selection(self, model: str) -> SelectionEntry | None:
         return self.index().default(model)
 
-    def selected_languages(self, model: str, selection: str | None = None, top_rate: float | None = None
+    def selected_languages(self, model: str, selection: Which = None, top_rate: float | None = None
                            ) -> list[str]:
         """The languages of a selection (default: the model's default one); [] when the model has none."""
         if not self.index().entries(model):
             return []
         return list(self.selection(model, selection, top_rate).languages)
 
-    def neuron_path(self, model: str, lang: str, selection: str | None = None, top_rate: float | None = None
+    def neuron_path(self, model: str, lang: str, selection: Which = None, top_rate: float | None = None
                     ) -> Path:
         entry = self.selection(model, selection, top_rate)
         path = self.root / entry.path / f"{safe_name(lang, 'Language')}.parquet"
@@ -327,7 +359,7 @@ class LocalRegistry:
 
         path = self.counts_path(model, lang)
         try:
-            raw = json.loads((pq.read_schema(path).metadata or {})[META_KEY])
+            raw = load_json((pq.read_schema(path).metadata or {})[META_KEY])
         except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
             raise self._damaged(path) from exc
         return CountsRecord.from_dict(raw, f"{path} provenance")
@@ -367,7 +399,7 @@ class LocalRegistry:
             raise RegistryError(f"No counts for {lang} of {model} in {self.root}.", fix="compute")
         try:
             table = pq.read_table(path)
-            raw = json.loads((table.schema.metadata or {})[META_KEY])
+            raw = load_json((table.schema.metadata or {})[META_KEY])
         except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
             raise self._damaged(path) from exc
         record = CountsRecord.from_dict(raw, f"{path} provenance")
@@ -424,13 +456,13 @@ class LocalRegistry:
     def model_source(self, model: str) -> str | None:
         """The local folder ``model`` was computed from, while it still exists."""
         try:
-            path = json.loads((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
+            path = load_json((self.model_dir(model) / self.SOURCE_FILE).read_text(encoding="utf-8"))["path"]
         except (OSError, ValueError, KeyError, TypeError, RegistryError):
             return None
         return path if isinstance(path, str) and (Path(path) / "config.json").is_file() else None
 
     # -- selections ------------------------------------------------------------------------------
-    def read_mask(self, model: str, lang: str, selection: str | None = None, top_rate: float | None = None
+    def read_mask(self, model: str, lang: str, selection: Which = None, top_rate: float | None = None
                   ) -> NeuronMask:
         entry = self.selection(model, selection, top_rate)
         if lang not in entry.languages:
@@ -438,9 +470,10 @@ class LocalRegistry:
                                 f"{', '.join(entry.languages)}).")
         path = self.neuron_path(model, lang, entry.name)
         table, record = read_neuron_table(path, str(path))
-        return mask_from_table(table, record, model, lang, {"registry": str(self.root), "selection": entry.name})
+        return mask_from_table(table, record, model, lang, MaskSource(kind="registry", selection=entry.name),
+                               str(path), location=self.root)
 
-    def read_masks(self, model: str, langs: list[str], selection: str | None = None,
+    def read_masks(self, model: str, langs: list[str], selection: Which = None,
                    top_rate: float | None = None) -> dict[str, NeuronMask]:
         """Several languages' masks of one selection, or one error naming what is there."""
         entry = self.selection(model, selection, top_rate)
@@ -476,6 +509,7 @@ class LocalRegistry:
             same = self._unchanged(model, name, masks, default)
             if same is not None:  # selecting again what is there: nothing to write, nothing to publish
                 return same
+            self.check_config_names(model, name)
             folder = self._next_version(model, name)
             try:
                 folder.mkdir(parents=True)
@@ -493,8 +527,20 @@ class LocalRegistry:
                 shutil.rmtree(folder, ignore_errors=True)
                 self._cache = None
                 raise
-            self._collect(model, new)
+            # The version this write replaced stays until the next write: a reader that read the old card
+            # (datasets reads the card, then the files it names) still finds its files.
+            self._collect(model, new, keep=[self.root / e.path for e in old.entries(model)
+                                            if e.name == name and VERSION_DIR.fullmatch(e.path.rsplit("/", 1)[-1])])
         return entry
+
+    def check_config_names(self, model: str, selection: str | None) -> None:
+        """RegistryError when ``model``'s selection ``selection`` would share its ``datasets`` config name with
+        another model or selection (model ``tiny-top1`` and model ``tiny``'s selection ``top1``)."""
+        clash = self.index().config_clash(model, selection)
+        if clash:
+            raise RegistryError(clash, fix="config_name",
+                                advice="Store the model under another name (name=...); its configs are the name and "
+                                       "name-selection.")
 
     def _unchanged(self, model: str, name: str, masks: dict[str, NeuronMask], default: bool) -> SelectionEntry | None:
         """The stored selection ``name`` when it holds exactly ``masks`` (the same neurons, scores and
@@ -504,7 +550,7 @@ class LocalRegistry:
         if entry is None or sorted(entry.languages) != sorted(masks) or (default and index.models[model].default
                                                                          != name):
             return None
-        if not VERSION_DIR.match(entry.path.rsplit("/", 1)[-1]):
+        if not VERSION_DIR.fullmatch(entry.path.rsplit("/", 1)[-1]):
             return None  # neuronreg 0.1's layout: written again, in the current one
 
         def content(mask: NeuronMask):
@@ -537,7 +583,7 @@ class LocalRegistry:
     def _next_version(self, model: str, name: str) -> Path:
         folder = self.model_dir(model) / name
         taken = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else [])
-                 if (m := VERSION_DIR.match(p.name))]
+                 if (m := VERSION_DIR.fullmatch(p.name))]
         return folder / f"v{max(taken, default=0) + 1}"
 
     def _commit(self, index: RegistryIndex) -> None:
@@ -550,17 +596,18 @@ class LocalRegistry:
             raise RegistryError(f"Cannot write {self.card_path}: {exc.strerror or exc}.", fix="registry") from exc
         self._cache = None
 
-    def _collect(self, model: str, index: RegistryIndex) -> None:
-        """After a commit: remove what no card points to any more (old versions, 0.1's files, leftovers of a
-        killed run). A failure here costs disk space, never consistency."""
-        keep = {self.root / entry.path for entry in index.entries(model)}
+    def _collect(self, model: str, index: RegistryIndex, keep: list[Path] = ()) -> None:
+        """After a commit: remove what no card points to any more (versions superseded by an earlier write,
+        0.1's files, leftovers of a killed run), but the folders in ``keep``. A failure here costs disk
+        space, never consistency."""
+        keep = {self.root / entry.path for entry in index.entries(model)} | set(keep)
         folder = self.model_dir(model)
         try:
             for path in self._files(folder):  # 0.1's <model>/<lang>.parquet
                 if folder not in keep:
                     path.unlink()
             for sel in [p for p in folder.iterdir() if p.is_dir() and p.name not in (COUNTS, ".partial")]:
-                for version in [v for v in sel.iterdir() if VERSION_DIR.match(v.name) and v not in keep]:
+                for version in [v for v in sel.iterdir() if VERSION_DIR.fullmatch(v.name) and v not in keep]:
                     shutil.rmtree(version)
                 if not any(sel.iterdir()):
                     sel.rmdir()

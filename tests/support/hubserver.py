@@ -205,6 +205,10 @@ class HubServer:
                 return None
         return self.files(repo_type, repo_id, revision)
 
+    def branches(self, repo_type: str, repo_id: str) -> list[str]:
+        with self._lock:
+            return sorted(self._repos[(_repo_type(repo_type), repo_id)].branches)
+
     def commits(self, repo_type: str, repo_id: str, revision: str = "main") -> list[str]:
         """Commit ids reachable from `revision`, newest first (the last one is the initial commit)."""
         with self._lock:
