@@ -5,6 +5,10 @@ followed by the end-of-sequence token, the stream is cut into rows of exactly ``
 (no padding anywhere), and only the final row may be shorter. Memory follows the token budget, not
 the longest document: of a document far longer than the tokens still wanted, only a prefix is
 tokenized (checked to give the same first tokens as a prefix twice as long).
+
+A model whose tokenizer puts BOS before every text it encodes (Gemma, Llama 3, Mistral) never saw
+text without it, so the model is fed each row after that BOS (:func:`row_start`): context only,
+never counted and never predicted. The rows themselves are the same either way.
 """
 
 from __future__ import annotations
@@ -233,6 +237,34 @@ def separator_id(tokenizer) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def row_start(tokenizer) -> int | None:
+    """The token a packed row is fed after: the tokenizer's BOS where the tokenizer puts it before every
+    text it encodes by default (Gemma, Llama 3, Mistral: the model has only ever seen text after it),
+    else None (SmolLM2, GPT-2: a row starts with its own first token).
+
+    Read off what ``tokenizer("a")`` returns, not off the model's name, so any model is judged by its
+    own tokenizer. Position 0 of such a row is the BOS: not the language's text, never counted and
+    never predicted.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    try:
+        ids = list(tokenizer("a")["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    except (TypeError, ValueError, KeyError, NotImplementedError):  # not a transformers-style tokenizer
+        return None
+    return bos if ids[:1] == [bos] and ids[1:1 + len(plain)] == plain else None
+
+
+ROW_START_BOS = "bos"  # how provenance names a BOS row start (None: rows start with their text)
+
+
+def row_start_name(tokenizer) -> str | None:
+    """:func:`row_start` as the records write it: ``"bos"`` or None."""
+    return ROW_START_BOS if row_start(tokenizer) is not None else None
 
 
 def token_ids(documents: list[str], tokenizer, budget: int) -> list[list[int]]:

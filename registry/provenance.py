@@ -193,6 +193,9 @@ class CountKey(Record):
     tokens_requested: int
     seq_len: int
     dtype: str
+    # "bos": every row was fed after the tokenizer's BOS (not counted), as a Gemma or Llama 3 tokenizer
+    # encodes text; None: rows start with their own text (files written before this key read as None).
+    row_start: str | None = None
 
     def changed(self, other: CountKey) -> list[str]:
         mine, theirs = self.to_dict(), other.to_dict()

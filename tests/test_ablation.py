@@ -131,6 +131,7 @@ def test_own_ablation_raises_own_loss_and_not_the_others(planted, tmp_path):
         assert base["tokens"] == 1500 == base["characters"] == report["heldout"][lang]["tokens"]
         assert base["bits_per_character"] == pytest.approx(base["loss"] / math.log(2))
         assert base["perplexity"] == pytest.approx(math.exp(base["loss"]))
+    assert report["settings"]["row_start"] is None  # this tokenizer puts no BOS first: rows follow the stream
     assert report["heldout"]["ru"]["corpus"] == {"kind": "local", "file": "ru.txt",
                                                  "sha256": report["heldout"]["ru"]["corpus"]["sha256"]}
 
@@ -277,6 +278,32 @@ def test_characters_of_a_stream_cut_inside_a_document(tmp_path):
     assert held.tokens == 12 and held.characters == 12
     assert [row.tolist()[0] for row in held.inputs] == [2, int(held.inputs[0][-1]), int(held.inputs[1][-1])]
     assert sum(row.numel() - 1 for row in held.inputs) == 12
+
+
+def test_heldout_after_a_row_start_predicts_every_token_once_and_equals_transformers_loss(tmp_path):
+    """A tokenizer that puts BOS first: every row is fed after BOS, all its tokens are predicted, the
+    characters are those of the same text, and the loss is transformers' own on [BOS] + row."""
+    from neuronreg.corpus import CorpusSource
+
+    text = tmp_path / "en.txt"
+    text.write_text("abc\n\nde fg\nhij\n", encoding="utf-8")
+    source = CorpusSource("local", str(text))
+    plain, tok = make_tokenizer(), make_tokenizer(bos=True)
+    held = heldout.heldout_text(source, "en", tok, seq_len=5, max_tokens=12)
+    assert held.row_start == "bos" and heldout.heldout_text(source, "en", plain, 5, 12).row_start is None
+    # Stream: a b c </s> d | e ' ' f g </s> | h i; each row after <s> (id 1).
+    stream = [tok.convert_tokens_to_ids(c) for c in "abc"] + [2] + [tok.convert_tokens_to_ids(c) for c in "de fg"] \
+        + [2] + [tok.convert_tokens_to_ids(c) for c in "hi"]
+    assert [row.tolist() for row in held.inputs] == [[1] + stream[:5], [1] + stream[5:10], [1] + stream[10:]]
+    assert held.tokens == 12 and held.characters == 12  # as without a row start: the same text
+
+    model = predictive_planted_model()
+    result = heldout.score(model, held, batch_size=2, device="cpu")
+    with torch.no_grad():
+        reference = sum(float(model(input_ids=row[None], labels=row[None]).loss) * (row.numel() - 1)
+                        for row in held.inputs)
+    assert result.tokens == 12 and result.characters == 12
+    assert result.nll == pytest.approx(reference, rel=1e-6)
 
 
 def test_heatmap_is_a_png_of_the_expected_size(planted, tmp_path):

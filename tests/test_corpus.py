@@ -55,3 +55,22 @@ class _Counting:
     def __call__(self, texts, *args, **kwargs):
         self.calls.append(sum(len(t) for t in ([texts] if isinstance(texts, str) else texts)))
         return self.tok(texts, *args, **kwargs)
+
+
+def test_row_start_is_the_bos_a_tokenizer_puts_before_every_text():
+    from tokenizers import processors
+
+    from neuronreg.corpus import row_start, row_start_name
+
+    plain, with_bos = make_tokenizer(), make_tokenizer(bos=True)
+    assert plain("ab")["input_ids"] == [6, 7] and with_bos("ab")["input_ids"] == [1, 6, 7]
+    assert (row_start(plain), row_start_name(plain)) == (None, None)
+    assert (row_start(with_bos), row_start_name(with_bos)) == (1, "bos")
+    # Packing never puts it in the rows: they are the same for both tokenizers.
+    docs = ["abc", "абвгд"]
+    assert [r.tolist() for r in pack_rows(docs, with_bos, 3, 100)] == [r.tolist() for r in pack_rows(docs, plain, 3,
+                                                                                                     100)]
+    # Judged by what the tokenizer does, not by having a BOS token: one that appends EOS only has no row start.
+    eos_only = make_tokenizer()
+    eos_only._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    assert eos_only("ab")["input_ids"] == [6, 7, 2] and row_start(eos_only) is None

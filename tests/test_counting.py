@@ -32,8 +32,9 @@ def activation_name(config) -> str:
     raise AssertionError(config)
 
 
-def independent_counts(model, rows):
-    """Capture each first projection's INPUT, recompute projection and activation by hand, count > 0."""
+def independent_counts(model, rows, start=None):
+    """Capture each first projection's INPUT, recompute projection and activation by hand, count > 0.
+    With ``start``, every row is fed after that token and its position is left out by hand."""
     layout_sites = find_mlp_sites(model)  # only used to know which module is the first projection
     inter = layout_sites[0].intermediate_size
     act = ACTIVATIONS[activation_name(model.config)]
@@ -47,10 +48,12 @@ def independent_counts(model, rows):
     try:
         with torch.no_grad():
             for row in rows:
-                model(row.unsqueeze(0))  # the full model, LM head included, one row at a time
+                fed = row if start is None else torch.cat([torch.tensor([start]), row])
+                model(fed.unsqueeze(0))  # the full model, LM head included, one row at a time
                 for site in layout_sites:
                     proj = getattr(site.mlp, FIRST_PROJECTION[site.layout])
                     x = captured[site.layer].reshape(-1, captured[site.layer].shape[-1])
+                    x = x if start is None else x[1:]
                     if site.layout == "gpt2":
                         z = torch.addmm(proj.bias, x, proj.weight)
                     else:
@@ -81,6 +84,22 @@ def test_counts_equal_independent_computation(arch):
     # Not trivially all-or-nothing: the counts really discriminate between neurons.
     assert 0 < int(counts.over_zero.min()) or int(counts.over_zero.max()) < counts.tokens
     assert len(set(counts.over_zero.flatten().tolist())) > 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_counts_after_a_row_start_leave_its_position_out(arch):
+    """Rows fed after a BOS (as Gemma's tokenizer encodes text): the text's tokens are counted exactly, the
+    BOS position nowhere; and the BOS does change what the text's positions compute."""
+    model = tiny_model(arch)
+    sites = find_mlp_sites(model)
+    rows = random_rows(model.config.vocab_size, [40, 40, 40, 40, 40, 17])
+    counts = count_activations(model, sites, rows, batch_size=3, row_start=1)
+    expected = independent_counts(model, rows, start=1)
+    assert counts.tokens == 40 * 5 + 17
+    assert torch.equal(counts.over_zero, expected)
+    assert int(counts.over_zero.max()) <= counts.tokens
+    # The BOS is context every later position attends to: the counts differ from those of rows fed bare.
+    assert not torch.equal(counts.over_zero, independent_counts(model, rows))
 
 
 def test_hooks_exist_only_during_the_run():
@@ -139,3 +158,43 @@ def test_positive_counts_is_exactly_greater_than_zero(dtype):
     x[4, 1] = torch.finfo(dtype).tiny  # the smallest positive normal number still counts
     expected = (x > 0).sum(0)
     assert torch.equal(positive_counts(x), expected)
+
+
+def test_compute_with_a_bos_tokenizer_counts_the_text_after_bos_and_records_it(tmp_path):
+    """End to end: a model whose tokenizer puts BOS first is counted on its rows fed after that BOS; the
+    counts file says so, and counts made before (no row start) are settings that changed."""
+    from neuronreg.corpus import CorpusSource, iter_documents, pack_rows
+    from neuronreg.errors import SettingsConflict
+    from neuronreg.lape.compute import CountSettings, compute
+    from neuronreg.manifest import load_manifest
+    from neuronreg.provenance import CountKey
+    from neuronreg.store.local import LocalRegistry
+
+    from support.tiny import make_tokenizer, save_model, write_corpus
+
+    model = tiny_model("llama")
+    save_model(model, tmp_path / "model", bos=True)
+    write_corpus(tmp_path / "texts", {"en": "en", "ru": "ru"})
+    registry = LocalRegistry(tmp_path / "registry")
+    settings = CountSettings(corpus=str(tmp_path / "texts"), tokens=700, seq_len=64, batch_size=3)
+    compute(str(tmp_path / "model"), ["en", "ru"], manifest=load_manifest(), registry=registry, settings=settings)
+    for lang in ("en", "ru"):
+        over_zero, record = registry.read_counts("model", lang)
+        assert record.settings.row_start == "bos" and record.tokens == 700
+        rows = list(pack_rows(iter_documents(CorpusSource("local", str(tmp_path / "texts" / f"{lang}.txt"))),
+                              make_tokenizer(), 64, 700))
+        assert all(1 not in row.tolist() for row in rows)  # the BOS is never part of the text's rows
+        assert torch.equal(over_zero, independent_counts(model, rows, start=1))
+
+    # A counts file written before row starts were recorded has no key: it reads as None, and is other settings.
+    stored = registry.read_counts_record("model", "en").settings.to_dict()
+    old = {k: v for k, v in stored.items() if k != "row_start"}
+    assert CountKey.from_dict(old).row_start is None
+    assert CountKey.from_dict(stored).changed(CountKey.from_dict(old)) == ["row_start"]
+    save_model(model, tmp_path / "plain")  # the same weights with a tokenizer that adds no BOS
+    compute(str(tmp_path / "plain"), ["en"], manifest=load_manifest(), registry=registry, settings=settings,
+            name="model", force=True)
+    plain = registry.read_counts_record("model", "en").settings
+    assert plain.row_start is None and "row_start" not in plain.to_dict()
+    with pytest.raises(SettingsConflict, match="row_start"):
+        compute(str(tmp_path / "model"), ["en"], manifest=load_manifest(), registry=registry, settings=settings)

@@ -454,3 +454,35 @@ def test_a_4bit_base_trains_deltas_that_apply_to_the_full_precision_base(setup, 
                           "cannot be merged into", "--merged")
     assert_one_line_error(run("finetune", setup / "llama", "en", "--quantize", "4bit", "--subset", "ffn", "--data",
                               setup / "texts", "--out", tmp_path / "y", ok=False), "4-bit base", "--quantize")
+
+
+def test_a_bos_tokenizer_trains_and_validates_on_rows_after_bos(setup, tmp_path):
+    """Where the tokenizer puts BOS first, every training and validation row is fed after it and all of the
+    row's tokens are predicted: the step-0 validation loss and the first step's training loss (taken before
+    any update) equal transformers' own loss on [BOS] + row, over rows packed here by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from support.tiny import make_tokenizer
+
+    folder = save_model(tiny_model("llama"), tmp_path / "bosllama", bos=True)
+    write_mask(tmp_path / "reg", "bosllama", "en", EN)
+    tok = make_tokenizer()
+    stream = []
+    for line in (setup / "texts" / "en.txt").read_text(encoding="utf-8").splitlines():
+        stream += [tok.convert_tokens_to_ids(ch) for ch in line] + [tok.eos_token_id]
+    rows = [stream[i:i + 32] for i in range(0, 160, 32)]  # 5 rows: 4 to train on, the last validates
+
+    run_settings, load = settings(setup, tmp_path / "run", steps=1, eval_every=1, batch_size=4, tokens=160)
+    result = finetune(str(folder), "en", run_settings, load=load, manifest=load_manifest(),
+                      registry=LocalRegistry(tmp_path / "reg"))
+    assert (result.config.training.train_rows, result.config.training.eval_rows) == (4, 1)
+
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    def nll(row):  # summed over the row's 32 tokens, each predicted once
+        ids = torch.tensor([[1] + row])
+        with torch.no_grad():
+            return float(base(input_ids=ids, labels=ids).loss) * len(row)
+
+    assert result.curve[0]["val_loss"] == pytest.approx(nll(rows[4]) / 32, rel=1e-5)
+    assert result.curve[1]["train_loss"] == pytest.approx(sum(nll(row) for row in rows[:4]) / (4 * 32), rel=1e-5)

@@ -65,8 +65,9 @@ def planted_neurons(lang):
 
 
 # -- the statistics compute records ---------------------------------------------------------------
-def independent_sums(model, rows, batch_size=8):
-    """The activation module's output, captured by our own hook, summed in float64 over the same rows."""
+def independent_sums(model, rows, batch_size=8, start=None):
+    """The activation module's output, captured by our own hook, summed in float64 over the same rows; with
+    ``start``, each row is fed after that token and its position is dropped here."""
     sites = find_mlp_sites(model)
     shape = (len(sites), sites[0].intermediate_size)
     total, positive = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
@@ -74,6 +75,7 @@ def independent_sums(model, rows, batch_size=8):
     def make(layer):
         def hook(module, inputs, output):
             flat = output.reshape(-1, output.shape[-1]).double().cpu()
+            flat = flat if start is None else flat[1:]  # one row at a time: position 0 is the start token
             total[layer] += flat.sum(0)
             positive[layer] += flat.clamp(min=0).sum(0)
         return hook
@@ -82,7 +84,8 @@ def independent_sums(model, rows, batch_size=8):
     try:
         with torch.no_grad():
             for row in rows:  # one row at a time: another summation order than neuronreg's batches
-                model(input_ids=row[None].to(next(model.parameters()).device))
+                fed = row if start is None else torch.cat([torch.tensor([start]), row])
+                model(input_ids=fed[None].to(next(model.parameters()).device))
     finally:
         for handle in handles:
             handle.remove()
@@ -133,6 +136,22 @@ def test_statistics_equal_an_independent_computation_on_every_layout(arch):
     torch.testing.assert_close(counts.positive_sum, positive, rtol=1e-10, atol=1e-9)
     assert bool((counts.positive_sum[counts.over_zero == 0] == 0).all())
     assert count_activations(model, find_mlp_sites(model), rows, statistics=False).activation_sum is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt2"])
+def test_statistics_after_a_row_start_leave_its_position_out(arch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, model.config.vocab_size, (n,), generator=g) for n in [40] * 5 + [17]]
+    # One row a batch, as the independent sums run: the same float32 activations, so float64 rounding is all
+    # that may differ (batched, a matmul of another shape may round an activation differently).
+    counts = count_activations(model, find_mlp_sites(model), rows, batch_size=1, row_start=1)
+    total, positive = independent_sums(model, rows, start=1)
+    assert counts.tokens == 217
+    torch.testing.assert_close(counts.activation_sum, total, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(counts.positive_sum, positive, rtol=1e-10, atol=1e-9)
+    bare, _ = independent_sums(model, rows)
+    assert not torch.allclose(total, bare)  # the start token changed what the text's positions compute
 
 
 def test_nan_and_inf_activations_keep_the_sums_finite():
@@ -339,6 +358,25 @@ def test_hooks_are_gone_after_the_block_and_after_an_error(reg):
         with neuronreg.steer(model, deactivate="en", activate="de", registry=reg, model_name="model"):
             pass
     assert hooks_on(model) == 0
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_prompts_are_encoded_as_the_tokenizer_encodes_text(bos):
+    """Generation feeds each prompt as the tokenizer encodes it: after its BOS where it puts one first
+    (Gemma, Llama 3), bare where it does not; a shorter prompt is padded on the left, before that BOS."""
+    from neuronreg.steering.generation import GenerationSettings, generate_texts
+
+    model, tok = planted_model(PLANTED), make_tokenizer(bos=bos)
+    fed = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].tolist()))
+    try:
+        generate_texts(model, tok, ["abc", "абвгд"], GenerationSettings(max_new_tokens=2, batch_size=2))
+    finally:
+        handle.remove()
+    abc, cyrillic = [vocabulary().index(ch) for ch in "abc"], [vocabulary().index(ch) for ch in "абвгд"]
+    start = [1] if bos else []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 2  # no pad token: the EOS pads
+    assert fed[0] == [[pad, pad] + start + abc, start + cyrillic]
 
 
 def test_steering_works_inside_generate(reg):

@@ -309,7 +309,8 @@ def ablate(
                     "tokens": settings.tokens, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
                     "dtype": loaded.dtype, "device": str(loaded.device), "seed": settings.seed,
                     "selection": found.selection,
-                    "allow_same_text": settings.allow_same_text, "exclusive": settings.exclusive}
+                    "allow_same_text": settings.allow_same_text, "exclusive": settings.exclusive,
+                    "row_start": next(iter(texts.values())).row_start}
     return AblationReport(model, languages, run_settings, heldout, all_masks, shared, baseline, ablated, same_text)
 
 

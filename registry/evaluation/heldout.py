@@ -5,9 +5,11 @@ How held-out text is measured (also in ``docs/ablation.md``):
 
 * The held-out text of each language is packed exactly as ``compute`` packs text (``pack_rows``:
   no special tokens, the separator (EOS) after every document, rows of ``seq_len`` tokens, no
-  padding, at most ``tokens`` tokens). Each row is fed with one token of context before it: the
+  padding, at most ``tokens`` tokens). Each row is fed with one token of context before it: for a
+  model whose tokenizer puts BOS before every text (:func:`neuronreg.corpus.row_start`: Gemma,
+  Llama 3, Mistral), that BOS, so every row starts as the model's training text did; otherwise the
   last token of the previous row, or the separator for the first row (as if a document had just
-  ended). So every token of the evaluated stream is predicted exactly once.
+  ended). Either way every token of the evaluated stream is predicted exactly once.
 * loss = total next-token negative log-likelihood (nats) / number of predicted tokens;
   perplexity = exp(loss).
 * bits per character = total NLL / ln 2 / characters, where characters are those of the text the
@@ -32,7 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..corpus import TOKENIZE_BATCH, CorpusSource, _batched, iter_documents, pack_rows, separator_id, token_ids
+from ..corpus import (
+    TOKENIZE_BATCH,
+    CorpusSource,
+    _batched,
+    iter_documents,
+    pack_rows,
+    row_start,
+    row_start_name,
+    separator_id,
+    token_ids,
+)
 from ..errors import CorpusError
 from ..lape.counting import batches
 from ..models import body
@@ -216,6 +228,7 @@ class HeldOut:
     inputs: list[torch.Tensor]  # one context token + one packed row each
     tokens: int  # tokens predicted (every token of the evaluated stream)
     characters: int
+    row_start: str | None = None  # "bos": every row was fed after BOS; None: after the previous token
 
 
 def heldout_text(source: CorpusSource, language: str, tokenizer, seq_len: int, max_tokens: int) -> HeldOut:
@@ -224,14 +237,16 @@ def heldout_text(source: CorpusSource, language: str, tokenizer, seq_len: int, m
     tokens = sum(row.numel() for row in rows)
     if tokens == 0:
         raise CorpusError(f"The held-out text for {language} ({source.label}) holds no text.")
+    start = row_start(tokenizer)
     inputs, previous = [], sep
     for row in rows:
-        inputs.append(row if previous is None else torch.cat([torch.tensor([previous]), row]))
+        context = start if start is not None else previous
+        inputs.append(row if context is None else torch.cat([torch.tensor([context]), row]))
         previous = int(row[-1])
     characters = stream_characters(source, tokenizer, tokens, sep)
-    if sep is None:  # no token to put before the stream: its first token has no context and is not predicted
+    if sep is None and start is None:  # nothing before the stream: its first token has no context, no prediction
         tokens -= 1
-    return HeldOut(language, source.describe(), inputs, tokens, characters)
+    return HeldOut(language, source.describe(), inputs, tokens, characters, row_start_name(tokenizer))
 
 
 def stream_characters(source: CorpusSource, tokenizer, tokens: int, sep: int | None) -> int:

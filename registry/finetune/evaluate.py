@@ -92,6 +92,7 @@ def evaluate_run(folder: str | Path, data: str, languages_: list[str] | str | No
     outcome = RunEvaluation(folder, trained, scores)
     _saving(lambda: save_heldout(outcome, config, {
         "data": Path(data).name, **settings.to_dict(),
+        "row_start": next(iter(heldout.values())).row_start,
         "corpora": {code: h.corpus.to_dict() for code, h in heldout.items()}}), folder)
     return outcome
 

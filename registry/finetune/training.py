@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import iter_documents, pack_rows, resolve_corpus
+from ..corpus import iter_documents, pack_rows, resolve_corpus, row_start
 from ..distributed import Ranks
 from ..errors import CorpusError, FinetuneError, MaskError, RegistryError
 from ..evaluation.heldout import IGNORE, token_nll
@@ -104,13 +104,19 @@ def find_mask(model, language_name: str, *, registry: LocalRegistry | None, file
 # -- data ---------------------------------------------------------------------------------------------
 # -- data ---------------------------------------------------------------------------------------------
 def read_rows(source, tokenizer, seq_len: int, tokens: int) -> list[torch.Tensor]:
-    """Packed rows, kept as int32 (half the memory of the int64 ids; 100M tokens take 400 MB)."""
+    """Packed rows, kept as int32 (half the memory of the int64 ids; 100M tokens take 400 MB). Where the
+    tokenizer puts BOS before every text (:func:`~neuronreg.corpus.row_start`), each row starts with
+    that BOS: context the model expects, itself never predicted, so every text token is."""
     dtype = torch.int32 if len(tokenizer) < 2**31 else torch.long
-    return [row.to(dtype) for row in pack_rows(iter_documents(source), tokenizer, seq_len, tokens)]
+    start = row_start(tokenizer)
+    prefix = [] if start is None else [torch.tensor([start], dtype=dtype)]
+    return [torch.cat([*prefix, row.to(dtype)]) for row in pack_rows(iter_documents(source), tokenizer, seq_len,
+                                                                     tokens)]
 
 
 def batch_tensors(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and labels; a short row is padded on the right and its pads get no loss."""
+    """input_ids, attention_mask and labels; a short row is padded on the right and its pads get no loss,
+    nor does a row's first token (a row-start BOS, or a token without context: nothing predicts it)."""
     length = max(r.numel() for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
@@ -118,6 +124,7 @@ def batch_tensors(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
         ids[i, : row.numel()] = row
         attention[i, : row.numel()] = 1
     labels = ids.masked_fill(attention == 0, IGNORE)
+    labels[:, 0] = IGNORE
     return ids, attention, labels
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus
+from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus, row_start, row_start_name
 from ..distributed import Ranks
 from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError, UnknownLanguage
 from ..manifest import Language, Manifest
@@ -210,13 +210,17 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
     # The revision decides whether stored counts are still good: a local folder's is its content hash; a
     # Hub model's is the revision asked for (the commit it resolved to is in the counts' model info).
     revision = local_fingerprint(Path(ref.source)) if ref.local else ref.revision
+    # Whether rows are fed after a BOS is the tokenizer's to say, and part of what makes counts comparable;
+    # the tokenizer alone is read before deciding what to count (the weights only if something is).
+    tokenizer = _load_tokenizer(ref, load)
+    start = row_start_name(tokenizer)
 
     report = ComputeReport(ref, registry.root, skipped=skipped)
     pending: list[tuple[Language, CountKey]] = []
     for lang in langs:
         wanted = CountKey(model_id="local" if ref.local else ref.source, revision=revision,
                           corpus=sources[lang.code].describe(), tokens_requested=settings.tokens,
-                          seq_len=settings.seq_len, dtype=dtype)
+                          seq_len=settings.seq_len, dtype=dtype, row_start=start)
         if lang.code in registry.counted_languages(ref.name):
             stored = registry.read_counts_record(ref.name, lang.code)
             if stored.settings == wanted and not force:
@@ -233,7 +237,8 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
         pending.append((lang, wanted))
 
     if pending:
-        loaded = load_model(ref, load.but(device=device))
+        loaded = load_model(ref, load.but(device=device), tokenizer=False)
+        loaded.tokenizer = tokenizer
         info = loaded.info()
         _check_same_model(registry, ref.name, info.num_layers, info.intermediate_size,
                           [lang.code for lang, _ in pending])
@@ -247,6 +252,18 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
                                          manifest=manifest, default=default)
     ranks.barrier()
     return report
+
+
+def _load_tokenizer(ref: ModelRef, load: LoadOptions):
+    from transformers import AutoTokenizer
+
+    from ..models import load_error
+
+    try:
+        return AutoTokenizer.from_pretrained(ref.source, revision=ref.revision, token=load.token,
+                                             trust_remote_code=load.trust_remote_code)
+    except Exception as exc:  # transformers and the Hub raise many types; load_error maps them
+        raise load_error(ref, exc) from exc
 
 
 def _check_same_model(registry: LocalRegistry, model: str, layers: int, inter: int, replacing: list[str]) -> None:
@@ -274,6 +291,7 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
             loaded.model, loaded.sites, rows, batch_size=settings.batch_size, device=loaded.device,
             checkpoint=checkpoint, checkpoint_tokens=settings.checkpoint_tokens,
             total_tokens=-(-settings.tokens // ranks.world), desc=f"{loaded.name} {lang.code}", show=ranks.is_main,
+            row_start=row_start(loaded.tokenizer),
         )
     except BaseException as exc:  # every rank must hear of it before anyone waits on a sum
         error = exc

@@ -10,6 +10,11 @@ positive ones (:func:`add_activation_sums`): the mean activations that steering 
 (``activation_sum / tokens`` and ``positive_sum / over_zero``). NaN activations add 0 and
 infinite ones the largest finite value of their dtype (``torch.nan_to_num``), so the sums are
 always finite; a NaN is never counted as positive, so ``positive_sum`` is 0 wherever the count is.
+
+With a row start (:func:`neuronreg.corpus.row_start`: the BOS a Gemma or Llama 3 tokenizer puts
+before every text), each row is fed as ``[BOS] + row`` and position 0 is counted nowhere (not in the
+counts, the sums or ``tokens``): the model sees text as it was trained to, and what is counted is
+still exactly the text's tokens.
 """
 
 from __future__ import annotations
@@ -135,11 +140,21 @@ def add_activation_sums(flat: torch.Tensor, activation_sum: torch.Tensor, positi
         positive_sum += chunk.sum(0, dtype=torch.float64).to(positive_sum.device)
 
 
+@dataclass
+class FedRows:
+    """For hooks that leave each fed row's first position (a row-start BOS) out: the length of the rows
+    fed now, set before every forward (OPT flattens its activations to ``[batch * length, I]``, so the
+    rows cannot be told apart from the activation's shape alone)."""
+
+    length: int = 0
+
+
 @contextmanager
-def activation_hooks(sites: list[MLPSite], device: torch.device | str, *, statistics: bool = True
-                     ) -> Iterator[ActivationCounts]:
+def activation_hooks(sites: list[MLPSite], device: torch.device | str, *, statistics: bool = True,
+                     skip_first: FedRows | None = None) -> Iterator[ActivationCounts]:
     """Yields :class:`ActivationCounts` (``tokens`` 0) whose int64 ``[layers, intermediate]`` counts, and
-    with ``statistics`` float64 activation sums, every forward pass adds to, in the same hook."""
+    with ``statistics`` float64 activation sums, every forward pass adds to, in the same hook. With
+    ``skip_first``, the first position of every fed row is left out."""
     if len({site.intermediate_size for site in sites}) != 1:
         raise ValueError("layers of different intermediate sizes are not supported")
     shape = (len(sites), sites[0].intermediate_size)
@@ -152,9 +167,12 @@ def activation_hooks(sites: list[MLPSite], device: torch.device | str, *, statis
         def hook(module, inputs, output):
             # Every position of the [batch, seq, I] output is a real token: rows are never padded.
             # With a model split over devices (device_map), a layer's counts travel to one place.
-            flat = output.reshape(-1, output.shape[-1])
             sums = (step.activation_sum[site.layer], step.positive_sum[site.layer]) if statistics else None
-            add_positive_counts(flat, step.over_zero[site.layer], sums)
+            if skip_first is not None:  # row by row: a row's positions after the first are contiguous, not copied
+                for row in output.reshape(-1, skip_first.length, output.shape[-1]):
+                    add_positive_counts(row[1:], step.over_zero[site.layer], sums)
+            else:
+                add_positive_counts(output.reshape(-1, output.shape[-1]), step.over_zero[site.layer], sums)
 
         return hook
 
@@ -266,10 +284,14 @@ def count_activations(
     desc: str = "counting",
     statistics: bool = True,
     show: bool = True,
+    row_start: int | None = None,
 ) -> ActivationCounts:
     """Run ``rows`` through the model body and count positive activations per layer and neuron; with
     ``statistics``, also sum the activations in float64 (over all positions and the positive ones).
-    ``show=False`` draws no progress bar (a process other than rank 0)."""
+    ``show=False`` draws no progress bar (a process other than rank 0).
+
+    With ``row_start`` (a token id, :func:`neuronreg.corpus.row_start`), every row is fed after that
+    token, whose position is counted nowhere; ``tokens`` stays the rows' own tokens."""
     shape = (len(sites), sites[0].intermediate_size)
     start = checkpoint.load(shape, statistics=statistics) if checkpoint else None
     done_tokens, done_rows = (start[1], start[2]) if start else (0, 0)
@@ -284,7 +306,8 @@ def count_activations(
         checkpoint.save(total, done_tokens, done_rows, sums)
 
     try:
-        with torch.inference_mode(), activation_hooks(sites, device, statistics=statistics) as step:
+        fed = None if row_start is None else FedRows()
+        with torch.inference_mode(), activation_hooks(sites, device, statistics=statistics, skip_first=fed) as step:
             total = torch.zeros_like(step.over_zero)
             sums = {key: torch.zeros_like(getattr(step, key)) for key in STATISTICS} if statistics else None
             if start:
@@ -295,7 +318,11 @@ def count_activations(
                 step.over_zero.zero_()
                 for key in sums or {}:
                     getattr(step, key).zero_()
-                forward(input_ids=batch.to(device), use_cache=False)
+                ids = batch
+                if fed is not None:
+                    ids = torch.cat([torch.full((batch.shape[0], 1), row_start, dtype=batch.dtype), batch], dim=1)
+                    fed.length = ids.shape[1]
+                forward(input_ids=ids.to(device), use_cache=False)
                 # Added only once the whole forward is done, so an interrupt never leaves a half batch.
                 total += step.over_zero
                 for key in sums or {}:

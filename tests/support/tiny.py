@@ -18,14 +18,18 @@ def vocabulary() -> list[str]:
     return SPECIALS + list(" .,") + list(LATIN) + list(CYRILLIC) + list(GREEK)
 
 
-def make_tokenizer():
-    """A character-level fast tokenizer: every character is one token."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def make_tokenizer(bos: bool = False):
+    """A character-level fast tokenizer: every character is one token. With ``bos``, it puts ``<s>``
+    before every text it encodes (unless ``add_special_tokens=False``), as Gemma's and Llama 3's do."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -92,10 +96,10 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
-def save_model(model, folder: Path) -> Path:
+def save_model(model, folder: Path, bos: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+    make_tokenizer(bos).save_pretrained(folder)
     return folder
 
 
