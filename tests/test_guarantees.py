@@ -58,7 +58,8 @@ def registry(tmp_path_factory, planted) -> Path:
 
 
 # -- 1. a damaged or mismatched checkpoint is never resumed from ----------------------------------------
-@pytest.mark.parametrize("damage", ["shape", "negative", "float", "rows", "garbage", "too-many"])
+@pytest.mark.parametrize("damage", ["shape", "negative", "float", "rows", "garbage", "too-many", "rows-skipped",
+                                    "tokens-over-rows", "over-budget", "sum-over-positive", "positive-never-fired"])
 def test_a_damaged_checkpoint_is_discarded_and_the_counts_stay_exact(planted, registry, tmp_path, damage,
                                                                     monkeypatch):
     from safetensors import safe_open
@@ -80,7 +81,10 @@ def test_a_damaged_checkpoint_is_discarded_and_the_counts_stay_exact(planted, re
     monkeypatch.setattr(compute_module, "pack_rows", real)
     checkpoint = reg / "model" / ".partial" / "ru.safetensors"
     with safe_open(str(checkpoint), "pt") as f:
-        meta, counts = f.metadata(), f.get_tensor("over_zero")
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    counts, tokens, rows = tensors["over_zero"], int(meta["tokens"]), int(meta["rows"])
+    assert set(tensors) == {"over_zero", "activation_sum", "positive_sum"} and tokens == rows * 64  # rows of 64
+    never = (counts == 0).nonzero()[0].tolist()  # a neuron that never fired (a planted one of another script)
     if damage == "shape":
         counts = torch.zeros(2, 40, dtype=torch.int64)
     elif damage == "negative":
@@ -90,11 +94,21 @@ def test_a_damaged_checkpoint_is_discarded_and_the_counts_stay_exact(planted, re
     elif damage == "rows":
         meta = {**meta, "rows": "-3"}
     elif damage == "too-many":
-        counts[1, 1] = int(meta["tokens"]) + 1
+        counts[1, 1] = tokens + 1
+    elif damage == "rows-skipped":  # resuming would skip a row that was never counted
+        meta = {**meta, "rows": str(rows + 1)}
+    elif damage == "tokens-over-rows":
+        meta = {**meta, "tokens": str(tokens + 64)}
+    elif damage == "over-budget":  # more rows and tokens than the 3,000 tokens asked for can make
+        meta = {**meta, "rows": "60", "tokens": str(60 * 64)}
+    elif damage == "sum-over-positive":
+        tensors["activation_sum"][0, 0] = tensors["positive_sum"][0, 0] + 1.0
+    elif damage == "positive-never-fired":
+        tensors["positive_sum"][never[0], never[1]] = 0.5
     if damage == "garbage":
         checkpoint.write_bytes(b"not a checkpoint")
     else:
-        save_file({"over_zero": counts}, str(checkpoint), metadata=meta)
+        save_file({**tensors, "over_zero": counts}, str(checkpoint), metadata=meta)
     result = compute(planted, reg, langs=("ru",), ok=False)
     assert result.exit_code == 0 and "Discarding the checkpoint" in result.stderr, result.output
     assert pq.read_table(reg / "model" / "counts" / "ru.parquet")["count"].to_pylist() == \
