@@ -171,30 +171,44 @@ def test_other_weights_of_the_same_size_are_another_revision(planted, tmp_path):
 
 
 # -- 3. counts files are validated on read -----------------------------------------------------------------
-@pytest.mark.parametrize("damage,message", [
-    ("duplicate", "does not hold every neuron exactly once"),
-    ("negative", "counts outside [0, 3000]"),
-    ("too-large", "counts outside [0, 3000]"),
-    ("rows", "has 95 rows for 2 x 48 neurons"),
+LEGACY_COUNTS = Path(__file__).parent / "data" / "counts-1.0" / "registry"
+
+
+@pytest.mark.parametrize("layout,damage,message", [
+    ("2.0", "negative", "counts outside [0, 3000]"),
+    ("2.0", "too-large", "counts outside [0, 3000]"),
+    ("2.0", "rows", "has 95 rows for 2 x 48 neurons"),
+    ("2.0", "float", "count column of double"),
+    ("2.0", "strings", "count column of string"),
+    ("1.0", "duplicate", "does not hold every neuron exactly once"),
+    ("1.0", "negative", "counts outside [0, 3000]"),
+    ("1.0", "rows", "has 95 rows for 2 x 48 neurons"),
+    ("1.0", "float", "count column of double"),
 ])
-def test_counts_files_are_validated_on_read(registry, tmp_path, damage, message):
+def test_counts_files_are_validated_on_read(registry, tmp_path, layout, damage, message):
     reg = tmp_path / "reg"
-    shutil.copytree(registry, reg)
-    path = reg / "model" / "counts" / "el.parquet"
+    shutil.copytree(registry if layout == "2.0" else LEGACY_COUNTS, reg)
+    model = "model" if layout == "2.0" else "planted"
+    path = reg / model / "counts" / "el.parquet"
     table = pq.read_table(path)
-    data = table.to_pydict()
+    assert json.loads(table.schema.metadata[b"neuronreg"])["schema_version"] == layout
+    data, schema = table.to_pydict(), table.schema
     if damage == "duplicate":
         data["neuron"][5] = data["neuron"][4]
     elif damage == "negative":
         data["count"][3] = -1
     elif damage == "too-large":
         data["count"][3] = 10**9
+    elif damage in ("float", "strings"):
+        data["count"] = [float(c) if damage == "float" else str(c) for c in data["count"]]
+        schema = schema.set(schema.get_field_index("count"), pa.field("count", pa.float64() if damage == "float"
+                                                                      else pa.string()))
     else:
         data = {k: v[:-1] for k, v in data.items()}
-    pq.write_table(pa.table(data, schema=table.schema), path)
+    pq.write_table(pa.table(data, schema=schema), path)
     before = snapshot(reg)
-    assert_one_line_error(run("select", "model", "--top-rate", 0.2, "--registry", reg, ok=False), message)
-    assert snapshot(reg) == before
+    assert_one_line_error(run("select", model, "--top-rate", 0.2, "--registry", reg, ok=False), message)
+    assert snapshot(reg) == before  # nothing written, nothing migrated
 
 
 # -- 4. settings that produce NaN, and runs that diverge -----------------------------------------------------
@@ -438,16 +452,18 @@ def test_foreign_and_hostile_files_in_the_repo(registry, tmp_path, hub):
     reg = LocalRegistry(evil)
     masks = reg.read_masks("model", ["en", "ru", "el"])
     for mask in masks.values():
+        mask.provenance.model.name = "evil"  # the files go to evil/ in the repo: of the model they are filed under
         mask.provenance.model.id = "---\nlicense: stolen\n<script>alert(1)</script> | x |"
         mask.provenance.language.name = "<img src=x onerror=alert(1)>"
-    reg.write_selection("model", masks, name="top9.375")
+    reg.write_selection("evil", masks, name="top9.375")
     api = HfApi(token=TEST_TOKEN)
     api.create_repo(REPO, repo_type="dataset")
-    operations = [CommitOperationAdd(f"evil/{lang}.parquet", str(neuron_file(evil, "model", lang)))
+    operations = [CommitOperationAdd(f"evil/{lang}.parquet", str(neuron_file(evil, "evil", lang)))
                   for lang in ("en", "ru", "el")]
     bad = pq.read_table(neuron_file(registry, "model", "en"))
     meta = json.loads(bad.schema.metadata[b"neuronreg"])
     data = bad.to_pydict()
+    meta["model"]["name"] = "wrong"  # filed under wrong/, of the model wrong
     data["layer"][0] = 99  # out of range
     broken = tmp_path / "broken.parquet"
     pq.write_table(pa.table(data, schema=bad.schema).replace_schema_metadata(
@@ -473,6 +489,44 @@ def test_foreign_and_hostile_files_in_the_repo(registry, tmp_path, hub):
     assert datasets.load_dataset(REPO, "evil", split="ru")["neuron"] == [10, 30, 31]
     assert "a b/el.parquet" in hub.files("dataset", REPO)  # not ours: neither read nor deleted
     assert_one_line_error(run("fetch", "wrong", "en", "--repo", REPO, ok=False), "indices outside")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan-entropy", "entropies outside [0, log 3]"),
+    ("big-entropy", "entropies outside [0, log 3]"),
+    ("big-prob", "activation probabilities outside [0, 1]"),
+    ("string-layer", "layer column of string"),
+    ("float-neuron", "neuron column of double"),
+    ("wrong-model", "says it is of the model 'other'"),
+])
+def test_foreign_values_in_a_neuron_file_are_refused_locally_and_from_a_repo(registry, tmp_path, hub, damage,
+                                                                            message):
+    from huggingface_hub import HfApi
+
+    reg = tmp_path / "reg"
+    shutil.copytree(registry, reg)
+    path = neuron_file(reg, "model", "ru")
+    table = pq.read_table(path)
+    meta, data, schema = json.loads(table.schema.metadata[b"neuronreg"]), table.to_pydict(), table.schema
+    if damage == "nan-entropy":
+        data["entropy"][0] = float("nan")
+    elif damage == "big-entropy":
+        data["entropy"][0] = 1.2  # above log 3 = 1.0986, the most three languages' shares can have
+    elif damage == "big-prob":
+        data["activation_prob"][0] = 5.0
+    elif damage in ("string-layer", "float-neuron"):
+        name, kind = ("layer", pa.string()) if damage == "string-layer" else ("neuron", pa.float64())
+        data[name] = [str(v) if kind == pa.string() else float(v) for v in data[name]]
+        schema = schema.set(schema.get_field_index(name), pa.field(name, kind))
+    else:
+        meta["model"]["name"] = "other"
+    pq.write_table(pa.table(data, schema=schema).replace_schema_metadata(
+        {b"neuronreg": json.dumps(meta).encode()}), path)
+    assert_one_line_error(run("show", "model", "ru", "--registry", reg, ok=False), message)
+    api = HfApi(token=TEST_TOKEN)
+    api.create_repo(REPO, repo_type="dataset")
+    api.upload_file(path_or_fileobj=str(path), path_in_repo="model/ru.parquet", repo_id=REPO, repo_type="dataset")
+    assert_one_line_error(run("fetch", "model", "ru", "--repo", REPO, ok=False), message)
 
 
 # -- 11. a tag that exists is refused before anything is committed --------------------------------------------

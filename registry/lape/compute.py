@@ -337,7 +337,6 @@ def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams
     if missing:
         raise RegistryError(f"No counts for {', '.join(missing)} of {name} (available: {', '.join(available)}).",
                             fix="compute")
-    registry.migrate_counts(name)  # counts of an older layout: rewritten once, in the current one
     over_zero, tokens, records = load_count_tensor(registry, name, chosen)
     selection = select_neurons(over_zero, tokens, chosen, params, model=name)
     del over_zero
@@ -359,4 +358,11 @@ def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams
         mask.source = {"registry": str(registry.root)}
     selection.entry = registry.write_selection(name, selection.neurons, over=chosen if languages else None,
                                                default=default)
+    # Counts of an older layout are rewritten once in the current one, after the commit: a select that
+    # fails leaves every file as it was. Each file is replaced by one rename and holds the same numbers,
+    # so a failure here costs only the space the old layout takes.
+    try:
+        registry.migrate_counts(name)
+    except (RegistryError, OSError) as exc:
+        log.warning("The counts of %s stay in their older layout for now (%s).", name, exc)
     return selection
