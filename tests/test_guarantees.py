@@ -428,10 +428,22 @@ def test_publish_ignores_links_and_refuses_damaged_files(registry, tmp_path, hub
     secret.write_text("my private notes")
     (reg / "model" / "counts" / "zz.parquet").symlink_to(secret)
     (reg / "model" / "counts" / "yy.parquet").symlink_to(reg / "model" / "counts" / "en.parquet")
-    run("publish", "--repo", REPO, "--registry", reg, "-q")
+    out = run("publish", "--repo", REPO, "--registry", reg, "-q")
     files = hub.files("dataset", REPO)
     assert not any(f.endswith(("zz.parquet", "yy.parquet")) for f in files)
     assert all(b"my private notes" not in hub.file_bytes("dataset", REPO, f) for f in files)
+    for name in ("zz", "yy"):  # left out, and said so
+        assert f"{name}.parquet is a symbolic link: not published" in out.stderr
+    # A counts file that became a link is left out, and the repo's copy of it is kept, not deleted.
+    published = hub.file_bytes("dataset", REPO, "model/counts/el.parquet")
+    moved = tmp_path / "el.parquet"
+    shutil.move(reg / "model" / "counts" / "el.parquet", moved)
+    (reg / "model" / "counts" / "el.parquet").symlink_to(moved)
+    run("select", "model", "--top-rate", 0.2, "--languages", "en,ru", "--registry", reg, "-q")
+    out = run("publish", "--repo", REPO, "--registry", reg)
+    assert "el.parquet is a symbolic link: not published (the repo's copy, if it has one, is kept)" in out.stderr
+    assert hub.file_bytes("dataset", REPO, "model/counts/el.parquet") == published
+    assert "deleted 0" in out.stderr
 
     truncated = reg / "model" / "counts" / "ru.parquet"
     truncated.write_bytes(truncated.read_bytes()[:200])

@@ -39,6 +39,12 @@ REPO_TYPE = "dataset"
 
 @dataclass
 class PublishResult:
+    """What a publish did. ``uploaded`` are the paths whose content was new or changed; of their bytes,
+    ``sent_bytes`` went over the network (each content once, and none the repo already stored: the Hub
+    keeps LFS files by sha256); ``present``/``present_bytes`` count the files that were there already,
+    byte for byte, and were not sent; ``skipped`` are local files left out (symbolic links), whose copy
+    in the repo, if any, was kept."""
+
     repo_id: str
     changed: bool
     commit: str | None  # the new commit, or the head that already held everything
@@ -46,19 +52,29 @@ class PublishResult:
     pull_request: str | None = None
     uploaded: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    sent_bytes: int = 0
+    present: int = 0
+    present_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _lfs_sha256(remote) -> str | None:
+    lfs = getattr(remote, "lfs", None)
+    if not lfs:
+        return None
+    return lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+
+
 def _unchanged(remote, data: bytes) -> bool:
     """Whether a remote file (a RepoSibling with metadata) holds exactly ``data``."""
     if remote is None:
         return False
-    lfs = getattr(remote, "lfs", None)
-    if lfs:
-        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+    sha = _lfs_sha256(remote)
+    if sha:
         return sha == hashlib.sha256(data).hexdigest()
     return getattr(remote, "blob_id", None) == _git_blob_sha1(data)
 
@@ -186,7 +202,8 @@ def publish(
 
 def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
     """Per model: the neuron files of each selection and the counts files, all read back and validated.
-    Only regular files inside the registry are taken (no symbolic links: they could point anywhere)."""
+    Only regular files inside the registry are taken (no symbolic links: they could point anywhere); a
+    counts file that is a link is left out with a warning, and listed under ``skipped``."""
     from ..files import inside
 
     found = {}
@@ -204,9 +221,16 @@ def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
         for lang in registry.counted_languages(model):
             path = registry.counts_path(model, lang)
             _regular(registry, path)
-            registry.read_counts(model, lang)  # every neuron once, counts within [0, tokens]
+            registry.check_counts(model, lang)  # every neuron once, counts within [0, tokens], means valid
             counts[lang] = path
-        found[model] = {"selections": selections, "counts": counts}
+        skipped = []
+        folder = registry.model_dir(model) / COUNTS
+        for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+            if SAFE_NAME.match(path.stem) and path.stem not in counts:
+                log.warning("%s is %s: not published (the repo's copy, if it has one, is kept).", path,
+                            "a symbolic link" if path.is_symlink() else "not a regular file")
+                skipped.append(f"{model}/{COUNTS}/{path.name}")
+        found[model] = {"selections": selections, "counts": counts, "skipped": skipped}
         assert all(inside(registry.root, p) for files in selections.values() for p in files.values())
     return found
 
@@ -225,6 +249,7 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
 
     head = info.sha
     remote = {s.rfilename: s for s in (info.siblings or [])}
+    skipped = sorted(p for model in models for p in local[model]["skipped"])
     with tempfile.TemporaryDirectory(prefix="neuronreg-publish-") as tmp:
         staging = Path(tmp)
         files: dict[str, Path] = {}
@@ -243,7 +268,8 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
             files.update(_overlap_figures(registry, model, staging, entry))
             entries.append(entry)
         # Models already in the repo but not published now stay on the card.
-        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging)
+        kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging,
+                                          registry=registry)
         entries += kept
         for model, found in kept_index.models.items():
             for entry in kept_index.entries(model):
@@ -253,33 +279,69 @@ def _publish(api, registry: LocalRegistry, repo_id: str, models: list[str], loca
                         encoding="utf-8")
         files[CARD] = card
 
-        uploads = {path: src for path, src in files.items() if not _unchanged(remote.get(path), src.read_bytes())}
+        plan = _UploadPlan(files, remote)
         # Files of a published model that the local registry no longer has (a language dropped from a
-        # selection, a selection replaced) go, so the repo shows what the registry holds.
-        deletions = sorted(p for p in remote if ours(p) and p.split("/")[0] in models and p not in files)
+        # selection, a selection replaced) go, so the repo shows what the registry holds; a file left out
+        # locally (a link) is not "no longer there", and its copy stays.
+        deletions = sorted(p for p in remote if ours(p) and p.split("/")[0] in models and p not in files
+                           and p not in skipped)
+        numbers = dict(sent_bytes=plan.sent_bytes, present=len(plan.present), present_bytes=plan.present_bytes,
+                       skipped=skipped)
         if tag in tags:
-            if tags[tag] == head and not uploads and not deletions:
-                return PublishResult(repo_id, False, head)  # asked again after it was done: nothing to do
+            if tags[tag] == head and not plan.uploads and not deletions:
+                return PublishResult(repo_id, False, head, **numbers)  # asked again after it was done: nothing to do
             raise HubError(f"{repo_id} already has the tag {tag!r} (on another commit); nothing was committed.",
                            fix="tag", advice="Choose another tag.")
-        if not uploads and not deletions:
-            result = PublishResult(repo_id, False, head)
+        if not plan.uploads and not deletions:
+            result = PublishResult(repo_id, False, head, **numbers)
         else:
-            operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
-                          for p, f in sorted(uploads.items())]
-            operations += [CommitOperationDelete(path_in_repo=p) for p in deletions]
+            additions = {p: CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+                         for p, f in sorted(plan.uploads.items())}
+            operations = [*additions.values(), *(CommitOperationDelete(path_in_repo=p) for p in deletions)]
             with hub_errors(repo_id):
+                # A content at several paths (the default selection is also at <model>/<lang>.parquet) is
+                # sent once: uploaded first on its own, the commit's other copies find it stored.
+                twice = [additions[p] for p in plan.first_of_repeated()]
+                if twice:
+                    api.preupload_lfs_files(repo_id, twice, repo_type=REPO_TYPE, revision=revision,
+                                            create_pr=create_pr)
                 commit = api.create_commit(
                     repo_id, operations, repo_type=REPO_TYPE, revision=revision, create_pr=create_pr,
                     parent_commit=head,
                     commit_message=message or f"Publish {', '.join(models)} (neuronreg {__version__})",
                 )
             result = PublishResult(repo_id, True, commit.oid, commit.commit_url, commit.pr_url,
-                                   sorted(uploads), deletions)
+                                   sorted(plan.uploads), deletions, **numbers)
     if tag and tag not in tags:
         with hub_errors(repo_id):
             api.create_tag(repo_id, tag=tag, revision=result.commit, repo_type=REPO_TYPE, exist_ok=False)
     return result
+
+
+class _UploadPlan:
+    """Which files differ from the repo's head, and how many bytes sending them takes: each content
+    once, and nothing the repo already stores under any path (the Hub keeps LFS files by sha256)."""
+
+    def __init__(self, files: dict[str, Path], remote: dict):
+        stored = {sha for sibling in remote.values() if (sha := _lfs_sha256(sibling))}
+        self.uploads: dict[str, Path] = {}
+        self.present: list[str] = []
+        self.present_bytes = self.sent_bytes = 0
+        self.contents: dict[str, list[str]] = {}  # sha256 -> the paths to upload that hold it
+        for path, src in sorted(files.items()):
+            data = src.read_bytes()
+            if _unchanged(remote.get(path), data):
+                self.present.append(path)
+                self.present_bytes += len(data)
+                continue
+            self.uploads[path] = src
+            sha = hashlib.sha256(data).hexdigest()
+            if sha not in stored and sha not in self.contents:
+                self.sent_bytes += len(data)
+            self.contents.setdefault(sha, []).append(path)
+
+    def first_of_repeated(self) -> list[str]:
+        return [paths[0] for paths in self.contents.values() if len(paths) > 1]
 
 
 def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: dict) -> dict[str, Path]:
@@ -298,9 +360,15 @@ def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: 
     return {path: staging / path for path in names.values()}
 
 
-def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path):
+def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path,
+                   registry: LocalRegistry):
     """Card entries of the models a repo holds that are not being published now: their neuron files
-    are downloaded (at ``head``) and validated; what is malformed is skipped with a warning."""
+    are read (at ``head``) and validated; what is malformed is skipped with a warning. A file whose
+    content is at hand, checked against the repo's hash of it (the same file in the local registry, or
+    in the Hub cache from an earlier download), is not downloaded again; with no other model in the
+    repo, not even the card is."""
+    if not _models_in(list(remote)) - exclude:
+        return [], RegistryIndex()
     index = read_remote_index(repo_id, revision=head, token=token, files=list(remote))
     others = LocalRegistry(staging / "remote")
     kept = RegistryIndex()
@@ -315,7 +383,9 @@ def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set
                     log.warning("%s lists %s but the repo has no such file; skipped.", repo_id, name)
                     continue
                 try:
-                    mask = read_mask_file(_download(repo_id, name, head, token), model, lang, {"repo": repo_id})
+                    held = _at_hand(registry, repo_id, remote[name], model, entry.name, lang)
+                    path = held or _download(repo_id, name, head, token)
+                    mask = read_mask_file(path, model, lang, {"repo": repo_id})
                 except (MaskError, RecordError) as exc:
                     log.warning("Skipping %s of %s: %s", name, repo_id, exc)
                     continue
@@ -333,6 +403,29 @@ def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set
         if entry := model_card_entry(view, model, remote=True, plot=plot):
             entries.append(entry)
     return entries, kept
+
+
+def _at_hand(registry: LocalRegistry, repo_id: str, sibling, model: str, selection: str, lang: str) -> Path | None:
+    """A local file holding exactly what the repo holds in ``sibling`` (its sha256, or git blob id), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    candidates = []
+    try:
+        candidates.append(registry.neuron_path(model, lang, selection))
+    except (RegistryError, MaskError):
+        pass
+    blob = _lfs_sha256(sibling) or getattr(sibling, "blob_id", None)
+    if blob and SAFE_NAME.match(blob):  # the Hub cache keeps a download as blobs/<its etag: sha256 or blob id>
+        candidates.append(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=REPO_TYPE)
+                          / "blobs" / blob)
+    for path in candidates:
+        try:
+            if path.is_file() and _unchanged(sibling, path.read_bytes()):
+                return path
+        except OSError:
+            continue
+    return None
 
 
 # -- fetch ---------------------------------------------------------------------------------------------
