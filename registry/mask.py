@@ -386,7 +386,7 @@ def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str,
             raise MaskError(f"{bad} has a {name} column of {values.type}, not {kind}s.")
         if values.null_count:
             raise MaskError(f"{bad} has empty {name} values.")
-        return values.to_numpy().astype(dtype) if len(values) else np.zeros(0, dtype)
+        return arrow_numbers(values).astype(dtype)
 
     entropy, prob = column("entropy", np.float64, "float"), column("activation_prob", np.float64, "float")
     if entropy is not None:
@@ -402,6 +402,27 @@ def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str,
                           prob, provenance, source)
     except MaskError as exc:
         raise MaskError(f"{exc.message} (in {where})") from exc
+
+
+_ARROW_FLOATS = {"halffloat": np.float16, "float": np.float32, "double": np.float64}
+
+
+def arrow_numbers(column) -> np.ndarray:
+    """A pyarrow (Chunked)Array of fixed-width numbers without nulls, as a read-only numpy array of its
+    buffers. ``to_numpy`` would do the same but imports pandas, a quarter of a second of every command
+    that reads a file (``scripts/bench_startup.py``)."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    name = str(column.type)
+    dtype = np.dtype(_ARROW_FLOATS.get(name, name))  # int8 ... uint64 are numpy's names too
+    if dtype.kind not in "iuf" or dtype.itemsize * 8 != column.type.bit_width:
+        raise TypeError(f"not a fixed-width number type: {column.type}")
+    parts = [np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+             for chunk in chunks if len(chunk)]
+    if not parts:
+        return np.zeros(0, dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def read_neuron_table(path: Path, where: str):

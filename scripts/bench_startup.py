@@ -57,10 +57,13 @@ def main() -> None:
                      "after": shim(ROOT / "registry", tmp / "shim-after")}
             env = {**os.environ, "NEURONREG_REGISTRY": str(tmp / "empty-registry"), "HF_HUB_DISABLE_TELEMETRY": "1"}
             commands = {"hf --help": [str(hf), "--help"]}
+            # `show` reads one neuron file: of the registry neuronreg 0.1 wrote, which both versions read.
+            legacy = ["--registry", str(ROOT / "tests" / "data" / "legacy-0.1" / "registry")]
             for label, path in paths.items():
                 commands[f"neuronreg --help ({label})"] = neuronreg(path, "--help")
                 commands[f"neuronreg ls ({label})"] = neuronreg(path, "ls")
                 commands[f"neuronreg languages ({label})"] = neuronreg(path, "languages")
+                commands[f"neuronreg show ({label})"] = neuronreg(path, "show", "planted", "ru", *legacy)
             for command in commands.values():  # warm the file cache
                 timed(command, env)
             times: dict[str, list[float]] = {name: [] for name in commands}
@@ -70,7 +73,8 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")], check=False)
     reference = statistics.median(times["hf --help"])
-    print(f"Start-up, median of {args.repeats} fresh processes (before = {args.before}):")
+    print(f"Start-up, median of {args.repeats} fresh processes (before = {args.before}; show: `show planted ru` "
+          "of tests/data/legacy-0.1):")
     print(f"| {'command':<34} | {'median':>8} | {'min-max':>13} | {'vs hf --help':>12} |")
     print(f"|{'-' * 36}|{'-' * 9}:|{'-' * 14}:|{'-' * 13}:|")
     for name, values in times.items():

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import RegistryError
 from ..files import atomic_path
-from ..mask import META_KEY
+from ..mask import META_KEY, arrow_numbers
 from ..provenance import CountsRecord
 
 COUNT, MEAN, POSITIVE_MEAN = "count", "mean", "positive_mean"
@@ -178,7 +178,7 @@ def _column(path: Path, table, name: str, kind: str) -> np.ndarray:
     if not ok or column.null_count:
         what = "integers" if kind == "integer" else "float32"
         raise damaged(path, f"has a {name} column of {column.type}{' with empty values' if ok else ''}, not {what}")
-    values = column.to_numpy()
+    values = arrow_numbers(column)
     if kind == "integer" and values.dtype not in (np.int32, np.int64):
         if values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
             raise damaged(path, f"has {name} values out of range")
@@ -246,7 +246,7 @@ def _read_legacy(path: Path, handle, record: CountsRecord, names: list[str], mea
             if not pa.types.is_floating(column.type) or column.null_count:
                 raise damaged(path, "has activation sum columns that are not floats")
             sums[key] = np.empty(layers * inter, dtype=np.float64)
-            sums[key][keys] = column.to_numpy().astype(np.float64)
+            sums[key][keys] = arrow_numbers(column).astype(np.float64)
         problem = sums_problem(ordered, *(sums[key] for key in SUM_COLUMNS))
         if problem:
             raise damaged(path, f"has activation sums that {problem}")
