@@ -208,7 +208,7 @@ def a_mask(**kw) -> NeuronMask:
 def test_a_mask_saves_and_loads_in_every_format(fmt, tmp_path):
     mask = a_mask(entropy=[0.1, 0.2, 0.3, 0.4, 0.5], activation_prob=[0.9] * 5)
     mask.provenance = NeuronsRecord(model=model_info(num_layers=3), language=LanguageInfo(code="sw"),
-                                    selection=SelectionInfo(method="lape", languages=["sw"], top_rate=0.1),
+                                    selection=SelectionInfo(method="lape", languages=["sw", "en"], top_rate=0.1),
                                     num_neurons=5)
     path = mask.save(tmp_path / f"mask.{fmt}")
     back = NeuronMask.load(path, intermediate_size=48 if fmt == "pt" else None, model="m", language="sw")
