@@ -74,9 +74,36 @@ def column_sizes(languages: dict, tokens: int | None) -> dict[str, list[float]]:
             use_byte_stream_split=True)
         add("two float32 means byte-split lz4", means, compression="lz4", use_dictionary=False,
             use_byte_stream_split=True)
+        file = pa.table({"count": c32, "mean": mean.astype(np.float32), "positive_mean": positive.astype(np.float32)})
+        for level in (1, 9, 19):  # the whole file as neuronreg 2.0 writes it (at its zstd level: 9)
+            add(f"2.0 file: count delta + two means byte-split, zstd({level})", file,
+                compression="zstd", compression_level=level, use_dictionary=False,
+                column_encoding={"count": "DELTA_BINARY_PACKED", "mean": "BYTE_STREAM_SPLIT",
+                                 "positive_mean": "BYTE_STREAM_SPLIT"})
+        add("2.0 file with ONE mean (zstd 9)", pa.table({"count": c32, "mean": mean.astype(np.float32)}),
+            compression="zstd", compression_level=9, use_dictionary=False,
+            column_encoding={"count": "DELTA_BINARY_PACKED", "mean": "BYTE_STREAM_SPLIT"})
         add("two float16 means byte-split zstd(9) (NOT exact)", pa.table(
             {"a": mean.astype(np.float16), "p": positive.astype(np.float16)}), compression="zstd", compression_level=9,
             use_dictionary=False, use_byte_stream_split=True)
+    return out
+
+
+def write_time(languages: dict) -> dict[int, float]:
+    """Seconds per million neurons to write a 2.0 counts file, per zstd level."""
+    count, mean, positive, _, _ = next(iter(languages.values()))
+    table = pa.table({"count": count.astype(np.int32), "mean": mean.astype(np.float32),
+                      "positive_mean": positive.astype(np.float32)})
+    out = {}
+    for level in (1, 3, 9, 19):
+        best = []
+        for _ in range(3):
+            start = time.perf_counter()
+            size(table, compression="zstd", compression_level=level, use_dictionary=False,
+                 column_encoding={"count": "DELTA_BINARY_PACKED", "mean": "BYTE_STREAM_SPLIT",
+                                  "positive_mean": "BYTE_STREAM_SPLIT"})
+            best.append(time.perf_counter() - start)
+        out[level] = min(best) / count.size * 1e6
     return out
 
 
@@ -126,6 +153,8 @@ def main() -> None:
         for name, values in sizes.items():
             per = statistics.median(values)
             print(f"| {name:<52} | {per:>8.3f} | {per * NEURONS_8B / 2**20:>9.3f} |")
+    print("\nwriting a 2.0 file (ms per million neurons, best of 3): " + ", ".join(
+        f"zstd({level}) {ms * 1e3:.0f}" for level, ms in write_time(languages).items()))
     print("\nreading the count column alone (ms per million neurons, best of 5):")
     for name, ms in read_time(languages).items():
         print(f"  {name:<34} {ms * 1e3:.1f}")

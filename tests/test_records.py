@@ -175,6 +175,59 @@ def test_a_registry_of_the_previous_version_is_read_and_migrated_without_loss(tm
     assert run("export", "acme/tiny", "-o", tmp_path / "x.pt", "--registry", reg_dir).exit_code == 0
 
 
+COUNTS_1_0 = Path(__file__).parent / "data" / "counts-1.0" / "registry"  # written by the 1.0 code itself
+
+
+def test_counts_of_format_1_0_load_and_migrate_without_loss(tmp_path):
+    import pyarrow.parquet as pq
+
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(COUNTS_1_0, reg_dir)
+    reg = LocalRegistry(reg_dir)
+    old_neurons = {p.stem: pq.read_table(p).to_pydict() for p in (reg_dir / "planted" / "top9.375" / "v1").iterdir()}
+
+    def expected(lang):
+        """What a read must give, computed here from the old file's own columns."""
+        table = pq.read_table(reg_dir / "planted" / "counts" / f"{lang}.parquet").to_pydict()
+        order = np.lexsort((np.array(table["neuron"]), np.array(table["layer"])))
+        count = np.array(table["count"])[order].reshape(2, 48)
+        total, positive = (np.array(table[key])[order].reshape(2, 48) for key in ("activation_sum", "positive_sum"))
+        return count, np.float32(total / 3000), np.float32(positive / np.maximum(count, 1))
+
+    before = {}
+    for lang in ("el", "en", "ru"):
+        assert reg.read_counts_record("planted", lang).schema_version == "1.0"
+        count, mean, positive_mean = before[lang] = expected(lang)
+        stats = reg.read_activation_means("planted", lang)
+        assert np.array_equal(reg.read_counts("planted", lang)[0].numpy(), count)
+        assert np.array_equal(stats.mean.numpy(), mean.astype(np.float64))
+        assert np.array_equal(stats.positive_mean.numpy(), positive_mean.astype(np.float64))
+    # select reads them as they are, selects exactly what the 1.0 code selected, then rewrites them in 2.0.
+    run("select", "planted", "--top-rate", 0.09375, "--default", "--registry", reg_dir, "-q")
+    entry = LocalRegistry(reg_dir).selection("planted")
+    assert entry.path == "planted/top9.375/v1"  # the same selection, byte for byte: nothing to write
+    for lang in ("el", "en", "ru"):
+        assert pq.read_table(reg_dir / entry.path / f"{lang}.parquet").to_pydict() == old_neurons[lang]
+        path = reg_dir / "planted" / "counts" / f"{lang}.parquet"
+        assert pq.read_schema(path).names == ["count", "mean", "positive_mean"]
+        record = LocalRegistry(reg_dir).read_counts_record("planted", lang)
+        assert record.schema_version == COUNTS_SCHEMA_VERSION
+        old_record = json.loads(pq.read_schema(COUNTS_1_0 / "planted" / "counts" / f"{lang}.parquet")
+                                .metadata[b"neuronreg"])
+        assert {**record.to_dict(), "schema_version": "1.0"} == old_record  # the provenance kept as it was
+        stats = LocalRegistry(reg_dir).read_activation_means("planted", lang)
+        count, mean, positive_mean = before[lang]
+        assert np.array_equal(stats.over_zero.numpy(), count)
+        assert np.array_equal(stats.mean.numpy(), mean.astype(np.float64))
+        assert np.array_equal(stats.positive_mean.numpy(), positive_mean.astype(np.float64))
+        assert path.stat().st_size < (COUNTS_1_0 / "planted" / "counts" / f"{lang}.parquet").stat().st_size
+    # Selecting again from the 2.0 files: the same neurons, entropies and probabilities.
+    run("select", "planted", "--top-rate", 0.09375, "--registry", reg_dir, "-q")
+    for lang in ("el", "en", "ru"):
+        assert pq.read_table(reg_dir / "planted" / "top9.375" / "v1" / f"{lang}.parquet").to_pydict() == \
+            old_neurons[lang]
+
+
 def test_a_run_config_of_the_previous_version_is_read():
     config = read_run_config(LEGACY / "run")
     legacy = json.loads((LEGACY / "run" / "neuronreg_delta.json").read_text())
