@@ -358,8 +358,8 @@ def format_from_suffix(path: Path) -> str:
 def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str, source: dict) -> NeuronMask:
     """A mask from a neuron Parquet table and its provenance, validated: schema and column types, sizes,
     ranges (entropies in [0, log K] or +inf, probabilities in [0, 1]), order, and the model and language
-    the provenance names (a file of a registry or a repo must be of the model it is filed under; a file
-    given by path may be read for another name of the same model)."""
+    the provenance names (a repo's file must be of the model it is filed under; a local file may be read
+    for another name of the same model, and its shape is checked where it is used)."""
     import pyarrow as pa
 
     where = source.get("repo") or source.get("registry") or source.get("file") or "the file"
@@ -370,7 +370,7 @@ def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str,
     stored = provenance.language.code
     if stored != language:
         raise MaskError(f"The file for {language} of {model} in {where} says it holds {stored}.")
-    if ("repo" in source or "registry" in source) and provenance.model.name != model:
+    if "repo" in source and provenance.model.name != model:
         raise MaskError(f"{bad} says it is of the model {provenance.model.name!r}.")
     if provenance.num_neurons != table.num_rows:
         raise MaskError(f"{bad} has {table.num_rows} rows but its provenance says {provenance.num_neurons}; it is "

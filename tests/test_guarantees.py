@@ -534,7 +534,8 @@ def test_foreign_values_in_a_neuron_file_are_refused_locally_and_from_a_repo(reg
         meta["model"]["name"] = "other"
     pq.write_table(pa.table(data, schema=schema).replace_schema_metadata(
         {b"neuronreg": json.dumps(meta).encode()}), path)
-    assert_one_line_error(run("show", "model", "ru", "--registry", reg, ok=False), message)
+    if damage != "wrong-model":  # a local file may be read under another name of the same model
+        assert_one_line_error(run("show", "model", "ru", "--registry", reg, ok=False), message)
     api = HfApi(token=TEST_TOKEN)
     api.create_repo(REPO, repo_type="dataset")
     api.upload_file(path_or_fileobj=str(path), path_in_repo="model/ru.parquet", repo_id=REPO, repo_type="dataset")
