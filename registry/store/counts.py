@@ -45,8 +45,8 @@ COUNT, MEAN, POSITIVE_MEAN = "count", "mean", "positive_mean"
 MEAN_COLUMNS = (MEAN, POSITIVE_MEAN)
 SUM_COLUMNS = ("activation_sum", "positive_sum")  # layout 1.x: float64 sums instead of float32 means
 INT32_MAX = 2**31 - 1
-# zstd level 9: 4% smaller than the default level 1 on real counts and means at the same read speed;
-# level 19 saves 2% more but writes 20x slower (docs/counts-format.md).
+# zstd level 9: 1.3% smaller than level 1 on real counts and means, 0.05 to 0.13 s to write a file of the
+# 8B shape; level 19 saves 2.5% more and writes 10x slower (docs/counts-format.md).
 ZSTD_LEVEL = 9
 
 
