@@ -220,17 +220,53 @@ def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def same_content(remote, local: Path) -> bool:
-    """Whether a repo file (a RepoSibling with metadata) holds exactly the bytes of ``local``: by sha256 for
-    LFS files, by git blob id otherwise."""
+def lfs_sha256(remote) -> str | None:
+    """The sha256 the repo gives a file it stores in LFS (a RepoSibling with metadata), or None."""
+    lfs = getattr(remote, "lfs", None)
+    if not lfs:
+        return None
+    return lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+
+
+def same_content(remote, local: Path | bytes) -> bool:
+    """Whether a repo file (a RepoSibling with metadata) holds exactly ``local`` (a file's bytes, or bytes):
+    by sha256 for LFS files, by git blob id otherwise."""
     if remote is None:
         return False
-    data = Path(local).read_bytes()
-    lfs = getattr(remote, "lfs", None)
-    if lfs:
-        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+    data = local if isinstance(local, bytes) else Path(local).read_bytes()
+    sha = lfs_sha256(remote)
+    if sha:
         return sha == hashlib.sha256(data).hexdigest()
     return getattr(remote, "blob_id", None) == _git_blob_sha1(data)
+
+
+class UploadPlan:
+    """Which of ``files`` (repo path -> local file) differ from the repo's ``remote`` files (path ->
+    RepoSibling with metadata), and how many bytes sending them takes: each content once, and nothing
+    the repo already stores under any path (the Hub keeps LFS files by sha256)."""
+
+    def __init__(self, files: dict[str, Path], remote: dict):
+        stored = {sha for sibling in remote.values() if (sha := lfs_sha256(sibling))}
+        self.uploads: dict[str, Path] = {}
+        self.present: list[str] = []
+        self.present_bytes = self.sent_bytes = 0
+        self.contents: dict[str, list[str]] = {}  # sha256 -> the paths to upload that hold it
+        for path, src in sorted(files.items()):
+            data = Path(src).read_bytes()
+            if same_content(remote.get(path), data):
+                self.present.append(path)
+                self.present_bytes += len(data)
+                continue
+            self.uploads[path] = src
+            sha = hashlib.sha256(data).hexdigest()
+            if sha not in stored and sha not in self.contents:
+                self.sent_bytes += len(data)
+            self.contents.setdefault(sha, []).append(path)
+
+    def first_of_repeated(self) -> list[str]:
+        """One path of each content that several uploads share: sent on its own first, so the commit's
+        other copies find it stored and it travels once."""
+        return [paths[0] for paths in self.contents.values() if len(paths) > 1]
 
 
 @dataclass
@@ -251,10 +287,12 @@ class CommitTarget:
     url: str | None = None
     pr_url: str | None = None
 
-    def commit(self, operations: list, message: str):
+    def commit(self, operations: list, message: str, *, first: list = ()):
         """ONE ``create_commit`` of ``operations`` whose parent is ``head`` (someone who pushed in between makes
         it fail, nothing committed); a branch that does not exist is created only now, from ``head``. A tag
-        that exists is refused here, before committing, unless it is on ``head`` and nothing changes."""
+        that exists is refused here, before committing, unless it is on ``head`` and nothing changes.
+        ``first``: additions among ``operations`` whose content is uploaded before the commit (see
+        :meth:`UploadPlan.first_of_repeated`)."""
         if self.tag in self.tags and (operations or self.tags[self.tag] != self.head):
             raise HubError(f"{self.repo_id} already has the tag {self.tag!r} (on another commit); nothing was "
                            "committed.", fix="tag", advice="Choose another tag.")
@@ -265,6 +303,9 @@ class CommitTarget:
             if self.revision and not self.create_pr and not self.branch_exists:
                 self.api.create_branch(self.repo_id, repo_type=self.repo_type, branch=self.revision,
                                        revision=self.head, exist_ok=True)
+            if first:
+                self.api.preupload_lfs_files(self.repo_id, list(first), repo_type=self.repo_type,
+                                             revision=self.revision, create_pr=self.create_pr)
             info = self.api.create_commit(self.repo_id, operations, repo_type=self.repo_type, revision=self.revision,
                                           create_pr=self.create_pr, parent_commit=self.head, commit_message=message)
         self.result, self.url, self.pr_url = info.oid, info.commit_url, info.pr_url

@@ -19,6 +19,7 @@ Files, each saved AND loaded here (round-trip tested):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -382,48 +383,85 @@ def format_from_suffix(path: Path) -> str:
 
 def mask_from_table(table, provenance: NeuronsRecord, model: str, language: str, source: MaskSource,
                     where: str, location: Path | None = None) -> NeuronMask:
-    """A mask from a neuron Parquet table and its provenance, validated: schema, sizes, ranges, order.
-    ``where`` names the file or repo in messages; ``location`` is kept on the mask for messages only."""
+    """A mask from a neuron Parquet table and its provenance, validated: schema and column types, sizes,
+    ranges (entropies in [0, log K] or +inf, probabilities in [0, 1]), order, and the model and language
+    the provenance names (a repo's file must be of the model it is filed under; a local file may be read
+    for another name of the same model, and its shape is checked where it is used). ``where`` names the
+    file or repo in messages; ``location`` is kept on the mask for messages only."""
+    import pyarrow as pa
+
+    bad = f"The {language} file of {model} in {where}"
     missing = [name for name in ("layer", "neuron") if name not in table.column_names]
     if missing:
-        raise MaskError(f"The {language} file of {model} in {where} has no {', '.join(missing)} column; it is not a "
-                        "neuronreg mask.")
+        raise MaskError(f"{bad} has no {', '.join(missing)} column; it is not a neuronreg mask.")
     stored = provenance.language.code
     if stored != language:
         raise MaskError(f"The file for {language} of {model} in {where} says it holds {stored}.")
+    if source.kind == "repo" and provenance.model.name != model:
+        raise MaskError(f"{bad} says it is of the model {provenance.model.name!r}.")
     if provenance.num_neurons != table.num_rows:
-        raise MaskError(f"The {language} file of {model} in {where} has {table.num_rows} rows but its provenance "
-                        f"says {provenance.num_neurons}; it is damaged.")
+        raise MaskError(f"{bad} has {table.num_rows} rows but its provenance says {provenance.num_neurons}; it is "
+                        "damaged.")
 
-    def column(name, dtype):
+    def column(name, dtype, kind):
         if name not in table.column_names:
             return None
         values = table.column(name)
-        if len(values) == 0:
-            return np.zeros(0, dtype)
-        if values.null_count == len(values):
-            return None
+        if len(values) and values.null_count == len(values):
+            return None  # an imported mask's scores: all empty
+        if not (pa.types.is_integer(values.type) if kind == "integer" else pa.types.is_floating(values.type)):
+            raise MaskError(f"{bad} has a {name} column of {values.type}, not {kind}s.")
         if values.null_count:
-            raise MaskError(f"The {language} file of {model} in {where} has empty {name} values.")
-        return values.to_numpy().astype(dtype)
+            raise MaskError(f"{bad} has empty {name} values.")
+        return arrow_numbers(values).astype(dtype)
 
+    entropy, prob = column("entropy", np.float64, "float"), column("activation_prob", np.float64, "float")
+    if entropy is not None:
+        # H of K languages' shares lies in [0, log K]; +inf marks a neuron no language fires on enough.
+        top = math.log(max(len(provenance.selection.languages), 1)) * (1 + 1e-9) + 1e-12
+        if np.isnan(entropy).any() or (entropy < 0).any() or ((entropy > top) & ~np.isposinf(entropy)).any():
+            raise MaskError(f"{bad} has entropies outside [0, log {len(provenance.selection.languages)}].")
+    if prob is not None and not (np.isfinite(prob).all() and (prob >= 0).all() and (prob <= 1).all()):
+        raise MaskError(f"{bad} has activation probabilities outside [0, 1].")
     try:
         return NeuronMask(model, language, provenance.model.num_layers, provenance.model.intermediate_size,
-                          column("layer", np.int64), column("neuron", np.int64), column("entropy", np.float64),
-                          column("activation_prob", np.float64), provenance, source, location)
+                          column("layer", np.int64, "integer"), column("neuron", np.int64, "integer"), entropy,
+                          prob, provenance, source, location)
     except MaskError as exc:
         raise MaskError(f"{exc.message} (in {where})") from exc
-    except (TypeError, ValueError) as exc:  # a column of another type
-        raise MaskError(f"The {language} file of {model} in {where} has columns of the wrong type.") from exc
+
+
+_ARROW_FLOATS = {"halffloat": np.float16, "float": np.float32, "double": np.float64}
+
+
+def arrow_numbers(column) -> np.ndarray:
+    """A pyarrow (Chunked)Array of fixed-width numbers without nulls, as a read-only numpy array of its
+    buffers. ``to_numpy`` would do the same but imports pandas, a quarter of a second of every command
+    that reads a file (``scripts/bench_startup.py``)."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    name = str(column.type)
+    dtype = np.dtype(_ARROW_FLOATS.get(name, name))  # int8 ... uint64 are numpy's names too
+    if dtype.kind not in "iuf" or dtype.itemsize * 8 != column.type.bit_width:
+        raise TypeError(f"not a fixed-width number type: {column.type}")
+    parts = [np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+             for chunk in chunks if len(chunk)]
+    if not parts:
+        return np.zeros(0, dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def read_neuron_table(path: Path, where: str):
-    """A neuron Parquet file's table and typed provenance, or RegistryError/RecordError naming ``where``."""
+    """A neuron Parquet file's table and typed provenance, or MaskError/RecordError naming ``where``.
+    Read with ``ParquetFile`` (``pq.read_table`` would import ``pyarrow.dataset`` and pandas: half of a
+    command's start-up)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with pq.ParquetFile(path) as handle:
+            table = handle.read(use_threads=False)
         raw = load_json((table.schema.metadata or {})[META_KEY])
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         raise MaskError(f"{where} is damaged or not a neuronreg file.", fix="recompute") from exc

@@ -95,6 +95,7 @@ class VersionedRecord(Record):
     """A record stored on its own (a file's provenance, a run config): it carries its schema version."""
 
     KIND: ClassVar[str] = ""
+    SCHEMA: ClassVar[str] = SCHEMA_VERSION  # the version this neuronreg writes (a kind may move on alone)
     schema_version: str = SCHEMA_VERSION
 
     @classmethod
@@ -102,12 +103,17 @@ class VersionedRecord(Record):
         if isinstance(data, dict):
             if "schema_version" not in data:
                 data = cls.migrate_unversioned(dict(data))
-            mine, theirs = parse_version(SCHEMA_VERSION, where), parse_version(data.get("schema_version"), where)
+            mine, theirs = parse_version(cls.SCHEMA, where), parse_version(data.get("schema_version"), where)
             if theirs[0] > mine[0]:
                 raise RecordError(f"{where} was written with {cls.KIND} schema {data['schema_version']}, newer than "
-                                  f"this neuronreg reads ({SCHEMA_VERSION}).", fix="upgrade",
+                                  f"this neuronreg reads ({cls.SCHEMA}).", fix="upgrade",
                                   advice="Upgrade neuronreg (pip install -U neuronreg).")
         return super().from_dict(data, where)
+
+    @property
+    def major(self) -> int:
+        """The major version the file was written with (it decides the file's layout where one changed)."""
+        return parse_version(self.schema_version, self.KIND)[0]
 
     @classmethod
     def migrate_unversioned(cls, data: dict) -> dict:
@@ -219,11 +225,20 @@ class FileRecord(VersionedRecord):
             raise RecordError(f"{where}: kind is {self.kind!r}, not {self.KIND!r}.")
 
 
+# The counts file's layout changed in 2.0 (one row per neuron in (layer, neuron) order, no layer and neuron
+# columns, integer counts of the width they need, float32 means instead of float64 sums): a reader of 1.x
+# cannot read it, so the major version moved, and 1.x refuses a 2.0 file naming both versions.
+COUNTS_SCHEMA_VERSION = "2.0"
+
+
 @dataclass(kw_only=True)
 class CountsRecord(FileRecord):
-    """The provenance of ``<model>/counts/<lang>.parquet``."""
+    """The provenance of ``<model>/counts/<lang>.parquet``; ``schema_version`` says the file's layout (1.x:
+    layer, neuron, count int64 and optional float64 sums; 2.x: see :mod:`neuronreg.store.counts`)."""
 
     KIND: ClassVar[str] = "counts"
+    SCHEMA: ClassVar[str] = COUNTS_SCHEMA_VERSION
+    schema_version: str = COUNTS_SCHEMA_VERSION
     kind: str = "counts"
     corpus: CorpusInfo
     tokens: int

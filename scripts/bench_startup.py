@@ -46,6 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=BEFORE, help="git revision to compare with")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--show-before", default="legacy-0.1", choices=["legacy-0.1", "counts-1.0"],
+                        help="the registry under tests/data that `show` reads with the before code: 0.1's layout "
+                             "(what the default before wrote), or the index layout (for a before after the redesign)")
     args = parser.parse_args()
     hf = Path(sys.executable).with_name("hf")
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,10 +60,15 @@ def main() -> None:
                      "after": shim(ROOT / "registry", tmp / "shim-after")}
             env = {**os.environ, "NEURONREG_REGISTRY": str(tmp / "empty-registry"), "HF_HUB_DISABLE_TELEMETRY": "1"}
             commands = {"hf --help": [str(hf), "--help"]}
+            # `show` reads one neuron file of a registry in the layout the version writes: neuronreg 0.1's
+            # (no index, so the folders are scanned) before the redesign, the card's index after it.
+            layouts = {"before": args.show_before, "after": "counts-1.0"}
             for label, path in paths.items():
+                registry = ["--registry", str(ROOT / "tests" / "data" / layouts[label] / "registry")]
                 commands[f"neuronreg --help ({label})"] = neuronreg(path, "--help")
                 commands[f"neuronreg ls ({label})"] = neuronreg(path, "ls")
                 commands[f"neuronreg languages ({label})"] = neuronreg(path, "languages")
+                commands[f"neuronreg show ({label})"] = neuronreg(path, "show", "planted", "ru", *registry)
             for command in commands.values():  # warm the file cache
                 timed(command, env)
             times: dict[str, list[float]] = {name: [] for name in commands}
@@ -70,7 +78,8 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")], check=False)
     reference = statistics.median(times["hf --help"])
-    print(f"Start-up, median of {args.repeats} fresh processes (before = {args.before}):")
+    print(f"Start-up, median of {args.repeats} fresh processes (before = {args.before}; show: `show planted ru` of "
+          f"tests/data/{args.show_before} before, tests/data/counts-1.0 after):")
     print(f"| {'command':<34} | {'median':>8} | {'min-max':>13} | {'vs hf --help':>12} |")
     print(f"|{'-' * 36}|{'-' * 9}:|{'-' * 14}:|{'-' * 13}:|")
     for name, values in times.items():

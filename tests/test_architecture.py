@@ -125,7 +125,8 @@ def test_help_and_listings_start_without_torch(planted, tmp_path):
         "import sys, json\n"
         "from neuronreg.cli import cli\n"
         "cli.main(json.loads(sys.argv[1]), standalone_mode=False)\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'huggingface_hub', 'jinja2', 'matplotlib')\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'huggingface_hub', 'jinja2', 'matplotlib',\n"
+        "                           'pandas', 'pyarrow.dataset')\n"
         "               if m in sys.modules)\n"
         "print(json.dumps(heavy), file=sys.stderr)\n"
     )

@@ -47,14 +47,14 @@ def test_provenance_and_counts_file(planted, tmp_path):
     compute(planted, reg)
     counts = pq.read_table(reg / "model" / "counts" / "ru.parquet")
     assert counts.num_rows == 2 * 48
-    assert counts.column_names == ["layer", "neuron", "count", "activation_sum", "positive_sum"]
+    assert counts.column_names == ["count", "mean", "positive_mean"]  # one row per neuron, in (layer, neuron) order
     prov = json.loads(counts.schema.metadata[b"neuronreg"])
-    assert prov["schema_version"] == "1.0" and prov["kind"] == "counts"
+    assert prov["schema_version"] == "2.0" and prov["kind"] == "counts"
     assert prov["tokens"] == 3000 and prov["model"]["num_layers"] == 2 and prov["model"]["intermediate_size"] == 48
     assert prov["model"]["hidden_size"] == 32 and prov["seq_len"] == 64 and prov["dtype"] == "float32"
     assert prov["model"]["revision"].startswith("local-") and prov["corpus"]["file"] == "Russian.txt"
     # The planted Cyrillic neurons fire on every Cyrillic token: all but the document separators.
-    by_key = {(layer, n): c for layer, n, c in zip(*(counts[c].to_pylist() for c in ("layer", "neuron", "count")))}
+    by_key = {divmod(row, 48): c for row, c in enumerate(counts["count"].to_pylist())}
     assert 2900 < by_key[(0, 10)] < 3000 and by_key[(0, 3)] == 0
     neurons = json.loads(pq.read_schema(neuron_file(reg, "model", "ru")).metadata[b"neuronreg"])
     sel = neurons["selection"]

@@ -58,7 +58,8 @@ def registry(tmp_path_factory, planted) -> Path:
 
 
 # -- 1. a damaged or mismatched checkpoint is never resumed from ----------------------------------------
-@pytest.mark.parametrize("damage", ["shape", "negative", "float", "rows", "garbage", "too-many"])
+@pytest.mark.parametrize("damage", ["shape", "negative", "float", "rows", "garbage", "too-many", "rows-skipped",
+                                    "tokens-over-rows", "over-budget", "sum-over-positive", "positive-never-fired"])
 def test_a_damaged_checkpoint_is_discarded_and_the_counts_stay_exact(planted, registry, tmp_path, damage,
                                                                     monkeypatch):
     from safetensors import safe_open
@@ -80,7 +81,10 @@ def test_a_damaged_checkpoint_is_discarded_and_the_counts_stay_exact(planted, re
     monkeypatch.setattr(compute_module, "pack_rows", real)
     checkpoint = reg / "model" / ".partial" / "ru.safetensors"
     with safe_open(str(checkpoint), "pt") as f:
-        meta, counts = f.metadata(), f.get_tensor("over_zero")
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    counts, tokens, rows = tensors["over_zero"], int(meta["tokens"]), int(meta["rows"])
+    assert set(tensors) == {"over_zero", "activation_sum", "positive_sum"} and tokens == rows * 64  # rows of 64
+    never = (counts == 0).nonzero()[0].tolist()  # a neuron that never fired (a planted one of another script)
     if damage == "shape":
         counts = torch.zeros(2, 40, dtype=torch.int64)
     elif damage == "negative":
@@ -90,11 +94,21 @@ def test_a_damaged_checkpoint_is_discarded_and_the_counts_stay_exact(planted, re
     elif damage == "rows":
         meta = {**meta, "rows": "-3"}
     elif damage == "too-many":
-        counts[1, 1] = int(meta["tokens"]) + 1
+        counts[1, 1] = tokens + 1
+    elif damage == "rows-skipped":  # resuming would skip a row that was never counted
+        meta = {**meta, "rows": str(rows + 1)}
+    elif damage == "tokens-over-rows":
+        meta = {**meta, "tokens": str(tokens + 64)}
+    elif damage == "over-budget":  # more rows and tokens than the 3,000 tokens asked for can make
+        meta = {**meta, "rows": "60", "tokens": str(60 * 64)}
+    elif damage == "sum-over-positive":
+        tensors["activation_sum"][0, 0] = tensors["positive_sum"][0, 0] + 1.0
+    elif damage == "positive-never-fired":
+        tensors["positive_sum"][never[0], never[1]] = 0.5
     if damage == "garbage":
         checkpoint.write_bytes(b"not a checkpoint")
     else:
-        save_file({"over_zero": counts}, str(checkpoint), metadata=meta)
+        save_file({**tensors, "over_zero": counts}, str(checkpoint), metadata=meta)
     result = compute(planted, reg, langs=("ru",), ok=False)
     assert result.exit_code == 0 and "Discarding the checkpoint" in result.stderr, result.output
     assert pq.read_table(reg / "model" / "counts" / "ru.parquet")["count"].to_pylist() == \
@@ -157,30 +171,44 @@ def test_other_weights_of_the_same_size_are_another_revision(planted, tmp_path):
 
 
 # -- 3. counts files are validated on read -----------------------------------------------------------------
-@pytest.mark.parametrize("damage,message", [
-    ("duplicate", "does not hold every neuron exactly once"),
-    ("negative", "counts outside [0, 3000]"),
-    ("too-large", "counts outside [0, 3000]"),
-    ("rows", "has 95 rows for 2 x 48 neurons"),
+LEGACY_COUNTS = Path(__file__).parent / "data" / "counts-1.0" / "registry"
+
+
+@pytest.mark.parametrize("layout,damage,message", [
+    ("2.0", "negative", "counts outside [0, 3000]"),
+    ("2.0", "too-large", "counts outside [0, 3000]"),
+    ("2.0", "rows", "has 95 rows for 2 x 48 neurons"),
+    ("2.0", "float", "count column of double"),
+    ("2.0", "strings", "count column of string"),
+    ("1.0", "duplicate", "does not hold every neuron exactly once"),
+    ("1.0", "negative", "counts outside [0, 3000]"),
+    ("1.0", "rows", "has 95 rows for 2 x 48 neurons"),
+    ("1.0", "float", "count column of double"),
 ])
-def test_counts_files_are_validated_on_read(registry, tmp_path, damage, message):
+def test_counts_files_are_validated_on_read(registry, tmp_path, layout, damage, message):
     reg = tmp_path / "reg"
-    shutil.copytree(registry, reg)
-    path = reg / "model" / "counts" / "el.parquet"
+    shutil.copytree(registry if layout == "2.0" else LEGACY_COUNTS, reg)
+    model = "model" if layout == "2.0" else "planted"
+    path = reg / model / "counts" / "el.parquet"
     table = pq.read_table(path)
-    data = table.to_pydict()
+    assert json.loads(table.schema.metadata[b"neuronreg"])["schema_version"] == layout
+    data, schema = table.to_pydict(), table.schema
     if damage == "duplicate":
         data["neuron"][5] = data["neuron"][4]
     elif damage == "negative":
         data["count"][3] = -1
     elif damage == "too-large":
         data["count"][3] = 10**9
+    elif damage in ("float", "strings"):
+        data["count"] = [float(c) if damage == "float" else str(c) for c in data["count"]]
+        schema = schema.set(schema.get_field_index("count"), pa.field("count", pa.float64() if damage == "float"
+                                                                      else pa.string()))
     else:
         data = {k: v[:-1] for k, v in data.items()}
-    pq.write_table(pa.table(data, schema=table.schema), path)
+    pq.write_table(pa.table(data, schema=schema), path)
     before = snapshot(reg)
-    assert_one_line_error(run("select", "model", "--top-rate", 0.2, "--registry", reg, ok=False), message)
-    assert snapshot(reg) == before
+    assert_one_line_error(run("select", model, "--top-rate", 0.2, "--registry", reg, ok=False), message)
+    assert snapshot(reg) == before  # nothing written, nothing migrated
 
 
 # -- 4. settings that produce NaN, and runs that diverge -----------------------------------------------------
@@ -292,7 +320,7 @@ def test_stray_and_unreadable_things_in_the_model_folder(registry, tmp_path):
 
 
 @pytest.mark.slow
-def test_select_killed_at_random_points_leaves_the_old_or_the_new_state(registry, tmp_path):
+def test_select_killed_at_random_points_leaves_the_old_or_the_new_state(registry, tmp_path, monkeypatch):
     reg = tmp_path / "reg"
     shutil.copytree(registry, reg)
     old_rows = loads_with_datasets(reg)
@@ -316,9 +344,15 @@ def test_select_killed_at_random_points_leaves_the_old_or_the_new_state(registry
         if rows != old_rows:
             break
     (reg / "model" / ".lock").unlink(missing_ok=True)
-    run("select", "model", "--top-rate", 0.5, "--default", "--registry", reg, "-q")  # the next write tidies up
-    versions = [p.name for p in (reg / "model" / "top50").iterdir()]
-    assert len(versions) == 1 and not list(reg.rglob("*.tmp"))
+    from neuronreg.store import local
+
+    monkeypatch.setattr(local, "SUPERSEDED_GRACE", 0.0)  # no reader to wait for: the next write tidies up
+    # (another selection: the same one again may find the killed run's committed selection and write nothing)
+    run("select", "model", "--top-rate", 0.4, "--registry", reg, "-q")
+    card = LocalRegistry(reg).index()
+    named = {entry.path.rsplit("/", 1)[-1] for entry in card.entries("model") if entry.name == "top50"}
+    versions = {p.name for p in (reg / "model" / "top50").iterdir()}
+    assert versions == named and len(named) == 1 and not list(reg.rglob("*.tmp")), (versions, named)
 
 
 # -- 6. one writer at a time ---------------------------------------------------------------------------------
@@ -400,10 +434,22 @@ def test_publish_ignores_links_and_refuses_damaged_files(registry, tmp_path, hub
     secret.write_text("my private notes")
     (reg / "model" / "counts" / "zz.parquet").symlink_to(secret)
     (reg / "model" / "counts" / "yy.parquet").symlink_to(reg / "model" / "counts" / "en.parquet")
-    run("publish", "--repo", REPO, "--registry", reg, "-q")
+    out = run("publish", "--repo", REPO, "--registry", reg, "-q")
     files = hub.files("dataset", REPO)
     assert not any(f.endswith(("zz.parquet", "yy.parquet")) for f in files)
     assert all(b"my private notes" not in hub.file_bytes("dataset", REPO, f) for f in files)
+    for name in ("zz", "yy"):  # left out, and said so
+        assert f"{name}.parquet is a symbolic link: not published" in out.stderr
+    # A counts file that became a link is left out, and the repo's copy of it is kept, not deleted.
+    published = hub.file_bytes("dataset", REPO, "model/counts/el.parquet")
+    moved = tmp_path / "el.parquet"
+    shutil.move(reg / "model" / "counts" / "el.parquet", moved)
+    (reg / "model" / "counts" / "el.parquet").symlink_to(moved)
+    run("select", "model", "--top-rate", 0.2, "--languages", "en,ru", "--registry", reg, "-q")
+    out = run("publish", "--repo", REPO, "--registry", reg)
+    assert "el.parquet is a symbolic link: not published (the repo's copy, if it has one, is kept)" in out.stderr
+    assert hub.file_bytes("dataset", REPO, "model/counts/el.parquet") == published
+    assert "deleted 0" in out.stderr
 
     truncated = reg / "model" / "counts" / "ru.parquet"
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -424,16 +470,18 @@ def test_foreign_and_hostile_files_in_the_repo(registry, tmp_path, hub):
     reg = LocalRegistry(evil)
     masks = reg.read_masks("model", ["en", "ru", "el"])
     for mask in masks.values():
+        mask.provenance.model.name = "evil"  # the files go to evil/ in the repo: of the model they are filed under
         mask.provenance.model.id = "---\nlicense: stolen\n<script>alert(1)</script> | x |"
         mask.provenance.language.name = "<img src=x onerror=alert(1)>"
-    reg.write_selection("model", masks, name="top9.375")
+    reg.write_selection("evil", masks, name="top9.375")
     api = HfApi(token=TEST_TOKEN)
     api.create_repo(REPO, repo_type="dataset")
-    operations = [CommitOperationAdd(f"evil/{lang}.parquet", str(neuron_file(evil, "model", lang)))
+    operations = [CommitOperationAdd(f"evil/{lang}.parquet", str(neuron_file(evil, "evil", lang)))
                   for lang in ("en", "ru", "el")]
     bad = pq.read_table(neuron_file(registry, "model", "en"))
     meta = json.loads(bad.schema.metadata[b"neuronreg"])
     data = bad.to_pydict()
+    meta["model"]["name"] = "wrong"  # filed under wrong/, of the model wrong
     data["layer"][0] = 99  # out of range
     broken = tmp_path / "broken.parquet"
     pq.write_table(pa.table(data, schema=bad.schema).replace_schema_metadata(
@@ -459,6 +507,45 @@ def test_foreign_and_hostile_files_in_the_repo(registry, tmp_path, hub):
     assert datasets.load_dataset(REPO, "evil", split="ru")["neuron"] == [10, 30, 31]
     assert "a b/el.parquet" in hub.files("dataset", REPO)  # not ours: neither read nor deleted
     assert_one_line_error(run("fetch", "wrong", "en", "--repo", REPO, ok=False), "indices outside")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan-entropy", "entropies outside [0, log 3]"),
+    ("big-entropy", "entropies outside [0, log 3]"),
+    ("big-prob", "activation probabilities outside [0, 1]"),
+    ("string-layer", "layer column of string"),
+    ("float-neuron", "neuron column of double"),
+    ("wrong-model", "says it is of the model 'other'"),
+])
+def test_foreign_values_in_a_neuron_file_are_refused_locally_and_from_a_repo(registry, tmp_path, hub, damage,
+                                                                            message):
+    from huggingface_hub import HfApi
+
+    reg = tmp_path / "reg"
+    shutil.copytree(registry, reg)
+    path = neuron_file(reg, "model", "ru")
+    table = pq.read_table(path)
+    meta, data, schema = json.loads(table.schema.metadata[b"neuronreg"]), table.to_pydict(), table.schema
+    if damage == "nan-entropy":
+        data["entropy"][0] = float("nan")
+    elif damage == "big-entropy":
+        data["entropy"][0] = 1.2  # above log 3 = 1.0986, the most three languages' shares can have
+    elif damage == "big-prob":
+        data["activation_prob"][0] = 5.0
+    elif damage in ("string-layer", "float-neuron"):
+        name, kind = ("layer", pa.string()) if damage == "string-layer" else ("neuron", pa.float64())
+        data[name] = [str(v) if kind == pa.string() else float(v) for v in data[name]]
+        schema = schema.set(schema.get_field_index(name), pa.field(name, kind))
+    else:
+        meta["model"]["name"] = "other"
+    pq.write_table(pa.table(data, schema=schema).replace_schema_metadata(
+        {b"neuronreg": json.dumps(meta).encode()}), path)
+    if damage != "wrong-model":  # a local file may be read under another name of the same model
+        assert_one_line_error(run("show", "model", "ru", "--registry", reg, ok=False), message)
+    api = HfApi(token=TEST_TOKEN)
+    api.create_repo(REPO, repo_type="dataset")
+    api.upload_file(path_or_fileobj=str(path), path_in_repo="model/ru.parquet", repo_id=REPO, repo_type="dataset")
+    assert_one_line_error(run("fetch", "model", "ru", "--repo", REPO, ok=False), message)
 
 
 # -- 11. a tag that exists is refused before anything is committed --------------------------------------------

@@ -19,6 +19,7 @@ from neuronreg.store.masks import load_mask
 from support.cli import assert_one_line_error, run
 from support.hubserver import TEST_USER, set_offline
 from support.tiny import PLANTED, TOP_RATE, planted_model, save_model, tiny_model, write_corpus
+from support.traffic import Traffic, total
 
 REPO = f"{TEST_USER}/lape-neurons"
 
@@ -99,6 +100,70 @@ def test_republishing_makes_no_commit_and_a_change_makes_one(hub, registry_dir, 
     assert changed.changed and len(hub.commits("dataset", REPO)) == 3
     assert all(path.startswith("planted-b/") or path == "README.md" for path in changed.uploaded)
     # The card still lists the model that was not republished.
+    assert "config_name: planted\n" in hub.file_bytes("dataset", REPO, "README.md").decode()
+
+
+def test_a_second_publish_sends_only_what_changed_and_says_how_much(hub, registry_dir, tmp_path):
+    import shutil
+
+    traffic = Traffic(hub)
+    copy = tmp_path / "reg"
+    shutil.copytree(registry_dir, copy)
+    first = publish(LocalRegistry(copy), REPO)
+    calls = traffic.take()
+    uploads = [c for c in calls if c.kind == "upload"]
+    # Every content is sent once, though the default selection's files are at two paths each.
+    assert len({c.path for c in uploads}) == len(uploads) and len(uploads) < len(first.uploaded) - 1
+    card = len(hub.file_bytes("dataset", REPO, "README.md"))  # sent inside the commit, not as an LFS object
+    assert sum(c.sent for c in uploads) + card == first.sent_bytes and first.present == 0
+    assert total(calls, "download") == (0, 0, 0)  # a first publish reads nothing back
+
+    # Another selection: only its files and the card are sent; nothing is downloaded.
+    run("select", "planted", "--top-rate", 0.5, "--registry", copy, "-q")
+    second = publish(LocalRegistry(copy), REPO)
+    calls = traffic.take()
+    assert sorted(second.uploaded) == ["README.md"] + [f"planted/top50/{lang}.parquet" for lang in ("el", "en", "ru")]
+    assert total(calls, "download") == (0, 0, 0)
+    assert sum(c.sent for c in calls if c.kind == "upload") + len(hub.file_bytes("dataset", REPO, "README.md")) \
+        == second.sent_bytes
+    published = len(hub.files("dataset", REPO)) - 1  # all but .gitattributes
+    assert second.present == published - len(second.uploaded)
+    assert second.present_bytes == sum(len(hub.file_bytes("dataset", REPO, p)) for p in hub.files("dataset", REPO)
+                                       if p != ".gitattributes" and p not in second.uploaded)
+    # Nothing changed: two requests (does the repo exist, what does its head hold), and the output says so.
+    out = run("publish", "--repo", REPO, "--registry", copy)
+    assert total(traffic.take())[0] == 2
+    assert f"({published} file(s)" in out.stderr and "already there): no commit made" in out.stderr
+    run("select", "planted", "--top-rate", 0.6, "--registry", copy, "-q")
+    out = run("publish", "--repo", REPO, "--registry", copy)
+    assert "Uploaded 4 file(s) (" in out.stderr and " sent; " in out.stderr and "already there), deleted 0" in \
+        out.stderr
+
+
+def test_publishing_one_model_takes_the_others_files_from_what_is_at_hand(hub, registry_dir, tmp_path):
+    import shutil
+
+    traffic = Traffic(hub)
+    publish(LocalRegistry(registry_dir), REPO)
+    # The local registry holds planted too, byte for byte as published: none of its files is downloaded.
+    copy = tmp_path / "reg"
+    shutil.copytree(registry_dir, copy)
+    run("select", "planted-b", "--top-rate", 0.5, "--registry", copy, "-q")
+    traffic.take()
+    publish(LocalRegistry(copy), REPO, ["planted-b"])
+    downloads = {c.path.rsplit("/", 1)[-1] for c in traffic.take() if c.kind == "download"}
+    assert downloads == {"README.md"}  # the card, for the index of what the repo holds
+    # A registry without planted: its files come from the repo once, then from the Hub cache.
+    only_b = tmp_path / "only-b"
+    root = registry_dir.parent
+    run("compute", root / "model", "ru", "el", "--corpus", root / "texts", "--tokens", "3k", "--seq-len", 64,
+        "--top-rate", 0.7, "--name", "planted-b", "--registry", only_b, "-q")
+    publish(LocalRegistry(only_b), REPO, ["planted-b"])
+    assert any(c.path.endswith("/planted/ru.parquet") for c in traffic.take() if c.kind == "download")
+    run("select", "planted-b", "--top-rate", 0.8, "--registry", only_b, "-q")
+    result = publish(LocalRegistry(only_b), REPO, ["planted-b"])
+    assert result.changed and {c.path.rsplit("/", 1)[-1] for c in traffic.take() if c.kind == "download"} == \
+        {"README.md"}
     assert "config_name: planted\n" in hub.file_bytes("dataset", REPO, "README.md").decode()
 
 

@@ -11,6 +11,7 @@ import torch
 from neuronreg.errors import MaskError, RecordError
 from neuronreg.mask import FORMATS, NeuronMask
 from neuronreg.provenance import (
+    COUNTS_SCHEMA_VERSION,
     SCHEMA_VERSION,
     CorpusInfo,
     CountKey,
@@ -81,14 +82,17 @@ def test_write_then_read_gives_an_equal_record(kind, tmp_path):
     data = json.loads(json.dumps(record.to_dict()))  # through JSON, as on disk
     again = type(record).from_dict(data, "test")
     assert again == record and again.to_dict() == record.to_dict()
-    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["schema_version"] == type(record).SCHEMA == (COUNTS_SCHEMA_VERSION if kind == "counts"
+                                                             else SCHEMA_VERSION)
 
 
 @pytest.mark.parametrize("kind", sorted(RECORDS))
 def test_a_newer_major_version_is_refused_naming_both(kind):
     data = RECORDS[kind]().to_dict()
-    data["schema_version"] = "2.0"
-    with pytest.raises(RecordError, match=rf"schema 2\.0, newer than this neuronreg reads \({SCHEMA_VERSION}\)"):
+    mine = type(RECORDS[kind]()).SCHEMA
+    data["schema_version"] = f"{int(mine.split('.')[0]) + 1}.0"
+    with pytest.raises(RecordError, match=rf"schema {data['schema_version']}, newer than this neuronreg reads "
+                                          rf"\({mine}\)"):
         type(RECORDS[kind]()).from_dict(data, "file.parquet")
 
 
@@ -96,7 +100,7 @@ def test_a_newer_major_version_is_refused_naming_both(kind):
 def test_keys_of_a_newer_minor_version_are_kept(kind):
     record = RECORDS[kind]()
     data = record.to_dict()
-    data["schema_version"] = "1.7"
+    data["schema_version"] = f"{type(record).SCHEMA.split('.')[0]}.7"
     data["future_field"] = {"a": [1, 2]}
     data["model" if kind != "run" else "base_model"]["future_nested"] = "x"
     again = type(record).from_dict(data, "file")
@@ -173,6 +177,59 @@ def test_a_registry_of_the_previous_version_is_read_and_migrated_without_loss(tm
     assert run("export", "acme/tiny", "-o", tmp_path / "x.pt", "--registry", reg_dir).exit_code == 0
 
 
+COUNTS_1_0 = Path(__file__).parent / "data" / "counts-1.0" / "registry"  # written by the 1.0 code itself
+
+
+def test_counts_of_format_1_0_load_and_migrate_without_loss(tmp_path):
+    import pyarrow.parquet as pq
+
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(COUNTS_1_0, reg_dir)
+    reg = LocalRegistry(reg_dir)
+    old_neurons = {p.stem: pq.read_table(p).to_pydict() for p in (reg_dir / "planted" / "top9.375" / "v1").iterdir()}
+
+    def expected(lang):
+        """What a read must give, computed here from the old file's own columns."""
+        table = pq.read_table(reg_dir / "planted" / "counts" / f"{lang}.parquet").to_pydict()
+        order = np.lexsort((np.array(table["neuron"]), np.array(table["layer"])))
+        count = np.array(table["count"])[order].reshape(2, 48)
+        total, positive = (np.array(table[key])[order].reshape(2, 48) for key in ("activation_sum", "positive_sum"))
+        return count, np.float32(total / 3000), np.float32(positive / np.maximum(count, 1))
+
+    before = {}
+    for lang in ("el", "en", "ru"):
+        assert reg.read_counts_record("planted", lang).schema_version == "1.0"
+        count, mean, positive_mean = before[lang] = expected(lang)
+        stats = reg.read_activation_means("planted", lang)
+        assert np.array_equal(reg.read_counts("planted", lang)[0].numpy(), count)
+        assert np.array_equal(stats.mean.numpy(), mean.astype(np.float64))
+        assert np.array_equal(stats.positive_mean.numpy(), positive_mean.astype(np.float64))
+    # select reads them as they are, selects exactly what the 1.0 code selected, then rewrites them in 2.0.
+    run("select", "planted", "--top-rate", 0.09375, "--default", "--registry", reg_dir, "-q")
+    entry = LocalRegistry(reg_dir).selection("planted")
+    assert entry.path == "planted/top9.375/v1"  # the same selection, byte for byte: nothing to write
+    for lang in ("el", "en", "ru"):
+        assert pq.read_table(reg_dir / entry.path / f"{lang}.parquet").to_pydict() == old_neurons[lang]
+        path = reg_dir / "planted" / "counts" / f"{lang}.parquet"
+        assert pq.read_schema(path).names == ["count", "mean", "positive_mean"]
+        record = LocalRegistry(reg_dir).read_counts_record("planted", lang)
+        assert record.schema_version == COUNTS_SCHEMA_VERSION
+        old_record = json.loads(pq.read_schema(COUNTS_1_0 / "planted" / "counts" / f"{lang}.parquet")
+                                .metadata[b"neuronreg"])
+        assert {**record.to_dict(), "schema_version": "1.0"} == old_record  # the provenance kept as it was
+        stats = LocalRegistry(reg_dir).read_activation_means("planted", lang)
+        count, mean, positive_mean = before[lang]
+        assert np.array_equal(stats.over_zero.numpy(), count)
+        assert np.array_equal(stats.mean.numpy(), mean.astype(np.float64))
+        assert np.array_equal(stats.positive_mean.numpy(), positive_mean.astype(np.float64))
+        assert path.stat().st_size < (COUNTS_1_0 / "planted" / "counts" / f"{lang}.parquet").stat().st_size
+    # Selecting again from the 2.0 files: the same neurons, entropies and probabilities.
+    run("select", "planted", "--top-rate", 0.09375, "--registry", reg_dir, "-q")
+    for lang in ("el", "en", "ru"):
+        assert pq.read_table(reg_dir / "planted" / "top9.375" / "v1" / f"{lang}.parquet").to_pydict() == \
+            old_neurons[lang]
+
+
 def test_a_run_config_of_the_previous_version_is_read():
     config = read_run_config(LEGACY / "run")
     legacy = json.loads((LEGACY / "run" / "neuronreg_delta.json").read_text())
@@ -209,7 +266,7 @@ def a_mask(**kw) -> NeuronMask:
 def test_a_mask_saves_and_loads_in_every_format(fmt, tmp_path):
     mask = a_mask(entropy=[0.1, 0.2, 0.3, 0.4, 0.5], activation_prob=[0.9] * 5)
     mask.provenance = NeuronsRecord(model=model_info(num_layers=3), language=LanguageInfo(code="sw"),
-                                    selection=SelectionInfo(method="lape", languages=["sw"], top_rate=0.1),
+                                    selection=SelectionInfo(method="lape", languages=["sw", "en"], top_rate=0.1),
                                     num_neurons=5)
     path = mask.save(tmp_path / f"mask.{fmt}")
     back = NeuronMask.load(path, intermediate_size=48 if fmt == "pt" else None, model="m", language="sw")

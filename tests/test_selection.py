@@ -62,7 +62,19 @@ def assert_matches_reference(over_zero, tokens, **rates):
         for (l, j), e, prob in zip(pairs, neurons.entropy.tolist(), neurons.activation_prob.tolist()):
             assert e == pytest.approx(H[l][j], abs=1e-12) or (math.isinf(e) and math.isinf(H[l][j]))
             assert prob == over_zero[l, j, k] / tokens[k]
+    # One neuron per block (and int32 counts, as select reads them): the same numbers bit for bit.
+    assert_same(got, select_neurons(torch.as_tensor(over_zero).int(), torch.as_tensor(tokens), langs, params,
+                                    chunk_values=1))
     return got
+
+
+def assert_same(a, b):
+    assert (a.filter_threshold, a.activation_bar, a.selected, a.languages) == \
+        (b.filter_threshold, b.activation_bar, b.selected, b.languages)
+    for lang in a.languages:
+        x, y = a.neurons[lang], b.neurons[lang]
+        for name in ("layer", "neuron", "entropy", "activation_prob"):
+            assert np.array_equal(getattr(x, name), getattr(y, name)), (lang, name)
 
 
 def test_random_counts():
@@ -112,6 +124,33 @@ def test_one_language():
 def test_all_zero_counts_select_nothing_into_languages():
     got = assert_matches_reference(np.zeros((2, 8, 3), dtype=np.int64), np.array([5, 5, 5]), top_rate=0.25)
     assert all(len(n) == 0 for n in got.neurons.values())
+
+
+def test_a_sample_unlike_the_whole_still_gives_the_exact_quantile(monkeypatch):
+    # The quantiles are bracketed by every 16th probability; here those are all 0 while the rest are
+    # not, so the bracket misses and is opened until the exact k-th value is inside it.
+    from neuronreg.lape import selection
+
+    passes = []
+    done = selection._Quantiles.done
+    monkeypatch.setattr(selection._Quantiles, "done", lambda self: passes.append(done(self)) or passes[-1])
+    rng = np.random.default_rng(3)
+    tokens = np.array([400, 300, 500, 200])
+    over_zero = (1 + rng.random((4, 10000, 4)) * 0.9 * tokens).astype(np.int64)
+    over_zero.reshape(-1)[::16] = 0
+    got = assert_matches_reference(over_zero, tokens, top_rate=0.1)
+    assert got.filter_threshold > 0 and passes[:2] == [False, True]
+
+
+def test_a_large_selection_is_the_same_in_blocks_and_whole():
+    rng = np.random.default_rng(1)
+    tokens = torch.tensor([13_000_000, 9_000_000, 11_000_000, 7_000_000, 12_000_000])
+    base = rng.random((4, 3000, 1)) * 0.5
+    over_zero = torch.from_numpy(((base + 0.05 * rng.random((4, 3000, 5))) * tokens.numpy()).astype(np.int64))
+    langs = [f"l{k}" for k in range(5)]
+    for params in (SelectionParams(0.01), SelectionParams(0.05, 0.9, 0.8)):
+        whole = select_neurons(over_zero, tokens, langs, params, chunk_values=over_zero.numel())
+        assert_same(whole, select_neurons(over_zero.int(), tokens, langs, params, chunk_values=1000))
 
 
 def test_bad_input_is_a_selection_error():

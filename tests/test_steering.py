@@ -106,11 +106,11 @@ def test_recorded_means_equal_an_independent_computation(planted, reg):
         total, positive = independent_sums(model, rows)
         stats = registry.read_activation_means("model", lang)
         assert stats.tokens == sum(r.numel() for r in rows) == 3000
-        torch.testing.assert_close(stats.activation_sum, total, rtol=1e-10, atol=1e-9)
-        torch.testing.assert_close(stats.positive_sum, positive, rtol=1e-10, atol=1e-9)
-        torch.testing.assert_close(stats.mean, total / 3000, rtol=1e-10, atol=1e-12)
+        # The file keeps float32 means: each within half a float32 step (2**-24 of it) of the float64 mean.
         fired = stats.over_zero.clamp(min=1).double()
-        torch.testing.assert_close(stats.positive_mean, positive / fired, rtol=1e-10, atol=1e-12)
+        for got, want in ((stats.mean, total / 3000), (stats.positive_mean, positive / fired)):
+            assert torch.equal(got, got.float().double())
+            torch.testing.assert_close(got, want, rtol=2**-24 + 1e-12, atol=1e-30)
         # A planted neuron of the language fires on its script's tokens (all but the separators); another
         # script's planted neuron never fires, so its positive mean is 0.
         for layer, neurons in planted_neurons(lang).items():
@@ -121,8 +121,8 @@ def test_recorded_means_equal_an_independent_computation(planted, reg):
             assert bool((stats.over_zero[layer, neurons] == 0).all())
             assert bool((stats.positive_mean[layer, neurons] == 0).all())
     counts = pq.read_table(reg / "model" / "counts" / "ru.parquet")
-    assert counts.column_names == ["layer", "neuron", "count", "activation_sum", "positive_sum"]
-    assert counts.schema.field("activation_sum").type == pa.float64()
+    assert counts.column_names == ["count", "mean", "positive_mean"]
+    assert counts.schema.field("mean").type == pa.float32() and counts.schema.field("count").type == pa.int32()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -179,9 +179,9 @@ def test_resume_after_interrupt_gives_the_same_statistics(planted, tmp_path, mon
     assert "resumed" in resumed.output
     a = LocalRegistry(reg_a).read_activation_means("model", "ru")
     b = LocalRegistry(reg_b).read_activation_means("model", "ru")
-    # The same batches added in the same order: the float64 sums are equal bit for bit.
+    # The same batches added in the same order: the float64 sums, and so the means, are equal bit for bit.
     assert torch.equal(a.over_zero, b.over_zero)
-    assert torch.equal(a.activation_sum, b.activation_sum) and torch.equal(a.positive_sum, b.positive_sum)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.positive_mean, b.positive_mean)
 
 
 def test_checkpoints_without_or_with_bad_sums_are_discarded(tmp_path):
@@ -191,7 +191,7 @@ def test_checkpoints_without_or_with_bad_sums_are_discarded(tmp_path):
     old.save(counts, 5, 1)  # as an older neuronreg wrote it: counts only
     assert old.load((2, 2))[3] is None  # fine where no statistics are wanted
     assert old.load((2, 2), statistics=True) is None and not path.exists()  # else counting starts again
-    sums = {"activation_sum": torch.ones(2, 2, dtype=torch.float64),
+    sums = {"activation_sum": torch.tensor([[1.0, -1.0], [-2.0, 2.0]], dtype=torch.float64),
             "positive_sum": torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)}
     old.save(counts, 5, 1, sums)
     loaded = old.load((2, 2), statistics=True)
@@ -216,7 +216,7 @@ def test_counts_without_statistics_still_load_and_steering_says_to_recount(plant
 
     shutil.copytree(reg, tmp_path / "reg")
     path = tmp_path / "reg" / "model" / "counts" / "ru.parquet"
-    rewrite(path, lambda t: t.drop_columns(["activation_sum", "positive_sum"]))
+    rewrite(path, lambda t: t.drop_columns(["mean", "positive_mean"]))
     registry = LocalRegistry(tmp_path / "reg")
     over_zero, record = registry.read_counts("model", "ru")
     assert over_zero.shape == (2, 48) and record.tokens == 3000
@@ -234,20 +234,32 @@ def test_counts_without_statistics_still_load_and_steering_says_to_recount(plant
     assert registry.read_activation_means("model", "ru").tokens == 3000
 
 
+def float32(value, n):
+    return pa.array([value] * n, pa.float32())
+
+
 @pytest.mark.parametrize("damage, what", [
-    (lambda t: t.set_column(3, "activation_sum", pa.array([float("nan")] * t.num_rows)), "not finite"),
-    (lambda t: t.set_column(4, "positive_sum", pa.array([-1.0] * t.num_rows)), "negative"),
-    (lambda t: t.set_column(4, "positive_sum", pa.array([1.0] * t.num_rows)), "never positive"),
-    (lambda t: t.drop_columns(["positive_sum"]), "without positive_sum"),
-    (lambda t: t.set_column(3, "activation_sum", pa.array(["x"] * t.num_rows)), "not floats"),
+    (lambda t: t.set_column(1, "mean", float32(float("nan"), t.num_rows)), "not finite"),
+    (lambda t: t.set_column(2, "positive_mean", float32(-1.0, t.num_rows)), "negative"),
+    (lambda t: t.set_column(2, "positive_mean", float32(1.0, t.num_rows)), "never positive"),
+    (lambda t: t.drop_columns(["positive_mean"]), "without positive_mean"),
+    (lambda t: t.set_column(1, "mean", pa.array(["x"] * t.num_rows)), "not float32"),
+    (lambda t: t.set_column(0, "count", t.column("count").cast(pa.float64())), "not integers"),
+    (lambda t: t.slice(1), "rows for 2 x 48 neurons"),
 ])
 def test_damaged_statistics_are_one_clear_error(planted, reg, tmp_path, damage, what):
     import shutil
 
     shutil.copytree(reg, tmp_path / "reg")
     rewrite(tmp_path / "reg" / "model" / "counts" / "el.parquet", damage)
+    registry = LocalRegistry(tmp_path / "reg")
     with pytest.raises(RegistryError, match=what):
-        LocalRegistry(tmp_path / "reg").read_counts("model", "el")
+        registry.read_activation_means("model", "el")
+    if what in ("not finite", "negative", "never positive", "not float32"):  # a mean's value, or its type
+        assert registry.read_counts("model", "el")[0].shape == (2, 48)  # selection reads the counts alone
+    else:
+        with pytest.raises(RegistryError, match=what):
+            registry.read_counts("model", "el")
 
 
 def test_write_counts_refuses_sums_it_could_not_read_back(tmp_path):
@@ -601,5 +613,6 @@ def test_compute_on_cuda_records_the_statistics_of_the_bf16_model(planted, tmp_p
     rows = list(pack_rows(iter_documents(CorpusSource("local", str(planted / "texts" / "Russian.txt"))),
                           make_tokenizer(), 64, 3000))
     total, positive = independent_sums(model, rows)
-    torch.testing.assert_close(stats.activation_sum, total, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats.positive_sum, positive, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.mean, total / 3000, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats.positive_mean, positive / stats.over_zero.clamp(min=1).double(), rtol=1e-6,
+                               atol=1e-9)

@@ -39,11 +39,20 @@ def publish_cmd(ctx, models, repo, private, tag, revision, create_pr, message, t
     setup_logging(quiet)
     outcome = publish(o.registry(registry), repo, list(models) or None, private=private, tag=tag, revision=revision,
                       create_pr=create_pr, token=token, message=message, manifest=o.manifest(ctx))
+    there = f"{outcome.present} file(s), {_bytes(outcome.present_bytes)}, already there"
     if not outcome.changed:
-        status(quiet, f"{repo} already holds this registry: no commit made.")
+        status(quiet, f"{repo} already holds this registry ({there}): no commit made.")
     else:
-        status(quiet, f"Uploaded {len(outcome.uploaded)} file(s), deleted {len(outcome.deleted)} in one commit.")
+        status(quiet, f"Uploaded {len(outcome.uploaded)} file(s) ({_bytes(outcome.sent_bytes)} sent; {there}), "
+                      f"deleted {len(outcome.deleted)}, in one commit.")
     result(outcome.pull_request or outcome.url or f"{repo}@{outcome.commit}")
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 @click.command(name="fetch")

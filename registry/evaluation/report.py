@@ -319,14 +319,14 @@ def run_record(report: Report, row: Row) -> dict:
     change against the base model."""
     config = row.config
     record = {"subset": row.subset, "language": row.language}
-    if config.mask is not None:
-        record["mask_selection"] = config.mask.source.selection if config.mask.source else None
-        record["mask_rate"] = config.mask.selection.top_rate if config.mask.selection else None
-    training = config.training.to_dict()
-    for key, value in sorted(training.items()):
-        if key not in _NOT_SETTINGS:
-            record[key] = value
-    record["seed"] = config.training.seed
+    if config is not None:  # a row built by hand has no settings to group by
+        if config.mask is not None:
+            record["mask_selection"] = config.mask.source.selection if config.mask.source else None
+            record["mask_rate"] = config.mask.selection.top_rate if config.mask.selection else None
+        for key, value in sorted(config.training.to_dict().items()):
+            if key not in _NOT_SETTINGS:
+                record[key] = value
+        record["seed"] = config.training.seed
     for metric in report.metrics:
         change = report.change(row, metric.key)
         if change is not None:

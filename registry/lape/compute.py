@@ -281,8 +281,11 @@ def _check_same_model(registry: LocalRegistry, model: str, layers: int, inter: i
 def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: CountKey, settings: CountSettings,
                     registry: LocalRegistry, ranks: Ranks) -> LanguageResult:
     # Each rank checkpoints its own share; a checkpoint of another world size is not reused.
+    # Its totals are checked against the rows' length and the most this rank's share of the rows can hold.
+    share = -(-(-(-settings.tokens // settings.seq_len)) // ranks.world) * settings.seq_len
     checkpoint = Checkpoint(registry.checkpoint_path(loaded.name, lang.code, ranks.checkpoint_suffix()),
-                            fingerprint({**wanted.to_dict(), "world": ranks.world, "rank": ranks.rank}))
+                            fingerprint({**wanted.to_dict(), "world": ranks.world, "rank": ranks.rank}),
+                            seq_len=settings.seq_len, max_tokens=min(settings.tokens, share))
     resumed = checkpoint.path.exists()
     rows = ranks.shard(pack_rows(iter_documents(source), loaded.tokenizer, settings.seq_len, settings.tokens))
     counts, error = None, None
@@ -323,17 +326,31 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
 
 def load_count_tensor(registry: LocalRegistry, model: str, codes: list[str]
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, CountsRecord]]:
-    """Stack stored counts into ``[L, I, K]`` and ``[K]`` for selection."""
-    columns, tokens, records = [], [], {}
-    for lang in codes:
-        over_zero, record = registry.read_counts(model, lang)
-        if columns and over_zero.shape != columns[0].shape:
-            raise RegistryError(f"{model}/counts/{lang}.parquet has shape {tuple(over_zero.shape)}, others "
-                                f"{tuple(columns[0].shape)}.", fix="force", advice="Count it again.")
-        columns.append(over_zero)
-        tokens.append(record.tokens)
-        records[lang] = record
-    return torch.stack(columns, dim=-1), torch.tensor(tokens, dtype=torch.int64), records
+    """Stored counts as ``[L, I, K]`` and ``[K]`` for selection: the ``count`` column alone of each file, one
+    language at a time into one tensor allocated once (int32 while every language's tokens fit, else int64),
+    so memory holds the counts and one file's column, never a copy of all of them."""
+    import numpy as np
+
+    records = {lang: registry.read_counts_record(model, lang) for lang in codes}  # footers only
+    first = records[codes[0]].model
+    shape = (first.num_layers, first.intermediate_size)
+    for lang, record in records.items():
+        if (record.model.num_layers, record.model.intermediate_size) != shape:
+            raise RegistryError(f"{model}/counts/{lang}.parquet has shape ({record.model.num_layers}, "
+                                f"{record.model.intermediate_size}), others {shape}.", fix="force",
+                                advice="Count it again.")
+    wide = max(record.tokens for record in records.values()) > np.iinfo(np.int32).max
+    over_zero = torch.empty((*shape, len(codes)), dtype=torch.int64 if wide else torch.int32)
+    columns = over_zero.numpy().reshape(-1, len(codes))
+    for k, lang in enumerate(codes):
+        data = registry.read_count_array(model, lang)
+        if data.shape != shape:  # replaced since its footer was read (a writer without the lock)
+            raise RegistryError(f"{model}/counts/{lang}.parquet changed while it was read.", fix="force",
+                                advice="Count it again.")
+        columns[:, k] = data.count
+        records[lang] = data.record
+    tokens = torch.tensor([records[lang].tokens for lang in codes], dtype=torch.int64)
+    return over_zero, tokens, records
 
 
 def select(model: str, *, params: SelectionParams | None = None, languages: list[str] | str | None = None,
@@ -372,6 +389,7 @@ def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams
                             fix="compute")
     over_zero, tokens, records = load_count_tensor(registry, name, chosen)
     selection = select_neurons(over_zero, tokens, chosen, params, model=name)
+    del over_zero
     info = SelectionInfo(method="lape", languages=chosen, top_rate=params.top_rate, filter_rate=params.filter_rate,
                          activation_bar_ratio=params.activation_bar_ratio,
                          filter_threshold=selection.filter_threshold, activation_bar=selection.activation_bar,
@@ -390,4 +408,11 @@ def select_locked(name: str, *, registry: LocalRegistry, params: SelectionParams
         mask.source, mask.location = MaskSource(kind="registry"), registry.root
     selection.entry = registry.write_selection(name, selection.neurons, over=chosen if languages else None,
                                                default=default)
+    # Counts of an older layout are rewritten once in the current one, after the commit: a select that
+    # fails leaves every file as it was. Each file is replaced by one rename and holds the same numbers,
+    # so a failure here costs only the space the old layout takes.
+    try:
+        registry.migrate_counts(name)
+    except (RegistryError, OSError) as exc:
+        log.warning("The counts of %s stay in their older layout for now (%s).", name, exc)
     return selection

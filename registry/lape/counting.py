@@ -202,14 +202,20 @@ STATISTICS = ("activation_sum", "positive_sum")
 class Checkpoint:
     """Counts (and activation sums) so far for one language, saved atomically so an interrupted run resumes.
 
-    A checkpoint is used only when everything about it checks out (the settings' fingerprint, the
-    shape and dtype of the counts and sums, counts between 0 and the tokens, finite sums, positive
-    sums >= 0, rows no more than tokens); anything else is discarded with a warning, so a damaged
-    file costs the work since the last checkpoint, never a wrong count or mean.
+    A checkpoint is used only when everything about it checks out, each stored number against the
+    others: the settings' fingerprint; one int64 count matrix of the model's shape (and two float64 sums
+    of it); ``rows`` > 0 and ``tokens`` what ``rows`` rows hold (every row ``seq_len`` tokens but the
+    last, which holds 1 to ``seq_len``); ``tokens`` within the budget; counts between 0 and ``tokens``;
+    finite sums, positive sums >= 0, 0 wherever the count is 0, and never below the sum of all
+    activations (which adds the same values and the negative ones, in the same order). Anything else
+    is discarded with a warning, so a damaged file costs the work since the last checkpoint, never a
+    wrong count or mean.
     """
 
     path: Path
     fingerprint: str  # the settings; a checkpoint made with other settings is ignored
+    seq_len: int | None = None  # the length of every row but the last (None: not checked)
+    max_tokens: int | None = None  # the most tokens this checkpoint's share of the text can hold
 
     def load(self, shape: tuple[int, int] | None = None, *, statistics: bool = False
              ) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor] | None] | None:
@@ -237,20 +243,36 @@ class Checkpoint:
             return self._discard("it does not hold one int64 count matrix (and two float64 sums)")
         if shape is not None and tuple(over_zero.shape) != tuple(shape):
             return self._discard(f"its counts are {tuple(over_zero.shape)}, the model has {tuple(shape)}")
-        if rows <= 0 or tokens < rows:
-            return self._discard(f"it claims {tokens} tokens in {rows} rows")
+        problem = self._totals_problem(tokens, rows)
+        if problem:
+            return self._discard(problem)
         if over_zero.numel() and (int(over_zero.min()) < 0 or int(over_zero.max()) > tokens):
             return self._discard("it holds counts outside [0, tokens]")
         sums = {key: tensors[key] for key in STATISTICS if key in tensors} or None
         if sums is not None:
             if any(t.dtype != torch.float64 or t.shape != over_zero.shape for t in sums.values()):
                 return self._discard("its activation sums are not float64 of the counts' shape")
-            if not all(bool(torch.isfinite(t).all()) for t in sums.values()) \
-                    or bool((sums["positive_sum"] < 0).any()):
+            total, positive = sums["activation_sum"], sums["positive_sum"]
+            if not (bool(torch.isfinite(total).all()) and bool(torch.isfinite(positive).all())) \
+                    or bool((positive < 0).any()):
                 return self._discard("its activation sums are not finite, or a positive sum is negative")
+            if bool((positive[over_zero == 0] != 0).any()):
+                return self._discard("it holds a positive sum for a neuron that was never positive")
+            if bool((total > positive).any()):
+                return self._discard("a sum of all activations exceeds the sum of the positive ones")
         elif statistics:
             return self._discard("it holds no activation sums (an older neuronreg made it)")
         return over_zero, tokens, rows, sums
+
+    def _totals_problem(self, tokens: int, rows: int) -> str | None:
+        if rows <= 0 or tokens < rows:
+            return f"it claims {tokens} tokens in {rows} rows"
+        if self.seq_len is not None and not (rows - 1) * self.seq_len < tokens <= rows * self.seq_len:
+            return (f"it claims {tokens} tokens in {rows} rows of {self.seq_len} (every row holds {self.seq_len} "
+                    "tokens but the last)")
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return f"it claims {tokens} tokens, more than the {self.max_tokens} its share of the text holds"
+        return None
 
     def _discard(self, why: str) -> None:
         log.warning("Discarding the checkpoint %s: %s. Counting starts again for this language.", self.path.name, why)

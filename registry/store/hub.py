@@ -27,11 +27,13 @@ from ..errors import HubError, MaskError, RecordError, RegistryError
 from ..files import SAFE_NAME, write_parquet
 from ..hubcalls import (
     CommitTarget,
+    UploadPlan,
     check_ref_name,
     check_repo_id,
     commit_to,
     hub_error,
     hub_errors,
+    lfs_sha256,
     retrying,
     same_content,
 )
@@ -48,6 +50,12 @@ REPO_TYPE = "dataset"
 
 @dataclass
 class PublishResult:
+    """What a publish did. ``uploaded`` are the paths whose content was new or changed; of their bytes,
+    ``sent_bytes`` went over the network (each content once, and none the repo already stored: the Hub
+    keeps LFS files by sha256); ``present``/``present_bytes`` count the files that were there already,
+    byte for byte, and were not sent; ``skipped`` are local files left out (symbolic links), whose copy
+    in the repo, if any, was kept."""
+
     repo_id: str
     changed: bool
     commit: str | None  # the new commit, or the head that already held everything
@@ -55,6 +63,10 @@ class PublishResult:
     pull_request: str | None = None
     uploaded: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    sent_bytes: int = 0
+    present: int = 0
+    present_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 def ours(path: str) -> bool:
@@ -176,7 +188,8 @@ def publish(
 
 def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
     """Per model: the neuron files of each selection and the counts files, all read back and validated.
-    Only regular files inside the registry are taken (no symbolic links: they could point anywhere)."""
+    Only regular files inside the registry are taken (no symbolic links: they could point anywhere); a
+    counts file that is a link is left out with a warning, and listed under ``skipped``."""
     from ..files import inside
 
     clash = registry.index().duplicate_config(models)
@@ -197,9 +210,16 @@ def _local_files(registry: LocalRegistry, models: list[str]) -> dict[str, dict]:
         for lang in registry.counted_languages(model):
             path = registry.counts_path(model, lang)
             _regular(registry, path)
-            registry.read_counts(model, lang)  # every neuron once, counts within [0, tokens]
+            registry.check_counts(model, lang)  # every neuron once, counts within [0, tokens], means valid
             counts[lang] = path
-        found[model] = {"selections": selections, "counts": counts}
+        skipped = []
+        folder = registry.model_dir(model) / COUNTS
+        for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+            if SAFE_NAME.match(path.stem) and path.stem not in counts:
+                log.warning("%s is %s: not published (the repo's copy, if it has one, is kept).", path,
+                            "a symbolic link" if path.is_symlink() else "not a regular file")
+                skipped.append(f"{model}/{COUNTS}/{path.name}")
+        found[model] = {"selections": selections, "counts": counts, "skipped": skipped}
         assert all(inside(registry.root, p) for files in selections.values() for p in files.values())
     return found
 
@@ -218,6 +238,7 @@ def _publish(target: CommitTarget, registry: LocalRegistry, repo_id: str, models
 
     head = target.head
     remote = target.files
+    skipped = sorted(p for model in models for p in local[model]["skipped"])
     with tempfile.TemporaryDirectory(prefix="neuronreg-publish-") as tmp:
         staging = Path(tmp)
         files: dict[str, Path] = {}
@@ -237,7 +258,7 @@ def _publish(target: CommitTarget, registry: LocalRegistry, repo_id: str, models
             entries.append(entry)
         # Models already in the repo but not published now stay on the card.
         kept, kept_index = _remote_models(repo_id, head, token, remote, exclude=set(models), staging=staging,
-                                          ours=index)
+                                          ours=index, registry=registry)
         entries += kept
         for model, found in kept_index.models.items():
             for entry in kept_index.entries(model):
@@ -247,16 +268,23 @@ def _publish(target: CommitTarget, registry: LocalRegistry, repo_id: str, models
                         encoding="utf-8")
         files[CARD] = card
 
-        uploads = {path: src for path, src in files.items() if not same_content(remote.get(path), src)}
+        plan = UploadPlan(files, remote)
         # Files of a published model that the local registry no longer has (a language dropped from a
-        # selection, a selection replaced) go, so the repo shows what the registry holds.
-        deletions = sorted(p for p in remote if ours(p) and p.split("/")[0] in models and p not in files)
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(uploads.items())]
-        operations += [CommitOperationDelete(path_in_repo=p) for p in deletions]
-        commit = target.commit(operations, message or f"Publish {', '.join(models)} (neuronreg {__version__})")
+        # selection, a selection replaced) go, so the repo shows what the registry holds; a file left out
+        # locally (a link) is not "no longer there", and its copy stays.
+        deletions = sorted(p for p in remote if ours(p) and p.split("/")[0] in models and p not in files
+                           and p not in skipped)
+        additions = {p: CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f))
+                     for p, f in sorted(plan.uploads.items())}
+        operations = [*additions.values(), *(CommitOperationDelete(path_in_repo=p) for p in deletions)]
+        commit = target.commit(operations, message or f"Publish {', '.join(models)} (neuronreg {__version__})",
+                               first=[additions[p] for p in plan.first_of_repeated()])
+    numbers = dict(sent_bytes=plan.sent_bytes, present=len(plan.present), present_bytes=plan.present_bytes,
+                   skipped=skipped)
     if commit is None:
-        return PublishResult(repo_id, False, head)
-    return PublishResult(repo_id, True, commit.oid, commit.commit_url, commit.pr_url, sorted(uploads), deletions)
+        return PublishResult(repo_id, False, head, **numbers)
+    return PublishResult(repo_id, True, commit.oid, commit.commit_url, commit.pr_url, sorted(plan.uploads), deletions,
+                         **numbers)
 
 
 def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: dict, manifest) -> dict[str, Path]:
@@ -276,10 +304,15 @@ def _overlap_figures(registry: LocalRegistry, model: str, staging: Path, entry: 
 
 
 def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set[str], staging: Path,
-                   ours: RegistryIndex | None = None):
+                   ours: RegistryIndex, registry: LocalRegistry):
     """Card entries of the models a repo holds that are not being published now: their neuron files
-    are downloaded (at ``head``) and validated; what is malformed, or would give a ``datasets`` config
-    the name of one of ``ours`` (or of another kept one), is skipped with a warning."""
+    are read (at ``head``) and validated; what is malformed, or would give a ``datasets`` config the
+    name of one of ``ours`` (or of another kept one), is skipped with a warning. A file whose content is
+    at hand, checked against the repo's hash of it (the same file in ``registry``, or in the Hub cache
+    from an earlier download), is not downloaded again; with no other model in the repo, not even the
+    card is."""
+    if not _models_in(list(remote)) - exclude:
+        return [], RegistryIndex()
     index = read_remote_index(repo_id, revision=head, token=token, files=list(remote))
     others = LocalRegistry(staging / "remote")
     kept = RegistryIndex()
@@ -300,7 +333,9 @@ def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set
                     log.warning("%s lists %s but the repo has no such file; skipped.", repo_id, name)
                     continue
                 try:
-                    mask = read_mask_file(_download(repo_id, name, head, token), model, lang,
+                    held = _at_hand(registry, repo_id, remote[name], model, entry.name, lang)
+                    path = held or _download(repo_id, name, head, token)
+                    mask = read_mask_file(path, model, lang,
                                           MaskSource(kind="repo", repo=repo_id, commit=head, selection=entry.name),
                                           where=f"{name} from {repo_id}")
                 except (MaskError, RecordError) as exc:
@@ -320,6 +355,29 @@ def _remote_models(repo_id: str, head: str, token, remote: dict, *, exclude: set
         if entry := model_card_entry(view, model, remote=True, plot=plot):
             entries.append(entry)
     return entries, kept
+
+
+def _at_hand(registry: LocalRegistry, repo_id: str, sibling, model: str, selection: str, lang: str) -> Path | None:
+    """A local file holding exactly what the repo holds in ``sibling`` (its sha256, or git blob id), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    candidates = []
+    try:
+        candidates.append(registry.neuron_path(model, lang, selection))
+    except (RegistryError, MaskError):
+        pass
+    blob = lfs_sha256(sibling) or getattr(sibling, "blob_id", None)
+    if blob and SAFE_NAME.match(blob):  # the Hub cache keeps a download as blobs/<its etag: sha256 or blob id>
+        candidates.append(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=REPO_TYPE)
+                          / "blobs" / blob)
+    for path in candidates:
+        try:
+            if path.is_file() and same_content(sibling, path):
+                return path
+        except OSError:
+            continue
+    return None
 
 
 # -- fetch ---------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ schema metadata under the key ``neuronreg``. Guarantees:
   killed run, go on the next write.
 * ``datasets`` config names (``<model>``, ``<model>-<selection>``) are unique: a write that would give
   two configs one name is refused.
-* Counts files are replaced one at a time by an atomic rename, and read back validated: every
-  neuron exactly once, counts between 0 and the tokens counted, and the optional float64 columns
-  ``activation_sum``/``positive_sum`` (the activations summed over every counted position and over
-  the positive ones; files made before neuronreg recorded them lack both) finite, the positive sums
-  >= 0 and 0 wherever the count is 0.
+* Counts files (:mod:`.counts`: the layout, and why) are replaced one at a time by an atomic rename,
+  and read back validated: every neuron exactly once, integer counts between 0 and the tokens
+  counted, and the optional float32 mean activations (files made before neuronreg recorded them
+  have none) finite, the positive means >= 0 and 0 wherever the count is 0. Files of an older
+  layout are read as they are and rewritten in the current one by the next ``select``.
 * Writers take the model's lock (and the registry's, for the card), so two never interleave.
 * Registries of neuronreg 0.1 (``<model>/<lang>.parquet``, no index) are read as they are and
   migrated on the next write.
@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MaskError, RecordError, RegistryError
-from ..files import SAFE_NAME, TEMP_SUFFIX, atomic_path, atomic_write_text, inside, safe_name, write_parquet
+from ..files import SAFE_NAME, TEMP_SUFFIX, atomic_write_text, inside, safe_name, write_parquet
 from ..limits import BeyondLimits, load_json, load_yaml
-from ..mask import META_KEY, NeuronMask, mask_from_table, read_neuron_table
+from ..mask import NeuronMask, mask_from_table, read_neuron_table
 from ..provenance import CountsRecord, MaskSource
+from . import counts as counts_file
 from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, Which, find_selection, selection_name
 from .locks import lock
 
@@ -62,47 +63,18 @@ LOCK_WAIT = 60.0  # seconds a writer waits for the registry's card (commits take
 SUPERSEDED_GRACE = 600.0
 
 
-# Optional float64 columns of a counts file: the activations summed over every counted position, and
-# over the positions where the activation was > 0. Their means are what steering sets neurons to.
-SUM_COLUMNS = ("activation_sum", "positive_sum")
-
-
 @dataclass
 class ActivationMeans:
-    """One language's per-neuron activation statistics, from its counts file (torch float64 ``[L, I]``)."""
+    """One language's mean activation of every neuron, from its counts file: float64 ``[L, I]`` tensors
+    holding the float32 means the file stores (:mod:`.counts`)."""
 
     model: str
     language: str
     over_zero: object  # torch int64 [layers, intermediate]
     tokens: int
-    activation_sum: object
-    positive_sum: object
+    mean: object  # over every counted position: activation_sum / tokens
+    positive_mean: object  # over the positions where it was > 0: positive_sum / count (0 where it never was)
     record: CountsRecord
-
-    @property
-    def mean(self):
-        """Mean activation over every counted position of the language's text."""
-        return self.activation_sum / max(self.tokens, 1)
-
-    @property
-    def positive_mean(self):
-        """Mean activation over the positions where it was > 0 (0 for a neuron that never fired)."""
-        return self.positive_sum / self.over_zero.clamp(min=1).double()
-
-
-def _sums_problem(counts, activation_sum, positive_sum) -> str | None:
-    """What is wrong with a counts file's activation sums (numpy arrays of one shape), or None."""
-    import numpy as np
-
-    if activation_sum.shape != counts.shape or positive_sum.shape != counts.shape:
-        return "do not have the counts' shape"
-    if not (np.isfinite(activation_sum).all() and np.isfinite(positive_sum).all()):
-        return "hold values that are not finite"
-    if (positive_sum < 0).any():
-        return "hold a negative sum of positive activations"
-    if (positive_sum[counts == 0] != 0).any():
-        return "hold a positive sum for a neuron that was never positive"
-    return None
 
 
 def default_registry() -> Path:
@@ -320,135 +292,100 @@ class LocalRegistry:
             raise RegistryError(f"The index points {model}/{entry.name} outside the registry.", fix="recompute")
         return path
 
-    # -- counts ----------------------------------------------------------------------------------
+    # -- counts (the file's layout: .counts) ------------------------------------------------------
     def write_counts(self, model: str, lang: str, over_zero, record: CountsRecord, *, activation_sum=None,
                      positive_sum=None) -> Path:
-        """Write ``<model>/counts/<lang>.parquet``: the counts and, when given, the float64 activation sums
-        (``activation_sum`` over every counted position, ``positive_sum`` over the positive ones)."""
+        """Write ``<model>/counts/<lang>.parquet``: the counts and, when given, the float32 means of the float64
+        activation sums (``activation_sum`` over every counted position, ``positive_sum`` over the positive
+        ones). What could not be read back (a shape other than the record's, counts outside [0, tokens],
+        sums that are not finite) is refused and nothing is written."""
         import numpy as np
-        import pyarrow as pa
 
-        def flat(values, dtype):
-            return (values.cpu().numpy() if hasattr(values, "cpu") else np.asarray(values)).astype(dtype)
-
-        counts = flat(over_zero, np.int64)
-        layers, inter = counts.shape
-        columns = {
-            "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), inter)),
-            "neuron": pa.array(np.tile(np.arange(inter, dtype=np.int32), layers)),
-            "count": pa.array(counts.reshape(-1)),
-        }
+        counts = counts_file.as_numpy(over_zero, np.int64)
         if (activation_sum is None) != (positive_sum is None):
             raise RegistryError(f"Counts of {lang} for {model}: give both activation sums or neither.")
+        sums = None
         if activation_sum is not None:
-            sums = {key: flat(value, np.float64) for key, value in
-                    (("activation_sum", activation_sum), ("positive_sum", positive_sum))}
-            problem = _sums_problem(counts, sums["activation_sum"], sums["positive_sum"])
+            sums = [counts_file.as_numpy(value, np.float64) for value in (activation_sum, positive_sum)]
+            problem = counts_file.sums_problem(counts, *sums)
             if problem:
                 raise RegistryError(f"The activation sums of {lang} for {model} {problem}; nothing was written.")
-            columns.update({key: pa.array(value.reshape(-1)) for key, value in sums.items()})
-        table = pa.table(columns)
+        shape = (record.model.num_layers, record.model.intermediate_size)
+        if counts.shape != shape:
+            raise RegistryError(f"The counts of {lang} for {model} are {counts.shape[0]} x {counts.shape[-1]}, its "
+                                f"record says {shape[0]} x {shape[1]}; nothing was written.")
+        if counts.size and (counts.min() < 0 or counts.max() > record.tokens):
+            raise RegistryError(f"The counts of {lang} for {model} are outside [0, {record.tokens}] (the tokens "
+                                "counted); nothing was written.")
+        means = counts_file.means_from_sums(counts, record.tokens, *sums) if sums else None
         path = self.counts_path(model, lang)
-        table = table.replace_schema_metadata({META_KEY: json.dumps(record.to_dict(), sort_keys=True).encode()})
-        try:
-            with atomic_path(path) as tmp:
-                write_parquet(table, tmp)
-        except OSError as exc:
-            raise RegistryError(f"Cannot write {path}: {exc.strerror or exc}.", fix="registry") from exc
+        counts_file.write_table(counts_file.counts_table(counts, record, means), path)
         return path
 
     def read_counts_record(self, model: str, lang: str) -> CountsRecord:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        return counts_file.read_record(self.counts_path(model, lang))
 
-        path = self.counts_path(model, lang)
-        try:
-            raw = load_json((pq.read_schema(path).metadata or {})[META_KEY])
-        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-            raise self._damaged(path) from exc
-        return CountsRecord.from_dict(raw, f"{path} provenance")
+    def read_count_array(self, model: str, lang: str) -> counts_file.CountsData:
+        """The counts alone (the one column ``select`` needs), flat in (layer, neuron) order in the file's
+        integer width (a read-only array), validated; no other column is read."""
+        return counts_file.read(self._existing_counts(model, lang))
 
     def read_counts(self, model: str, lang: str):
         """``over_zero [layers, intermediate]`` (torch int64) and the record, validated: every neuron
-        exactly once, counts between 0 and the tokens counted (and any activation sums finite, see
-        :meth:`read_activation_means`)."""
-        over_zero, record, _ = self._read_counts_file(model, lang)
-        return over_zero, record
+        exactly once, counts between 0 and the tokens counted."""
+        import numpy as np
+        import torch
+
+        data = self.read_count_array(model, lang)
+        return torch.from_numpy(np.array(data.count, dtype=np.int64)).view(data.shape), data.record
 
     def read_activation_means(self, model: str, lang: str) -> ActivationMeans:
         """The mean activation of every neuron on ``lang``'s text, over all counted positions and over
-        the positive ones, from the counts file's ``activation_sum`` and ``positive_sum`` columns.
+        the positive ones, from the counts file.
 
-        Counts files written before neuronreg recorded them have neither: RegistryError with
+        Counts files written before neuronreg recorded them have none: RegistryError with
         ``fix="recount"`` (count the language again, ``force=True``).
         """
-        over_zero, record, sums = self._read_counts_file(model, lang)
-        if sums is None:
+        import numpy as np
+        import torch
+
+        data = counts_file.read(self._existing_counts(model, lang), means=True)
+        if data.means is None:
             raise RegistryError(
                 f"The counts of {lang} for {model} in {self.root} hold no mean activations (they were made by an "
                 "older neuronreg).", fix="recount",
                 advice="Count the language again with force=True (neuronreg.lape.compute.compute).")
-        return ActivationMeans(model=model, language=lang, over_zero=over_zero, tokens=record.tokens,
-                               activation_sum=sums["activation_sum"], positive_sum=sums["positive_sum"],
-                               record=record)
 
-    def _read_counts_file(self, model: str, lang: str):
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        import torch
+        def tensor(values, dtype):  # a copy: the arrays read are Arrow's, and read-only
+            return torch.from_numpy(np.array(values, dtype=dtype)).view(data.shape)
 
+        return ActivationMeans(model=model, language=lang, over_zero=tensor(data.count, np.int64),
+                               tokens=data.record.tokens, mean=tensor(data.means[counts_file.MEAN], np.float64),
+                               positive_mean=tensor(data.means[counts_file.POSITIVE_MEAN], np.float64),
+                               record=data.record)
+
+    def check_counts(self, model: str, lang: str) -> None:
+        """Read every column of a counts file and validate it (what ``publish`` does before sending it)."""
+        counts_file.read(self._existing_counts(model, lang), means=True)
+
+    def migrate_counts(self, model: str) -> list[tuple[str, int, int]]:
+        """Rewrite the model's counts files of an older layout in the current one (the caller holds the
+        model's lock); ``(language, bytes before, bytes after)`` of each file rewritten."""
+        done = []
+        for lang in self.counted_languages(model):
+            sizes = counts_file.migrate(self.counts_path(model, lang))
+            if sizes is not None:
+                done.append((lang, *sizes))
+        if done:
+            log.info("Rewrote %d counts file(s) of %s in the current layout (%.1f MiB before, %.1f MiB after).",
+                     len(done), model, sum(d[1] for d in done) / 2**20, sum(d[2] for d in done) / 2**20)
+        return done
+
+    def _existing_counts(self, model: str, lang: str) -> Path:
         path = self.counts_path(model, lang)
         if not path.is_file():
             raise RegistryError(f"No counts for {lang} of {model} in {self.root}.", fix="compute")
-        try:
-            table = pq.read_table(path)
-            raw = load_json((table.schema.metadata or {})[META_KEY])
-        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-            raise self._damaged(path) from exc
-        record = CountsRecord.from_dict(raw, f"{path} provenance")
-        layers, inter = record.model.num_layers, record.model.intermediate_size
-        try:
-            layer = table.column("layer").to_numpy().astype(np.int64)
-            neuron = table.column("neuron").to_numpy().astype(np.int64)
-            count = table.column("count").to_numpy().astype(np.int64)
-        except (KeyError, pa.ArrowException, ValueError, TypeError) as exc:
-            raise self._damaged(path, "does not have integer layer, neuron and count columns") from exc
-        if layer.size != layers * inter:
-            raise self._damaged(path, f"has {layer.size} rows for {layers} x {inter} neurons")
-        if layer.size and (layer.min() < 0 or layer.max() >= layers or neuron.min() < 0 or neuron.max() >= inter):
-            raise self._damaged(path, "has layer or neuron indices out of range")
-        keys = layer * inter + neuron
-        if not bool((np.bincount(keys, minlength=layers * inter) == 1).all()):
-            raise self._damaged(path, "does not hold every neuron exactly once")
-        if count.size and (count.min() < 0 or count.max() > record.tokens):
-            raise self._damaged(path, f"has counts outside [0, {record.tokens}] (the tokens counted)")
-        over_zero = np.empty(layers * inter, dtype=np.int64)
-        over_zero[keys] = count
-        sums = None
-        present = [key for key in SUM_COLUMNS if key in table.column_names]
-        if present:  # optional: files written before neuronreg recorded mean activations have neither
-            if len(present) != len(SUM_COLUMNS):
-                raise self._damaged(path, f"has {present[0]} without {({*SUM_COLUMNS} - {*present}).pop()}")
-            try:
-                sums = {}
-                for key in SUM_COLUMNS:
-                    column = table.column(key)
-                    if not pa.types.is_floating(column.type) or column.null_count:
-                        raise TypeError(key)
-                    value = np.empty(layers * inter, dtype=np.float64)
-                    value[keys] = column.to_numpy().astype(np.float64)
-                    sums[key] = value
-            except (pa.ArrowException, ValueError, TypeError) as exc:
-                raise self._damaged(path, "has activation sum columns that are not floats") from exc
-            problem = _sums_problem(over_zero, sums["activation_sum"], sums["positive_sum"])
-            if problem:
-                raise self._damaged(path, problem)
-            sums = {key: torch.from_numpy(value).view(layers, inter) for key, value in sums.items()}
-        return torch.from_numpy(over_zero).view(layers, inter), record, sums
-
-    def _damaged(self, path: Path, what: str = "is damaged or not a neuronreg file") -> RegistryError:
-        return RegistryError(f"{path} {what}.", fix="recompute", advice="Delete it and compute it again.")
+        return path
 
     # -- where a local model's weights are (kept here, never published) -----------------------------
     SOURCE_FILE = ".source.json"
