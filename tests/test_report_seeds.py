@@ -82,3 +82,15 @@ def test_runs_differing_only_in_their_seed_are_grouped_and_compared(runs, tmp_pa
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [g["n"] for g in data["seed_groups"]] == [g.n for g in groups]
     assert data["comparisons"][0]["welch"]["test"] == "welch"
+
+
+def test_runs_sharing_a_folder_name_are_told_apart_by_the_fewest_path_parts(runs, tmp_path):
+    """Two languages' runs both called lape-0 are labelled sw/lape-0 and yo/lape-0: no local path in a report."""
+    import shutil
+
+    for lang in ("sw", "yo"):
+        shutil.copytree(runs / "runs" / "lape-0", tmp_path / "deep" / lang / "lape-0")
+    folders = [tmp_path / "deep" / "sw" / "lape-0", tmp_path / "deep" / "yo" / "lape-0", runs / "runs" / "lape-1"]
+    assert [row.label for row in collect(folders).runs] == ["sw/lape-0", "yo/lape-0", "lape-1"]
+    shown = run("report", *folders, "-o", tmp_path / "r").stdout
+    assert "sw/lape-0" in shown and str(tmp_path) not in shown

@@ -261,12 +261,20 @@ def _task_metrics(results: dict[str, TaskResult]) -> dict[str, tuple[TaskResult,
     return found
 
 
-def _label(run: _Run, taken: set[str]) -> str:
-    label = run.folder.name or str(run.folder)
-    if label in taken or label == BASE_LABEL:
-        label = str(run.folder)
-    taken.add(label)
-    return label
+def _labels(folders: list[Path]) -> list[str]:
+    """Each run's name in the report: its folder's name, or where two runs share it (``sw/lape-s0`` and
+    ``yo/lape-s0``) the fewest trailing path parts that tell them apart; never the word the base row
+    takes."""
+    parts = [Path(folder).resolve().parts for folder in folders]
+    labels = []
+    for mine in parts:
+        for k in range(1, len(mine) + 1):
+            label = "/".join(mine[-k:])
+            clash = sum(1 for other in parts if "/".join(other[-k:]) == label) > 1
+            if not clash and label != BASE_LABEL:
+                break
+        labels.append(label)
+    return labels
 
 
 def _run_row(run: _Run, label: str) -> Row:
@@ -290,8 +298,7 @@ def collect(folders: list[str | Path]) -> Report:
         raise NeuronregError("Name at least one run folder.")
     runs = [_read_run(folder) for folder in folders]
     base_model = _same_base(runs)
-    taken: set[str] = set()
-    rows = [_run_row(run, _label(run, taken)) for run in runs]
+    rows = [_run_row(run, label) for run, label in zip(runs, _labels([run.folder for run in runs]))]
     base = Row(label=BASE_LABEL, subset=BASE_LABEL)
     info: dict[str, Metric] = {}
     for run in runs:
