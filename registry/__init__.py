@@ -57,6 +57,9 @@ _EXPORTS = {
     "get_method": "finetune.method",
     "register_method": "finetune.method",
     "evaluate_runs": "finetune.evaluate",
+    "compose": "finetune.compose",
+    "analyze": "finetune.analyze",
+    "AnalyzeSettings": "finetune.analyze",
     "load_sparse_model": "finetune.loading",
     "release": "finetune.release",
     "read_run_config": "runs",
@@ -67,13 +70,15 @@ __all__ = [  # the same names as _EXPORTS (a test checks), spelled out for type 
     "NeuronregError", "LoadOptions", "load_manifest", "resolve_model", "disable_progress_bars",
     "enable_progress_bars", "compute", "select", "CountSettings", "SelectionParams", "select_neurons", "NeuronMask",
     "LocalRegistry", "SelectionRef", "find_masks", "load_mask", "publish", "ablate", "AblationSettings", "steer",
-    "finetune", "FinetuneSettings", "get_method", "register_method", "evaluate_runs", "load_sparse_model", "release",
-    "read_run_config",
+    "finetune", "FinetuneSettings", "get_method", "register_method", "evaluate_runs", "compose", "analyze",
+    "AnalyzeSettings", "load_sparse_model", "release", "read_run_config",
 ]
 
 if TYPE_CHECKING:  # what the lazy names are, for IDEs and type checkers
     from .errors import NeuronregError
     from .evaluation.ablation import AblationSettings, ablate
+    from .finetune.analyze import AnalyzeSettings, analyze
+    from .finetune.compose import compose
     from .finetune.config import FinetuneSettings
     from .finetune.evaluate import evaluate_runs
     from .finetune.loading import load_sparse_model

@@ -282,3 +282,18 @@ def results_folder(run_folder: str | Path, *, base: bool = False) -> Path:
     """Where a run keeps its scores (``eval/``), and its base model's (``eval/base/``)."""
     folder = Path(run_folder) / EVAL_DIR
     return folder / BASE_DIR if base else folder
+
+
+def run_labels(folders, reserved: str = "base") -> list[str]:
+    """Each run's name in a table: its folder's name, or where two runs share it (``sw/lape-s0`` and
+    ``yo/lape-s0``) the fewest trailing path parts that tell them apart; never ``reserved`` (the base
+    model's row)."""
+    parts = [Path(folder).resolve().parts for folder in folders]
+    labels = []
+    for mine in parts:
+        for k in range(1, len(mine) + 1):
+            label = "/".join(mine[-k:])
+            if label != reserved and sum(1 for other in parts if "/".join(other[-k:]) == label) == 1:
+                break
+        labels.append(label)
+    return labels

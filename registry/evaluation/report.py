@@ -27,7 +27,7 @@ from ..errors import FinetuneError, NeuronregError, SettingsError
 from ..files import atomic_write_json, atomic_write_text, output_folder
 from ..limits import load_json
 from ..provenance import now, tool_version
-from ..runs import HELDOUT_FILE, RunConfig, read_run_config, results_folder
+from ..runs import HELDOUT_FILE, RunConfig, read_run_config, results_folder, run_labels
 from .benchmarks import ENGLISH_SUITE, PIVOT, TaskResult, read_results
 
 log = logging.getLogger("neuronreg")
@@ -261,22 +261,6 @@ def _task_metrics(results: dict[str, TaskResult]) -> dict[str, tuple[TaskResult,
     return found
 
 
-def _labels(folders: list[Path]) -> list[str]:
-    """Each run's name in the report: its folder's name, or where two runs share it (``sw/lape-s0`` and
-    ``yo/lape-s0``) the fewest trailing path parts that tell them apart; never the word the base row
-    takes."""
-    parts = [Path(folder).resolve().parts for folder in folders]
-    labels = []
-    for mine in parts:
-        for k in range(1, len(mine) + 1):
-            label = "/".join(mine[-k:])
-            clash = sum(1 for other in parts if "/".join(other[-k:]) == label) > 1
-            if not clash and label != BASE_LABEL:
-                break
-        labels.append(label)
-    return labels
-
-
 def _run_row(run: _Run, label: str) -> Row:
     config, training = run.config, run.config.training
     tokens = training.steps * training.batch_size * training.grad_accum * training.seq_len
@@ -298,7 +282,7 @@ def collect(folders: list[str | Path]) -> Report:
         raise NeuronregError("Name at least one run folder.")
     runs = [_read_run(folder) for folder in folders]
     base_model = _same_base(runs)
-    rows = [_run_row(run, label) for run, label in zip(runs, _labels([run.folder for run in runs]))]
+    rows = [_run_row(run, label) for run, label in zip(runs, run_labels([run.folder for run in runs], BASE_LABEL))]
     base = Row(label=BASE_LABEL, subset=BASE_LABEL)
     info: dict[str, Metric] = {}
     for run in runs:

@@ -36,7 +36,7 @@ from ..options import LoadOptions, load_options
 from ..progress import progress
 from ..provenance import now, tool_version
 from ..resolve import language, language_codes
-from ..runs import STEPS_FILE, RunConfig
+from ..runs import STEPS_FILE, RunConfig, run_labels
 from ..store.local import LocalRegistry
 from .base import load_base_model
 from .method import read_run
@@ -128,7 +128,7 @@ def analyze(folders, *, settings: AnalyzeSettings | None = None, load: LoadOptio
     if not runs:
         raise NeuronregError("Name at least one run folder.")
     base = _same_base(runs)
-    labels = _labels([folder for folder, _, _ in runs])
+    labels = run_labels([folder for folder, _, _ in runs])
     parallel = _parallel_text(settings, runs, manifest) if "alignment" in settings.parts else {}
     report = AnalysisReport(base, {**settings.__dict__, "languages": list(parallel) or None}, [])
     for (folder, config, _), label in zip(runs, labels):
@@ -166,11 +166,6 @@ def _same_base(runs) -> dict:
             raise NeuronregError(f"{folder} was trained on {other.name}, {runs[0][0]} on {first.name}: analyze runs "
                                  "of one base model at a time.")
     return {"name": first.name, "id": first.id, "revision": first.revision}
-
-
-def _labels(folders: list[Path]) -> list[str]:
-    names = [folder.name or str(folder) for folder in folders]
-    return [str(folder) if names.count(name) > 1 or name == "base" else name for folder, name in zip(folders, names)]
 
 
 def _parallel_text(settings: AnalyzeSettings, runs, manifest: Manifest) -> dict[str, list[str]]:
