@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports only from its own layer or lower ones):
 
-* root modules: ``errors``, ``files``, ``layouts``, ``manifest``, ``resolve``, ``provenance``, ``mask``,
+* root modules: ``errors``, ``extras``, ``files``, ``layouts``, ``manifest``, ``resolve``, ``provenance``, ``mask``,
   ``progress``, ``hubcalls``, ``overlap``, ``plots`` (no torch), then ``models``, ``hooks``, ``corpus``,
   ``distributed`` (processes under torchrun);
 * ``store``: the local registry, the Hub registry, the authors' file format and cards;

@@ -78,3 +78,8 @@ class FinetuneError(NeuronregError):
 
 class SettingsError(NeuronregError):
     """A setting (token count, dtype, device, rate ...) that is out of range or not understood."""
+
+
+class MissingExtra(NeuronregError):
+    """An optional package that a feature needs is not installed; the message names the extra that brings it
+    (``pip install 'neuronreg[peft]'``). :mod:`neuronreg.extras` lists them."""

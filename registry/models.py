@@ -308,6 +308,10 @@ def load_model(ref: ModelRef, options: LoadOptions | None = None, *, revision: s
                            fix="model_source", advice="Give its Hub id or local folder.")
     if progress_bars_disabled():
         hf_logging.disable_progress_bar()
+    if device_map:
+        from .extras import require
+
+        require("accelerate", "gpu", "Spreading a model over devices (device_map) needs accelerate")
     device = check_device(options.device) if not device_map else (options.device or default_device())
     torch_dtype = parse_dtype(options.dtype, device)
     kwargs = dict(revision=revision or ref.revision, trust_remote_code=trust_remote_code, token=token)

@@ -245,7 +245,8 @@ class OverlapReport:
 
     def save(self, folder: str | Path) -> dict[str, Path]:
         """overlap.json (everything), jaccard.csv, shared_core.csv, overlap.png (the Jaccard heatmap)
-        and per_layer.png (neurons per layer per language), each written atomically."""
+        and per_layer.png (neurons per layer per language; the PNGs not without matplotlib, the ``plots``
+        extra), each written atomically. Returns the paths written."""
         from .files import output_folder
 
         folder = output_folder(folder)
@@ -259,7 +260,10 @@ class OverlapReport:
             writer.writerow(["k", "at_least_k", "exactly_k", *(f"layer_{i}" for i in range(self.shape[0]))])
             for k, (n, layers) in enumerate(zip(self.core.at_least, self.core.per_layer), start=1):
                 writer.writerow([k, n, self.core.exactly(k), *layers])
-        self.draw(paths["png"], paths["per_layer_png"])
+        from .plots import drawn
+
+        if drawn(self.draw, paths["png"], paths["per_layer_png"]) is None:
+            del paths["png"], paths["per_layer_png"]
         return paths
 
     def draw(self, heatmap_path: str | Path, per_layer_path: str | Path) -> tuple[Path, Path]:

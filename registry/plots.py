@@ -2,16 +2,52 @@
 
 No ``pyplot``: nothing here touches matplotlib's global backend or figure list, so the library can
 draw inside a notebook or a GUI program without changing its state.
+
+matplotlib is the ``plots`` extra: every drawing function raises MissingExtra without it. A command
+whose figures come beside its tables (ablate, overlap, report, analyze, steer-eval) draws through
+:func:`drawn`, which writes the tables all the same and says once that the figures were skipped.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from pathlib import Path
 
+from .errors import MissingExtra
+from .extras import require
 from .files import atomic_path
 
+log = logging.getLogger("neuronreg")
 DPI = 100
+_warned: list[str] = []  # the one warning a process gives for figures it skipped
+
+
+def require_matplotlib(needs: str = "Figures need matplotlib") -> None:
+    """MissingExtra unless matplotlib can be imported (every figure needs it)."""
+    require("matplotlib", "plots", needs)
+
+
+def _draws(function):
+    """A drawing function: MissingExtra before any work when matplotlib is not installed."""
+    @functools.wraps(function)
+    def draw(*args, **kwargs):
+        require_matplotlib()
+        return function(*args, **kwargs)
+    return draw
+
+
+def drawn(draw, *args, **kwargs) -> Path | None:
+    """``draw(*args, **kwargs)``, or None without matplotlib, with one warning a process: figures beside a
+    command's tables are optional, the tables are not."""
+    try:
+        return draw(*args, **kwargs)
+    except MissingExtra as exc:
+        if not _warned:
+            _warned.append(exc.message)
+            log.warning("%s Tables, CSV and JSON are written without their figures.", exc.message)
+        return None
 
 
 def heatmap_inches(rows: int, columns: int) -> tuple[float, float]:
@@ -30,6 +66,7 @@ def _label(value: float) -> str:
     return f"{value:+.2g}" if abs(value) < 10 else f"{value:+.0f}"
 
 
+@_draws
 def ablation_heatmap(values: list[list[float]], row_labels: list[str], column_labels: list[str], path: str | Path, *,
                      title: str, xlabel: str, ylabel: str, colorbar_label: str,
                      outline: list[tuple[int, int]] | None = None) -> Path:
@@ -104,6 +141,7 @@ def _save(figure, path: str | Path) -> Path:
     return path
 
 
+@_draws
 def neurons_per_layer_png(entry: dict, path: str | Path) -> Path:
     """Heatmap of neurons per layer (x) and language (y) for one model of the dataset card."""
     import numpy as np
@@ -125,6 +163,7 @@ def _group_bounds(groups: list[str]) -> list[int]:
     return [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
 
 
+@_draws
 def jaccard_heatmap(values: list[list[float]], labels: list[str], sizes: list[int], path: str | Path, *,
                     title: str, groups: list[str] | None = None, annotate: bool = True) -> Path:
     """A square heatmap of Jaccard indices between languages, sequential colours from 0.
@@ -177,6 +216,7 @@ def jaccard_heatmap(values: list[list[float]], labels: list[str], sizes: list[in
     return _save_palette(figure, path)
 
 
+@_draws
 def per_layer_lines(series: dict[str, list[int]], path: str | Path, *, title: str, groups: list[str] | None = None,
                     ylabel: str = "neurons") -> Path:
     """One line per language of its neuron count in each layer; the legend goes outside when there are many.
@@ -234,6 +274,7 @@ def _colormap(name: str):
     return colormaps[name]
 
 
+@_draws
 def metric_bars(labels: list[str], values: list[float | None], path: str | Path, *, title: str,
                 ylabel: str) -> Path:
     """One bar per row of a report (the base model first, in grey), its value written on it; a row
@@ -262,6 +303,7 @@ def metric_bars(labels: list[str], values: list[float | None], path: str | Path,
     return _save(figure, path)
 
 
+@_draws
 def tradeoff_scatter(points: list[tuple[str, float, float]], path: str | Path, *, xlabel: str, ylabel: str,
                      title: str) -> Path:
     """One labelled point per run at (change in English, change in its trained language), the base model
@@ -285,6 +327,7 @@ def tradeoff_scatter(points: list[tuple[str, float, float]], path: str | Path, *
     return _save(figure, path)
 
 
+@_draws
 def shares_by_strength(strengths: list[float], series: dict[str, list[float]], path: str | Path, *, title: str,
                        baselines: dict[str, float] | None = None, xlabel: str = "strength",
                        ylabel: str = "share of outputs") -> Path:
@@ -323,6 +366,7 @@ TRAINING_PANELS = (("val_loss", "validation loss"), ("train_loss", "training los
                    ("lr", "learning rate"))
 
 
+@_draws
 def training_curves(runs: dict[str, dict[str, tuple[list[float], list[float]]]], path: str | Path, *,
                     title: str) -> Path:
     """Several runs' training curves on one figure: validation loss, training loss, gradient norm and
@@ -363,6 +407,7 @@ def training_curves(runs: dict[str, dict[str, tuple[list[float], list[float]]]],
     return _save_palette(figure, path)
 
 
+@_draws
 def layer_profiles(series: dict[str, list[float | None]], path: str | Path, *, title: str, ylabel: str,
                    layers: list[int] | None = None, chance: float | None = None) -> Path:
     """One line per series (a run, or the base model) of a float per layer: alignment or update size by

@@ -53,7 +53,7 @@ else
   MODEL=${1:?usage: scripts/reproduce_paper.sh MODEL LANG | --small [LANG]}
   LANG_CODE=${2:?usage: scripts/reproduce_paper.sh MODEL LANG | --small [LANG]}
   OUT=${OUT:-runs/paper-$MODEL-$LANG_CODE}
-  REGISTRY=${REGISTRY:-$HOME/.cache/neuronreg/registry}
+  REGISTRY=${REGISTRY:-${NEURONREG_REGISTRY:-${XDG_DATA_HOME:-$HOME/.local/share}/neuronreg/registry}}  # the default (Linux)
   STEPS=${STEPS:-10000}
   TOP_RATE=${TOP_RATE:-0.05}
   # The seed pipeline: 13M tokens of GlotCC-V1 per language, the paper's 12 languages and the target.

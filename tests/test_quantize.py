@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuronreg.errors import FinetuneError
+from neuronreg.errors import FinetuneError, MissingExtra
 from neuronreg.finetune.checkpointing import enable_checkpointing
 from neuronreg.finetune.deltas import apply_delta_tensors, attach_deltas, delta_tensors, save_delta
 from neuronreg.models import find_mlp_sites
@@ -191,7 +191,7 @@ def test_without_bitsandbytes_the_error_says_how_to_install_it(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what importing an absent package does
     model, sites, _ = with_deltas("llama")
-    with pytest.raises(FinetuneError, match=r"pip install 'neuronreg\[quantize\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install 'neuronreg\[quantize\]'"):
         quantize_frozen_base(model, sites)
 
 

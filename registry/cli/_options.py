@@ -15,7 +15,8 @@ def _option(*names, **kw):
 
 registry_option = _option(
     "--registry", type=click.Path(file_okay=False), envvar="NEURONREG_REGISTRY", default=None,
-    help="Local registry folder [env NEURONREG_REGISTRY; default ~/.cache/neuronreg/registry].")
+    help="Local registry folder [env NEURONREG_REGISTRY; default: neuronreg/registry in the user data folder, "
+         "~/.local/share/neuronreg/registry on Linux].")
 quiet_option = _option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (stderr).")
 json_option = _option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 revision_option = _option("--revision", default=None, help="Branch, tag or commit on the Hub [default: main].")

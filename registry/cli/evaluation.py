@@ -189,8 +189,9 @@ def report_cmd(runs, out, target, quiet):
             result()
             for line in block:
                 result(line)
+    plotted = sum(m.key in paths for m in report.metrics)
     status(quiet, f"Wrote {len(paths)} files to {out}: report.csv, report.json, "
-                  f"{len(report.metrics)} metric plot(s){', tradeoff.png' if 'tradeoff' in paths else ''}")
+                  f"{plotted} metric plot(s){', tradeoff.png' if 'tradeoff' in paths else ''}")
 
 
 @click.command(name="analyze")

@@ -316,7 +316,8 @@ def ablate(
 
 def save_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:
     """ablation.json (everything), ablation.csv (the perplexity-change table), measurements.csv (every
-    measurement, one row each) and ablation.png (the heatmap), each written atomically."""
+    measurement, one row each) and ablation.png (the heatmap; not without matplotlib, the ``plots`` extra),
+    each written atomically. Returns the paths written."""
     folder = output_folder(folder)
     paths = {kind: folder / name for kind, name in FILES.items()}
     data = report.to_json()
@@ -336,7 +337,10 @@ def save_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:
                 writer.writerow([row, lang, neurons, score.tokens, score.characters, repr(score.loss),
                                  repr(score.perplexity), repr(score.bits_per_character), repr(delta[0]),
                                  repr(delta[1])])
-    draw_heatmap(data, paths["png"])
+    from ..plots import drawn
+
+    if drawn(draw_heatmap, data, paths["png"]) is None:
+        del paths["png"]
     return paths
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CorpusError, NeuronregError, SettingsError
+from ..extras import require
 from ..files import atomic_write_text
 from ..hubcalls import first_line, offline_mode
 from ..limits import load_json
@@ -122,13 +123,8 @@ class TaskResult:
 
 
 def require_lm_eval():
-    """The ``lm_eval`` module, or a NeuronregError saying how to install it."""
-    try:
-        import lm_eval
-    except ImportError as exc:
-        raise NeuronregError("Benchmarks need lm-evaluation-harness, which is not installed: "
-                             "pip install 'neuronreg[eval]' (lm_eval and sacrebleu).") from exc
-    return lm_eval
+    """The ``lm_eval`` module, or MissingExtra saying how to install it."""
+    return require("lm_eval", "eval", "Benchmarks need lm-evaluation-harness")
 
 
 def lm_eval_version() -> str:

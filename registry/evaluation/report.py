@@ -347,8 +347,9 @@ def _slug(key: str) -> str:
 
 def save_report(report: Report, out: str | Path, *, target: str | None = None) -> dict[str, Path]:
     """report.csv, report.json, one PNG per metric (``<task>_<metric>.png``) and ``tradeoff.png`` (its
-    trained-language axis: ``target``, see :func:`tradeoff`)."""
-    from ..plots import metric_bars, tradeoff_scatter
+    trained-language axis: ``target``, see :func:`tradeoff`); the PNGs not without matplotlib (the ``plots``
+    extra). Returns the paths written."""
+    from ..plots import drawn, metric_bars, tradeoff_scatter
 
     out = output_folder(out)
     paths = {"csv": atomic_write_text(out / "report.csv", report.csv_text()),
@@ -357,14 +358,14 @@ def save_report(report: Report, out: str | Path, *, target: str | None = None) -
     for metric in report.metrics:
         values = [row.metrics.get(metric.key) for row in report.rows()]
         direction = "higher is better" if metric.higher_is_better else "lower is better"
-        paths[metric.key] = metric_bars(labels, values, out / f"{_slug(metric.key)}.png",
-                                        title=f"{metric.key} ({direction})", ylabel=metric.metric)
+        paths[metric.key] = drawn(metric_bars, labels, values, out / f"{_slug(metric.key)}.png",
+                                  title=f"{metric.key} ({direction})", ylabel=metric.metric)
     scatter = tradeoff(report, target)
     if scatter is not None:
         points, xlabel, ylabel = scatter
-        paths["tradeoff"] = tradeoff_scatter(points, out / "tradeoff.png", xlabel=xlabel, ylabel=ylabel,
-                                             title="Trained language against English, change vs base model")
-    return paths
+        paths["tradeoff"] = drawn(tradeoff_scatter, points, out / "tradeoff.png", xlabel=xlabel, ylabel=ylabel,
+                                  title="Trained language against English, change vs base model")
+    return {kind: path for kind, path in paths.items() if path is not None}
 
 
 # The score of the trained language that the trade-off plot takes, the first every run has:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import FinetuneError
+from ..extras import require
 from ..files import atomic_folder
 from ..hubcalls import first_line
 from ..layouts import BY_NAME as LAYOUTS
@@ -108,10 +109,15 @@ def resolve_targets(model: nn.Module, sites: list[MLPSite], targets: list[str] |
     return list(targets), feedforward, all(conv1d)
 
 
+def require_peft():
+    """The ``peft`` module, or MissingExtra saying how to install it."""
+    return require("peft", "peft", "LoRA and IA3 adapters need peft")
+
+
 def attach_adapter(model: nn.Module, method: AdapterMethod, options, sites: list[MLPSite]):
     """Wrap ``model`` (in place: its projections get the adapter's layers) in a trainable PeftModel with
     float32 adapter weights; everything else frozen. Returns the PeftModel and the record."""
-    from peft import get_peft_model
+    get_peft_model = require_peft().get_peft_model
 
     targets, feedforward, fan_in_fan_out = resolve_targets(model, sites, options.target_modules)
     config, info = method.peft_config(options, targets, feedforward, fan_in_fan_out)
@@ -178,7 +184,7 @@ def adapter_folder(folder: Path) -> Path:
 
 def load_adapter(model: nn.Module, folder: Path):
     """``model`` (changed in place) with the run's adapter attached, frozen: a PeftModel."""
-    from peft import PeftModel
+    PeftModel = require_peft().PeftModel
 
     where = adapter_folder(folder)
     check_adapter_files(where)
@@ -216,6 +222,7 @@ def merge_adapter(wrapped, dtype: torch.dtype | None = None) -> tuple[nn.Module,
     Each adapted projection's weight (and bias) is upcast to float32, PEFT merges the adapter into it
     there, and the result is rounded once into ``dtype`` (None: the model's); the tally measures what
     that rounding lost against the float32 merge. The rest of the model is then cast to ``dtype``."""
+    require_peft()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = wrapped.get_base_model()
@@ -328,6 +335,9 @@ class AdapterMethod(FinetuneMethod):
         """The PEFT config and the record of it."""
         raise NotImplementedError
 
+    def require_packages(self) -> None:
+        require_peft()
+
     def attach(self, loaded, settings, mask, options) -> Trained:
         return _AdapterTrained(*attach_adapter(loaded.model, self, options, loaded.sites))
 
@@ -392,7 +402,7 @@ class LoraMethod(AdapterMethod):
     peft_type = "LORA"
 
     def peft_config(self, options, targets, feedforward, fan_in_fan_out):
-        import peft
+        peft = require_peft()
 
         config = peft.LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                                  target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none",
@@ -421,7 +431,7 @@ class IA3Method(AdapterMethod):
     peft_type = "IA3"
 
     def peft_config(self, options, targets, feedforward, fan_in_fan_out):
-        import peft
+        peft = require_peft()
 
         config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward,
                                 fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")

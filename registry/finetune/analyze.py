@@ -248,7 +248,8 @@ FILES = {"json": "analysis.json", "alignment_csv": "alignment.csv", "updates_csv
 def save_analysis(report: AnalysisReport, out: str | Path) -> dict[str, Path]:
     """analysis.json (everything), alignment.csv, updates.csv and dynamics.csv (one row per layer, projection
     or step), and the plots: retrieval by layer per language (``alignment_<lang>.png``), each run's relative
-    update norm by layer (``updates.png``), the runs' training curves (``training.png``)."""
+    update norm by layer (``updates.png``), the runs' training curves (``training.png``); the plots not without
+    matplotlib (the ``plots`` extra). Returns the paths written."""
     from .. import plots
 
     out = output_folder(out)
@@ -270,8 +271,8 @@ def save_analysis(report: AnalysisReport, out: str | Path) -> dict[str, Path]:
                       for label, rows in report.alignment.items()}
             layers = [r.layer for r in first if r.language == code]
             sentences = next(r.sentences for r in first if r.language == code)
-            paths[f"alignment_{code}"] = plots.layer_profiles(
-                series, out / f"alignment_{code}.png", layers=layers, chance=1 / sentences,
+            paths[f"alignment_{code}"] = plots.drawn(
+                plots.layer_profiles, series, out / f"alignment_{code}.png", layers=layers, chance=1 / sentences,
                 title=f"{report.base_model['name']}: retrieval {first[0].pivot} -> {code} by layer (centred)",
                 ylabel="retrieval accuracy")
     updated = [run for run in report.runs if run.update is not None]
@@ -293,9 +294,9 @@ def save_analysis(report: AnalysisReport, out: str | Path) -> dict[str, Path]:
                 base_layer[p.layer] = base_layer.get(p.layer, 0.0) + p.base_norm ** 2
             series[run.label] = [(sum(v) / base_layer[layer]) ** 0.5 if base_layer[layer] else None
                                  for layer, v in sorted(per_layer.items())]
-        paths["updates_png"] = plots.layer_profiles(series, out / FILES["updates_png"],
-                                                    title=f"{report.base_model['name']}: size of each run's MLP "
-                                                          "update by layer", ylabel="||dW|| / ||W|| (MLP)")
+        paths["updates_png"] = plots.drawn(plots.layer_profiles, series, out / FILES["updates_png"],
+                                           title=f"{report.base_model['name']}: size of each run's MLP update by "
+                                                 "layer", ylabel="||dW|| / ||W|| (MLP)")
     curves = [run.curve for run in report.runs if run.curve is not None]
     if curves:
         paths["dynamics_csv"] = out / FILES["dynamics_csv"]
@@ -306,7 +307,7 @@ def save_analysis(report: AnalysisReport, out: str | Path) -> dict[str, Path]:
                 for row in curve.rows():
                     writer.writerow([row["run"], row["step"], *("" if row.get(k) is None else repr(row[k])
                                                                 for k in keys)])
-        paths["training_png"] = plots.training_curves(
-            {curve.label: {key: curve.points(key) for key in curve.values} for curve in curves},
+        paths["training_png"] = plots.drawn(
+            plots.training_curves, {curve.label: {key: curve.points(key) for key in curve.values} for curve in curves},
             out / FILES["training_png"], title=f"{report.base_model['name']}: training dynamics")
-    return paths
+    return {kind: path for kind, path in paths.items() if path is not None}

@@ -118,3 +118,9 @@ class FinetuneSettings:
             if value < low or value > high or (key in ("lr", "eval_fraction") and value <= low) \
                     or (key == "eval_fraction" and value >= high):
                 raise FinetuneError(f"{key} {value!r} is out of range.")
+        # Last, and before any model is loaded: the optional packages these settings train with.
+        method.require_packages()
+        if self.quantize is not None:
+            from .quantize import require_bitsandbytes
+
+            require_bitsandbytes()

@@ -143,6 +143,10 @@ class FinetuneMethod:
         return {f.name: getattr(options, f.name) for f in fields(options)}
 
     # -- training -------------------------------------------------------------------------------------
+    def require_packages(self) -> None:
+        """MissingExtra when an optional package this method trains with is not installed (checked before a
+        model is loaded)."""
+
     def attach(self, loaded, settings, mask, options) -> Trained:
         """Make ``loaded.model`` trainable (everything else frozen); ``mask`` is the language's NeuronMask
         when ``needs_mask``."""

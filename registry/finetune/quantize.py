@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import FinetuneError
+from ..extras import require
 from ..models import MLPSite
 
 
@@ -51,13 +52,8 @@ class QuantizedBase:
 
 
 def require_bitsandbytes():
-    """The ``bitsandbytes`` module, or a FinetuneError saying how to install it."""
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise FinetuneError("A 4-bit base needs bitsandbytes, which is not installed: "
-                            "pip install 'neuronreg[quantize]' (bitsandbytes).") from exc
-    return bitsandbytes
+    """The ``bitsandbytes`` module, or MissingExtra saying how to install it."""
+    return require("bitsandbytes", "quantize", "A 4-bit base needs bitsandbytes")
 
 
 @functools.cache

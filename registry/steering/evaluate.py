@@ -171,7 +171,8 @@ def steer_eval(model_spec: str, source: str, target: str, *, manifest: Manifest,
 
 def save_report(report: SteerEvalReport, folder: str | Path) -> dict[str, Path]:
     """steering.json (everything), steering.csv (shares per condition), outputs.csv (every output, one row
-    each) and steering.png (share against strength), each written atomically."""
+    each) and steering.png (share against strength; not without matplotlib, the ``plots`` extra), each written
+    atomically. Returns the paths written."""
     folder = output_folder(folder)
     paths = {kind: folder / name for kind, name in FILES.items()}
     data = report.to_json()
@@ -188,7 +189,10 @@ def save_report(report: SteerEvalReport, folder: str | Path) -> dict[str, Path]:
         for row in data["outputs"]:
             writer.writerow([row["condition"], "" if row["strength"] is None else repr(row["strength"]),
                              report.prompts[row["prompt"]], row["language"], f"{row['confidence']:.4f}", row["text"]])
-    draw_shares(data, paths["png"])
+    from ..plots import drawn
+
+    if drawn(draw_shares, data, paths["png"]) is None:
+        del paths["png"]
     return paths
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from ..errors import SettingsError
+from ..extras import require
 from ..manifest import Manifest
 
 UNDETERMINED = "und"  # an output in which the identifier finds no language (empty, digits, punctuation)
@@ -26,12 +26,8 @@ class LanguageIdentifier:
     ALIASES = {"fil": "tl", "nb": "no", "prs": "fa"}
 
     def __init__(self):
-        try:
-            from py3langid.langid import MODEL_FILE
-            from py3langid.langid import LanguageIdentifier as Model
-        except ImportError as exc:  # pragma: no cover - a dependency of neuronreg
-            raise SettingsError("Measuring the language of outputs needs py3langid (pip install py3langid).") from exc
-        self._model = Model.from_model_file(MODEL_FILE, norm_probs=True)
+        langid = require("py3langid.langid", "steer", "Measuring the language of outputs needs py3langid")
+        self._model = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
         self.labels = sorted(set(self._model.labels) - {"zxx"})
         self.version = importlib.metadata.version("py3langid")
 

@@ -38,7 +38,7 @@ from ..hubcalls import (
     same_content,
 )
 from ..mask import NeuronMask, read_mask_file
-from ..plots import neurons_per_layer_png
+from ..plots import neurons_per_layer_png, require_matplotlib
 from ..provenance import MaskSource
 from .cards import OVERLAP_NAME, PER_LAYER_NAME, PLOT_NAME, dataset_card, model_card_entry, remote_index, remote_path
 from .index import INDEX_KEY, RegistryIndex, SelectionEntry, SelectionRef, find_selection
@@ -177,6 +177,7 @@ def publish(
     check_repo_id(repo_id)
     check_ref_name(revision, "revision")
     check_ref_name(tag, "tag")
+    require_matplotlib("The dataset card's plots need matplotlib")  # said before the Hub is touched
     local = _local_files(registry, models)  # everything read back and validated before the Hub is touched
 
     with commit_to(HfApi(token=token), repo_id, REPO_TYPE, revision=revision, create_pr=create_pr, tag=tag,

@@ -48,11 +48,11 @@ from ..mask import NeuronMask, mask_from_table, read_neuron_table
 from ..provenance import CountsRecord, MaskSource
 from . import counts as counts_file
 from .index import INDEX_KEY, VERSION_DIR, RegistryIndex, SelectionEntry, Which, find_selection, selection_name
+from .location import default_registry
 from .locks import lock
 
 log = logging.getLogger("neuronreg")
 
-REGISTRY_ENV = "NEURONREG_REGISTRY"
 CARD = "README.md"
 COUNTS = "counts"
 # Names a model cannot take: they are the registry's own files, or would hide from listings.
@@ -75,13 +75,6 @@ class ActivationMeans:
     mean: object  # over every counted position: activation_sum / tokens
     positive_mean: object  # over the positions where it was > 0: positive_sum / count (0 where it never was)
     record: CountsRecord
-
-
-def default_registry() -> Path:
-    if os.environ.get(REGISTRY_ENV):
-        return Path(os.environ[REGISTRY_ENV]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "neuronreg" / "registry"
 
 
 def model_name(name: str) -> str:

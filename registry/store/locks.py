@@ -180,3 +180,16 @@ def _remove_if(path: Path, holder: dict) -> None:
     """Remove the lock file only while it still holds ``holder`` (never someone else's lock)."""
     if _holder(path) == holder:
         path.unlink(missing_ok=True)
+
+
+def in_use(registry: Path) -> str | None:
+    """Who holds a lock in the registry folder ``registry`` (its own, or a model's): a description of a
+    holder that may still run, or None (no lock, or only stale ones: of a process of this host that no
+    longer runs, or holding no valid holder)."""
+    me = socket.gethostname()
+    for path in [registry / ".lock", *registry.glob("*/.lock")]:
+        holder = _holder(path)
+        if holder is None or holder is INVALID or (holder["host"] == me and not _alive(holder["pid"])):
+            continue
+        return _describe(holder, path)
+    return None
