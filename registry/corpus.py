@@ -109,34 +109,43 @@ def iter_documents(source: CorpusSource) -> Iterator[str]:
     if source.kind == "hub":
         yield from _hub_documents(source)
         return
-    path = Path(source.location)
+    yield from _local_documents(Path(source.location), source.text_field)
+
+
+def _local_documents(path: Path, text_field: str, where: dict | None = None) -> Iterator[str]:
+    """A local file's documents; ``where``, when given, is kept up to date with how much of the file has been
+    read: ``read`` of ``total`` bytes (.txt, .jsonl; to within the reader's 8 KiB buffer) or rows (.parquet)."""
+    track = where is not None  # asking the file for its position costs time: only when wanted
+    where = {} if where is None else where
     try:
-        if path.suffix == ".txt":
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    line = line.rstrip("\n")
-                    if line.strip():
-                        yield line
-        elif path.suffix == ".jsonl":
+        if path.suffix in (".txt", ".jsonl"):
+            where["total"], where["read"] = path.stat().st_size, 0
             with path.open(encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
+                    if track:
+                        where["read"] = f.buffer.tell()
+                    if path.suffix == ".txt":
+                        line = line.rstrip("\n")
+                        if line.strip():
+                            yield line
+                        continue
                     if not line.strip():
                         continue
                     try:
-                        text = load_json(line).get(source.text_field)
+                        text = load_json(line).get(text_field)
                     except (ValueError, AttributeError) as exc:
                         raise CorpusError(f"{path.name} line {number} is not a JSON object; fix the file.") from exc
                     if isinstance(text, str) and text.strip():
                         yield text
         else:
-            yield from _parquet_documents(path, source.text_field)
+            yield from _parquet_documents(path, text_field, where)
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{path.name} is not UTF-8 text; convert it first.") from exc
     except OSError as exc:
         raise CorpusError(f"Cannot read {path.name}: {exc.strerror or exc}.") from exc
 
 
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+def _parquet_documents(path: Path, field: str, where: dict) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -145,8 +154,10 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         if field not in table.schema_arrow.names:
             raise CorpusError(f"{path.name} has no {field!r} column.", fix="text_field",
                               advice="Pass text_field= to name the column that holds the text.")
+        where["total"], where["read"] = table.metadata.num_rows, 0
         for batch in table.iter_batches(columns=[field]):
             for text in batch.column(0).to_pylist():
+                where["read"] += 1
                 if isinstance(text, str) and text.strip():
                     yield text
     except pa.ArrowException as exc:
@@ -289,6 +300,37 @@ def _prefix_ids(text: str, tokenizer, budget: int) -> list[int]:
             return ids[:budget + 1]
         previous, chars = ids, chars * 2
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+SIZE_SAMPLE = 1 << 16  # tokens read before a local corpus's size is extrapolated from the share of it read
+SIZE_MARGIN = 2  # an extrapolation this many times the tokens asked for is taken as "enough text"
+
+
+def text_tokens(source: CorpusSource, tokenizer, max_tokens: int) -> int:
+    """How many tokens :func:`pack_rows` will give of ``source`` with this budget: ``min(max_tokens, tokens of
+    the text)``, found before counting, so that estimates and progress bars follow the text there is.
+
+    A local file is tokenized as packing does, in order, until the budget is reached, the text ends (the exact
+    count), or a sample of ``SIZE_SAMPLE`` tokens, extrapolated over the share of the file read (bytes, or rows
+    of a Parquet file), promises ``SIZE_MARGIN`` times the budget (``max_tokens``: the file clearly holds
+    enough). Only a file of about the budget's size is read in full, and then no more of it than packing reads.
+    A Hub corpus is streamed, its size unknown until then: ``max_tokens``."""
+    if max_tokens <= 0:
+        raise SettingsError("tokens must be positive.")
+    if source.kind != "local":
+        return max_tokens
+    where: dict = {}
+    sep = separator_id(tokenizer)
+    total = 0
+    for batch in _batched(_local_documents(Path(source.location), source.text_field, where), TOKENIZE_BATCH):
+        for ids in token_ids(batch, tokenizer, max_tokens - total):
+            total += len(ids) + (sep is not None)
+            if total >= max_tokens:
+                return max_tokens
+        read, size = where.get("read", 0), where.get("total", 0)
+        if total >= SIZE_SAMPLE and 0 < read < size and total * size / read >= SIZE_MARGIN * max_tokens:
+            return max_tokens
+    return total
 
 
 def pack_rows(documents: Iterable[str], tokenizer, seq_len: int, max_tokens: int) -> Iterator:

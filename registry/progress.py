@@ -63,6 +63,14 @@ def progress(total: int | None, desc: str, unit: str = "tok", initial: int = 0, 
                 disable=not show or progress_bars_disabled(), dynamic_ncols=True, leave=True)
 
 
+def input_ended(bar: tqdm) -> None:
+    """The input ran out before the bar's total (less text than was asked for, or than was estimated): the
+    total becomes what was done, so a finished bar ends at 100%, not part of the way."""
+    if not bar.disable and bar.total is not None and bar.n < bar.total:
+        bar.total = bar.n
+        bar.refresh()
+
+
 def duration(seconds: float | None) -> str:
     """A time span as people read it: '42.0 s', '3.5 min', '2.1 h' ('-' when unknown)."""
     if seconds is None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from neuronreg.cli import cli
+
 from support.cli import assert_one_line_error, run
 
 PACKAGE = Path(__file__).resolve().parents[1] / "registry"
@@ -191,8 +193,13 @@ def test_debug_shows_the_whole_chain(tmp_path, monkeypatch):
     assert type(error).__name__ == "RegistryError" and error.__cause__ is not None  # chained: raise ... from exc
 
 
-@pytest.mark.parametrize("command", ["compute", "select", "ls", "show", "languages", "models", "publish", "fetch",
-                                     "import", "export", "ablate", "finetune", "evaluate", "release"])
+@pytest.mark.parametrize("command", sorted(cli.commands))  # every command, a new one included
 def test_every_command_has_help_with_an_example(command):
     result = run(command, "--help")
     assert "Example:" in result.output and "neuronreg " + command in result.output
+    assert cli.commands[command].help and len(cli.commands[command].help.strip()) > 20
+
+
+def test_the_group_help_lists_every_command():
+    listed = run("--help").output
+    assert all(f"  {command} " in listed for command in cli.commands)

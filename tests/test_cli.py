@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neuronreg.cli import cli
 from neuronreg.store.local import LocalRegistry
 
 from support.cli import assert_one_line_error, neuron_file, packing_interrupted, run
@@ -222,12 +221,7 @@ def test_bad_manifest_names_the_key(tmp_path, monkeypatch):
     assert_one_line_error(run("models", ok=False), "script")
 
 
-def test_every_command_has_help_with_an_example():
-    for name, command in cli.commands.items():
-        result = run(name, "--help")
-        assert "Example:" in result.output, name
-        assert command.help and len(command.help.strip()) > 20
-    assert "compute" in run("--help").output
+def test_version():  # every command's help and example: test_architecture.py, over cli.commands
     assert run("--version").output.startswith("neuronreg, version")
 
 
@@ -278,3 +272,63 @@ def test_registry_files_are_readable_by_others(planted, tmp_path):
     compute(planted, reg)
     for path in (neuron_file(reg, "model", "ru"), reg / "model" / "counts" / "ru.parquet", reg / "README.md"):
         assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read (umask 022)
+
+
+def test_estimate_and_progress_bars_follow_the_text_there_is(planted, tmp_path, monkeypatch):
+    """--tokens 2M on a few thousand tokens of text: the announcement and each bar's total are the text's
+    tokens (counted here independently: one token per character, and a separator per line), and every bar
+    ends full."""
+    import neuronreg.lape.counting as counting
+    import neuronreg.progress as progress
+
+    monkeypatch.setattr(progress, "_disabled", False)  # bars on, whatever an earlier -q switched off
+    bars = []
+
+    def recorded(total, *args, **kwargs):
+        bar = progress.progress(total, *args, **kwargs)
+        bars.append((total, bar))
+        return bar
+
+    monkeypatch.setattr(counting, "progress", recorded)
+    files = {"en": "eng.txt", "ru": "Russian.txt", "el": "el.txt"}
+    text = {code: sum(len(line) + 1 for line in (planted / "texts" / name).read_text(encoding="utf-8").splitlines()
+                      if line.strip()) for code, name in files.items()}
+    result = run("compute", planted / "model", "en", "ru", "el", "--corpus", planted / "texts", "--tokens", "2M",
+                 "--seq-len", 64, "--registry", tmp_path / "reg")
+    total = sum(text.values())
+    assert (f"Counting 3 language(s), {total:,} tokens in all (2,000,000 asked for each; the text holds less for "
+            f"en {text['en']:,}, ru {text['ru']:,}, el {text['el']:,})") in result.stderr
+    assert [start for start, _ in bars] == [text["en"], text["ru"], text["el"]]
+    assert all(bar.n == bar.total == start for start, bar in bars)
+    assert [row.split()[2] for row in result.stdout.splitlines()[1:]] == [f"{text[c]:,}" for c in ("en", "ru", "el")]
+
+
+def test_a_bar_whose_text_runs_out_ends_full_and_an_interrupted_one_keeps_its_total(monkeypatch):
+    """Where the text's size is not known before reading it (a streamed Hub corpus), the bar's total is the
+    tokens asked for; when the text ends first, the total becomes what was counted."""
+    import neuronreg.lape.counting as counting
+    import neuronreg.progress as progress
+    from neuronreg.models import find_mlp_sites
+
+    from support.tiny import PLANTED, planted_model
+
+    monkeypatch.setattr(progress, "_disabled", False)
+    bars = []
+
+    def recorded(*args, **kwargs):
+        bars.append(progress.progress(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(counting, "progress", recorded)
+    model = planted_model(PLANTED)
+    rows = [torch.arange(10) % 5 for _ in range(7)]
+    counts = counting.count_activations(model, find_mlp_sites(model), rows, batch_size=2, total_tokens=1000)
+    assert counts.tokens == 70 and bars[-1].n == bars[-1].total == 70
+
+    def interrupted():
+        yield from rows[:3]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        counting.count_activations(model, find_mlp_sites(model), interrupted(), batch_size=1, total_tokens=1000)
+    assert bars[-1].n == 30 and bars[-1].total == 1000

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from neuronreg.corpus import pack_rows, parse_tokens
-from neuronreg.errors import SettingsError
+from neuronreg.corpus import SIZE_SAMPLE, CorpusSource, iter_documents, pack_rows, parse_tokens, text_tokens
+from neuronreg.errors import CorpusError, SettingsError
 
 from support.tiny import make_tokenizer
 
@@ -74,3 +74,50 @@ def test_row_start_is_the_bos_a_tokenizer_puts_before_every_text():
     eos_only = make_tokenizer()
     eos_only._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
     assert eos_only("ab")["input_ids"] == [6, 7, 2] and row_start(eos_only) is None
+
+
+def write_docs(path, docs: list[str]):
+    """``docs`` in the file format of ``path``'s suffix (an empty document as an empty line or a null)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".txt":
+        path.write_text("".join(doc + "\n" for doc in docs), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": doc or None}) + "\n" for doc in docs), encoding="utf-8")
+    else:
+        pq.write_table(pa.table({"text": [doc or None for doc in docs]}), path, row_group_size=2)
+    return CorpusSource("local", str(path))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
+def test_a_corpus_smaller_than_asked_is_sized_exactly(tmp_path, suffix):
+    tok = make_tokenizer()
+    docs = ["abc", "абвгд", "", "αβ x", "   ", "z" * 50]
+    source = write_docs(tmp_path / f"sw{suffix}", docs)
+    # One token per character, and the separator after every document with text.
+    expected = sum(len(doc) + 1 for doc in docs if doc.strip())
+    assert text_tokens(source, tok, 10**6) == expected == 66
+    assert sum(row.numel() for row in pack_rows(iter_documents(source), tok, 7, 10**6)) == expected
+    assert text_tokens(source, tok, 20) == 20  # more text than asked for: the budget
+    assert text_tokens(CorpusSource("hub", "some/dataset", "swh_Latn"), tok, 500) == 500  # unknown before streaming
+
+
+def test_a_corpus_far_larger_than_asked_is_sized_from_a_sample(tmp_path):
+    """Sizing stops once a sample promises twice the budget: here before a broken line that reading up to
+    the budget would reach."""
+    tok = make_tokenizer()
+    line = "abcdefghij" * 10  # 101 tokens with its separator
+    docs = [line] * 800 + ["{broken"] + [line] * 9200
+    path = tmp_path / "sw.jsonl"
+    write_docs(path, [line] * 800)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("{broken\n" + "".join('{"text": "%s"}\n' % doc for doc in docs[801:]))
+    source = CorpusSource("local", str(path))
+    budget = 90_000
+    assert 800 * 101 < budget and SIZE_SAMPLE < 800 * 101
+    assert text_tokens(source, tok, budget) == budget
+    with pytest.raises(CorpusError, match="line 801 is not a JSON object"):
+        list(pack_rows(iter_documents(source), tok, 64, budget))

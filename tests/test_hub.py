@@ -285,6 +285,46 @@ def test_fetch_formats_tags_and_offline_cache(hub, registry_dir, tmp_path):
     assert hub.requests == []
 
 
+def test_ls_repo_reads_the_card_alone_and_works_offline(hub, registry_dir):
+    publish(LocalRegistry(registry_dir), REPO)
+    traffic = Traffic(hub)
+    online = json.loads(run("ls", "--repo", REPO, "--json").stdout)
+    assert [m["model"] for m in online["models"]] == ["planted", "planted-b"]
+    calls = traffic.take()
+    # The card alone: its HEAD and GET, no file listing (which the Hub cache could not answer offline).
+    assert {c.kind for c in calls} == {"download"} and {c.path.rsplit("/", 1)[-1] for c in calls} == {"README.md"}
+    with pytest.MonkeyPatch.context() as mp:
+        set_offline(mp, True)
+        offline = run("ls", "--repo", REPO, "--json")
+        assert json.loads(offline.stdout) == online
+        table = run("ls", "--repo", REPO).stdout
+        assert "planted" in table and "el en ru" in table
+        # A repo whose card was never read is a one-line error that says why.
+        assert_one_line_error(run("ls", "--repo", f"{TEST_USER}/other", ok=False), "HF_HUB_OFFLINE")
+    assert traffic.take() == []
+
+
+def test_ls_repo_without_a_card_lists_its_files(hub, registry_dir):
+    """A repo with no card (neuronreg 0.1's layout, files uploaded by hand) is listed from its files; a card
+    without the index: test_selections.py."""
+    from huggingface_hub import HfApi
+
+    old = f"{TEST_USER}/no-card"
+    api = HfApi()
+    api.create_repo(old, repo_type="dataset")
+    local = LocalRegistry(registry_dir)
+    for lang in ("el", "ru"):
+        api.upload_file(path_or_fileobj=local.neuron_path("planted", lang).read_bytes(),
+                        path_in_repo=f"planted/{lang}.parquet", repo_id=old, repo_type="dataset")
+    hub.clear_requests()
+    listing = json.loads(run("ls", "--repo", old, "--json").stdout)
+    assert [(m["model"], m["default"], m["selections"][0]["languages"]) for m in listing["models"]] == [
+        ("planted", "default", ["el", "ru"])]
+    # The card asked for (there is none), then the file list; no Parquet file.
+    assert [(method, path.split("?")[0]) for method, path in hub.requests] == [
+        ("HEAD", f"/datasets/{old}/resolve/main/README.md"), ("GET", f"/api/datasets/{old}/tree/main")]
+
+
 def test_load_mask_api_and_check(hub, registry_dir):
     publish(LocalRegistry(registry_dir), REPO)
     mask = load_mask("planted", "Russian", repo=REPO)

@@ -1,7 +1,12 @@
 """Options shared by several commands, each declared once, and the helpers every command uses to
-turn them into library objects. Only click and torch-free library modules are imported here."""
+turn them into library objects. Only click and torch-free library modules are imported here.
+
+The conventions every command keeps (tests/test_conventions.py checks them over ``cli.commands``):
+``-o/--out PATH`` for where output goes, ``-q/--quiet`` and ``--json`` on every command."""
 
 from __future__ import annotations
+
+import functools
 
 import click
 
@@ -17,8 +22,40 @@ registry_option = _option(
     "--registry", type=click.Path(file_okay=False), envvar="NEURONREG_REGISTRY", default=None,
     help="Local registry folder [env NEURONREG_REGISTRY; default: neuronreg/registry in the user data folder, "
          "~/.local/share/neuronreg/registry on Linux].")
-quiet_option = _option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (stderr).")
-json_option = _option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+quiet_option = _option("-q", "--quiet", is_flag=True, help="No progress bars, status lines or info (stderr); warnings "
+                       "and errors stay.")
+json_option = _option("--json", "as_json", is_flag=True,
+                      help="Print the result as one JSON document on stdout (nothing else goes there).")
+
+
+def out_option(help: str, *, required: bool = False, folder: bool = True, old_output: bool = False):
+    """``-o/--out PATH``: where a command writes its file (``folder=False``) or folder. ``old_output`` keeps
+    the old spelling ``--output`` working, hidden, with a warning on stderr (fetch and export had it)."""
+    kind = click.Path(file_okay=not folder, dir_okay=folder)
+    metavar = "DIR" if folder else "FILE"
+
+    def decorate(f):
+        target = f
+        if old_output:
+            @functools.wraps(target)
+            def command(*args, **kwargs):
+                old = kwargs.pop("old_output")
+                if old is not None:
+                    if kwargs["out"] is not None:
+                        raise click.UsageError("Give -o/--out once (--output is its old name).")
+                    click.echo("Warning: --output is deprecated; use -o/--out (the same option).", err=True)
+                    kwargs["out"] = old
+                if required and kwargs["out"] is None:
+                    ctx = click.get_current_context()
+                    raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "out"))
+                return target(*args, **kwargs)
+
+            f = click.option("--output", "old_output", type=kind, default=None, hidden=True)(command)
+        return click.option("-o", "--out", "out", type=kind, metavar=metavar, default=None,
+                            required=required and not old_output,
+                            help=help + (" [required]" if required and old_output else ""))(f)
+
+    return decorate
 revision_option = _option("--revision", default=None, help="Branch, tag or commit on the Hub [default: main].")
 
 

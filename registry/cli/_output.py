@@ -12,6 +12,13 @@ def result(text: str = "") -> None:
     click.echo(text)
 
 
+def json_result(data) -> None:
+    """A command's --json result: one JSON document on stdout (paths and other objects as strings)."""
+    import json
+
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
 def status(quiet: bool, text: str) -> None:
     if not quiet:
         click.echo(text, err=True)

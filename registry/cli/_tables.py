@@ -297,3 +297,54 @@ def interference_markdown(report) -> list[str]:
         lines.append(f"| {_md(r.composed)} | {_md(r.part)} | {on} | {r.metric} | {_signed(r.alone)} | "
                      f"{_signed(r.composed_change)} | {kept} |")
     return lines
+
+
+# -- languages ----------------------------------------------------------------------------------------------
+def language_list(codes: list[str], width: int = 40) -> str:
+    """Languages as their count and codes, as many codes as fit in ``width`` characters: '3: el en ru',
+    '130: af am ar ... (+118)'."""
+    head = f"{len(codes)}:"
+    shown = []
+    for i, code in enumerate(codes):
+        rest = len(codes) - i - 1
+        tail = f" ... (+{rest})" if rest else ""
+        if len(" ".join([head, *shown, code])) + len(tail) > width and shown:
+            return " ".join([head, *shown]) + f" ... (+{len(codes) - len(shown)})"
+        shown.append(code)
+    return " ".join([head, *shown])
+
+
+# -- compute, select ----------------------------------------------------------------------------------------
+def selection_line(selection, default: str | None, of: str | None = None) -> str:
+    """What a selection holds, with its two numbers told apart: the neurons selected, and the table's sum over
+    languages (a neuron belongs to every language whose activation probability passes the bar: to one, several
+    or none)."""
+    name = selection.entry.name
+    pairs = sum(len(mask) for mask in selection.neurons.values())
+    where = f" over {len(selection.languages)} languages" + (f" of {of}" if of else "")
+    return (f"Selected {selection.selected:,} neurons{where} as selection {name}"
+            f"{' (the default)' if name == default else ''}; per language {pairs:,} in all, as a neuron can belong "
+            f"to several languages or to none (threshold {selection.filter_threshold:.6g}, bar "
+            f"{selection.activation_bar:.6g}).")
+
+
+def selection_json(selection, default: str | None) -> dict:
+    """A Selection's fields: ``selected`` neurons, and ``neurons`` per language (whose sum can differ)."""
+    from dataclasses import asdict
+
+    name = selection.entry.name
+    return {"name": name, "default": name == default, "languages": list(selection.languages),
+            "params": asdict(selection.params), "num_layers": selection.num_layers,
+            "intermediate_size": selection.intermediate_size, "filter_threshold": selection.filter_threshold,
+            "activation_bar": selection.activation_bar, "selected": selection.selected,
+            "neurons": {lang: len(mask) for lang, mask in selection.neurons.items()}}
+
+
+def compute_json(report, default: str | None) -> dict:
+    """A ComputeReport's fields: the model, the registry, each language's outcome, the skipped ones and the
+    selection made."""
+    model = report.model
+    return {"model": model.name, "source": model.source, "revision": model.revision, "local": model.local,
+            "registry": str(report.registry),
+            "languages": [{"code": row.code, "status": row.status, "tokens": row.tokens} for row in report.languages],
+            "skipped": dict(report.skipped), "selection": selection_json(report.selection, default)}

@@ -4,13 +4,12 @@ weight updates, training dynamics)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from . import _options as o
-from ._output import result, setup_logging, status
+from ._output import json_result, result, setup_logging, status
 
 
 @click.command(name="ablate")
@@ -20,8 +19,7 @@ from ._output import result, setup_logging, status
 @click.option("--data", required=True,
               help="Held-out text: a folder with one <language>.txt/.jsonl/.parquet per language, NOT the text the "
                    "masks were computed from.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for ablation.json, ablation.csv, measurements.csv and ablation.png.")
+@o.out_option("Folder for ablation.json, ablation.csv, measurements.csv and ablation.png.", required=True)
 @o.tokens_option("100k", "Held-out tokens to evaluate per language.")
 @o.seq_len_option(1024)
 @o.batch_size_option(4)
@@ -33,10 +31,12 @@ from ._output import result, setup_logging, status
 @o.which_selection_options
 @o.model_source_options
 @o.registry_option
+@o.json_option
 @o.quiet_option
 @click.pass_context
 def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, seed, exclusive, allow_same_text,
-               selection, which_top_rate, dtype, device, text_field, name, trust_remote_code, token, registry, quiet):
+               selection, which_top_rate, dtype, device, text_field, name, trust_remote_code, token, registry, as_json,
+               quiet):
     """Switch off each language's neurons in turn and measure perplexity on every language.
 
     For every language's mask in the registry, and for a random control mask with the mean count
@@ -62,11 +62,14 @@ def ablate_cmd(ctx, model, languages, data, out, tokens, seq_len, batch_size, se
     report = ablate(model, o.names(languages), settings=settings, load=o.load(dtype, device, token, trust_remote_code),
                     manifest=o.manifest(ctx), registry=o.registry(registry), name=name)
     paths = save_report(report, out)
-    for line in ablation_table(report):
-        result(line)
-    result()
-    for line in ablation_summary(report):
-        result(line)
+    if as_json:
+        json_result(report.to_json())  # what ablation.json holds
+    else:
+        for line in ablation_table(report):
+            result(line)
+        result()
+        for line in ablation_summary(report):
+            result(line)
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 
 
@@ -140,7 +143,7 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resum
         for line in (benchmark_lines(bench) if bench else []) + (heldout_lines(outcome) if outcome else []):
             result(line)
     if as_json:  # one run: its object, as before; several: a list of them
-        result(json.dumps(reports[0] if len(runs) == 1 else reports, indent=2))
+        json_result(reports[0] if len(runs) == 1 else reports)
 
 
 
@@ -148,22 +151,23 @@ def evaluate_cmd(ctx, runs, data, tasks, limit, num_fewshot, include_path, resum
 
 @click.command(name="report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for report.csv, report.json, one PNG per metric and tradeoff.png.")
+@o.out_option("Folder for report.csv, report.json, one PNG per metric and tradeoff.png.", required=True)
 @click.option("--tradeoff", "target", default=None, metavar="METRIC",
               help="The trained language's score on tradeoff.png, as the report names it; {lang} and {code} "
                    "stand for the language's code and FLORES-200 code, e.g. 'heldout_{lang}/bits_per_character' "
                    "[default: the first that every run has of FLORES-200 eng->X chrF++, Belebele, SIB-200, "
                    "held-out bits per character].")
+@o.json_option
 @o.quiet_option
-def report_cmd(runs, out, target, quiet):
+def report_cmd(runs, out, target, as_json, quiet):
     """Compare fine-tuning RUNS of one base model in one table: the base model's row, then each run's.
 
     Per run: subset, trainable weights and their share of the model, training tokens (steps x batch x
     accumulation x seq-len), steps, wall time of its last session, and every score its folder holds
     (held-out perplexity and bits per character from 'evaluate --data', lm-eval scores from
-    'evaluate --tasks') with the change against the base model. Markdown on stdout; CSV, JSON and
-    plots (one per metric, and the trained language against English) in --out.
+    'evaluate --tasks') with the change against the base model. Markdown on stdout (--json: what
+    report.json holds); CSV, JSON and plots (one per metric, and the trained language against
+    English) in --out.
 
     Runs that differ only in their seed are grouped: per metric the mean change, sd and n; every two
     such groups of one language (two runs or more each) are compared with Welch's t-test (and its 95%
@@ -180,6 +184,10 @@ def report_cmd(runs, out, target, quiet):
     setup_logging(quiet)
     report = collect(list(runs))
     paths = save_report(report, out, target=target)
+    if as_json:
+        json_result(report.as_dict())
+        status(quiet, f"Wrote {len(paths)} files to {out}")
+        return
     for line in report_markdown(report):
         result(line)
     groups = report.seed_groups()
@@ -208,8 +216,7 @@ def report_cmd(runs, out, target, quiet):
 @click.option("--draws", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Random masks drawn for the update-share control.")
 @o.batch_size_option(8)
-@click.option("-o", "--out", default=None, type=click.Path(file_okay=False),
-              help="Folder for analysis.json, alignment.csv, updates.csv, dynamics.csv and the plots.")
+@o.out_option("Folder for analysis.json, alignment.csv, updates.csv, dynamics.csv and the plots.")
 @o.json_option
 @o.load_options
 @o.registry_option
@@ -243,7 +250,7 @@ def analyze_cmd(ctx, runs, parallel, languages, pivot, sentences, parts, draws, 
                      registry=o.registry(registry), manifest=o.manifest(ctx))
     paths = save_analysis(report, out) if out else {}
     if as_json:
-        result(json.dumps(report.to_dict(), indent=1))
+        json_result(report.to_dict())
     else:
         blocks = [b for b in (alignment_lines(report), updates_lines(report), dynamics_lines(report)) if b]
         for i, block in enumerate(blocks):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from . import _options as o
-from ._output import result, setup_logging, status
+from ._output import json_result, result, setup_logging, status
 
 
 def merge_dtype_option(help: str):
@@ -21,8 +21,7 @@ def merge_dtype_option(help: str):
 @click.argument("language")
 @click.option("--data", required=True,
               help="Training text: a folder with one <language>.txt/.jsonl/.parquet per language (like --corpus).")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run folder: delta.safetensors, neuronreg_delta.json, checkpoint.pt while running.")
+@o.out_option("Run folder: delta.safetensors, neuronreg_delta.json, checkpoint.pt while running.", required=True)
 @click.option("--mask", "mask_source", type=click.Path(), default=None,
               help="Registry folder holding the language's neurons, or one mask file (.parquet/.json/.safetensors, "
                    "as neuronreg fetch -o writes) [default: --registry].")
@@ -80,6 +79,7 @@ def merge_dtype_option(help: str):
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run.")
 @o.model_source_options
 @o.registry_option
+@o.json_option
 @o.quiet_option
 @click.pass_context
 def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_top_rate, subset, lora_r, lora_alpha,
@@ -87,7 +87,7 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
                  schedule, warmup_steps, eval_every, eval_data, checkpoint_every, seed, dtype, device,
                  gradient_checkpointing, checkpointing, chunked_loss, device_map, quantize, merged, merge_dtype,
                  overwrite,
-                 text_field, name, trust_remote_code, token, registry, quiet):
+                 text_field, name, trust_remote_code, token, registry, as_json, quiet):
     """Train only LANGUAGE's neurons of MODEL on its text (sparse fine-tuning), or a baseline subset.
 
     For each of the language's neurons, its gate and up rows and its down column are trained as
@@ -140,14 +140,22 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
     if not run.is_main:
         return  # a rank other than 0 under torchrun: rank 0 reports
     config = run.config
-    result(f"{'step':>6} {'train_loss':>10} {'val_loss':>10}")
-    for point in run.curve:
-        train = f"{point['train_loss']:.4f}" if "train_loss" in point else "-"
-        result(f"{point['step']:>6} {train:>10} {point['val_loss']:>10.4f}")
+    if as_json:
+        json_result({"out": str(run.out), "resumed_from": run.resumed_from, "curve": run.curve,
+                     "config": config.to_dict()})
+    else:
+        _curve(run.curve)
     status(quiet, f"Trained {config.trainable_parameters:,} weights ({100 * config.trainable_share:.3f}% of the "
                   f"model, subset {config.subset}); best validation loss at step {config.best_step}; wrote {run.out}")
     if config.merge is not None:
         status(quiet, config.merge.describe())
+
+
+def _curve(curve: list[dict]) -> None:
+    result(f"{'step':>6} {'train_loss':>10} {'val_loss':>10}")
+    for point in curve:
+        train = f"{point['train_loss']:.4f}" if "train_loss" in point else "-"
+        result(f"{point['step']:>6} {train:>10} {point['val_loss']:>10.4f}")
 
 
 @click.command(name="release")
@@ -165,9 +173,10 @@ def finetune_cmd(ctx, model, language, data, out, mask_source, selection, which_
 @o.commit_options
 @click.option("-m", "--message", default=None, help="Commit message.")
 @o.token_option
+@o.json_option
 @o.quiet_option
 def release_cmd(run, repo, merged, merge_dtype, private, license, base_model, revision, tag, create_pr, message, token,
-                quiet):
+                as_json, quiet):
     """Publish a finetune run to a Hub model repo in ONE commit: delta, its JSON and a model card.
 
     With --merged the merged full model (config.json, safetensors, tokenizer) goes to the repo root
@@ -187,6 +196,9 @@ def release_cmd(run, repo, merged, merge_dtype, private, license, base_model, re
     outcome = release(run, repo, merged=merged, private=private, token=token, message=message,
                       merge_dtype=merge_dtype, revision=revision, tag=tag, create_pr=create_pr, license=license,
                       base_model=base_model)
+    if as_json:
+        json_result({**asdict(outcome), "merge": outcome.merge.to_dict() if outcome.merge is not None else None})
+        return
     if outcome.merge is not None:
         status(quiet, outcome.merge.describe())
     if outcome.license is None:
@@ -202,7 +214,7 @@ def release_cmd(run, repo, merged, merge_dtype, private, license, base_model, re
 
 @click.command(name="compose")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="The composed run's folder.")
+@o.out_option("The composed run's folder.", required=True)
 @click.option("--rule", type=click.Choice(["sum", "mean", "first"]), default="sum", show_default=True,
               help="Where several runs change one neuron (or weight): the sum of their changes, their mean, or the "
                    "first run's.")
@@ -231,9 +243,9 @@ def compose_cmd(runs, out, rule, overwrite, as_json, quiet):
     done = compose(list(runs), out, rule=rule, overwrite=overwrite)
     composition = done.config.composition
     if as_json:
-        result(json.dumps({"out": str(done.out), "rule": rule, "parts": [p.to_dict() for p in composition.parts],
-                           "collisions": composition.collisions, "collided_weights": composition.collided_weights,
-                           "trainable_parameters": done.config.trainable_parameters}, indent=2))
+        json_result({"out": str(done.out), "rule": rule, "parts": [p.to_dict() for p in composition.parts],
+                     "collisions": composition.collisions, "collided_weights": composition.collided_weights,
+                     "trainable_parameters": done.config.trainable_parameters})
         return
     result(f"{'part':<28} {'subset':<7} {'language':<9} {'weights':>12}")
     for part in composition.parts:

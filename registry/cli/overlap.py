@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from . import _options as o
-from ._output import result, status
+from ._output import json_result, result, setup_logging, status
 
 
 @click.command(name="overlap")
 @click.argument("model")
 @o.languages_option("Languages to compare, in the order of the table [default: every language selected for MODEL, "
                     "by script].")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for overlap.json, jaccard.csv, shared_core.csv, overlap.png and per_layer.png.")
+@o.out_option("Folder for overlap.json, jaccard.csv, shared_core.csv, overlap.png and per_layer.png.", required=True)
 @o.which_selection_options
 @click.option("--against", default=None,
               help="Also compare with this other selection of MODEL (a name, or a top rate such as 0.05 or 5%): how "
@@ -46,6 +43,7 @@ def overlap_cmd(ctx, model, languages, out, selection, which_top_rate, against, 
     from ..store.masks import find_masks
     from ._tables import core_line, jaccard_table
 
+    setup_logging(quiet)
     output_folder(out)
     manifest, reg = o.manifest(ctx), o.registry(registry)
     names = o.names(languages)
@@ -63,7 +61,7 @@ def overlap_cmd(ctx, model, languages, out, selection, which_top_rate, against, 
         report.extra = {"containment": inside}
     paths = report.save(out)
     if as_json:
-        result(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
+        json_result(report.to_json())
     else:
         result(f"selection {found.selection} of {name}")
         for line in jaccard_table(report):

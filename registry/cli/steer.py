@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import textwrap
 
 import click
 
 from . import _options as o
-from ._output import result, setup_logging, status
+from ._output import json_result, result, setup_logging, status
 
 MODES = ("replace", "additive")
 STATISTICS = ("mean", "positive")
@@ -142,7 +141,7 @@ def generate_cmd(ctx, model, prompt, prompts_file, deactivate, activate, strengt
                                                      batch_size),
                                 name=name, load=o.load(dtype, device, token, trust_remote_code))
     if as_json:
-        result(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
+        json_result(report.to_json())
         return
     width = max(30, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
     for i, (text, base, steered) in enumerate(zip(report.prompts, report.base, report.steered)):
@@ -161,18 +160,18 @@ def generate_cmd(ctx, model, prompt, prompts_file, deactivate, activate, strengt
 @click.option("--to", "target", required=True, help="The language to steer to (its neurons activated).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="A text file with one prompt per line [default: 20 short neutral English prompts].")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for steering.json, steering.csv, outputs.csv and steering.png.")
+@o.out_option("Folder for steering.json, steering.csv, outputs.csv and steering.png.", required=True)
 @click.option("--strengths", default="0,0.5,1,2,4", show_default=True, callback=_strengths,
               help="Comma-separated strengths to try (besides generating without steering).")
 @steering_options
 @generation_options
+@o.json_option
 @model_options
 @o.quiet_option
 @click.pass_context
 def steer_eval_cmd(ctx, model, source, target, prompts_file, out, strengths, mode, statistic, layers, max_new_tokens,
-                   sample, temperature, seed, repetition_penalty, batch_size, registry, token, trust_remote_code,
-                   name, device, dtype, selection, which_top_rate, quiet):
+                   sample, temperature, seed, repetition_penalty, batch_size, as_json, registry, token,
+                   trust_remote_code, name, device, dtype, selection, which_top_rate, quiet):
     """Measure how well steering switches the output language, per strength.
 
     Generates from every prompt without steering and, for each strength, with --from's neurons off
@@ -200,8 +199,11 @@ def steer_eval_cmd(ctx, model, source, target, prompts_file, out, strengths, mod
     report = steer_eval(model, source, target, manifest=o.manifest(ctx), registry=o.registry(registry),
                         settings=settings, name=name, load=o.load(dtype, device, token, trust_remote_code))
     paths = save_report(report, out)
-    for line in steering_table(report):
-        result(line)
+    if as_json:
+        json_result(report.to_json())  # what steering.json holds
+    else:
+        for line in steering_table(report):
+            result(line)
     status(quiet, f"Wrote {', '.join(str(p) for p in paths.values())}")
 
 

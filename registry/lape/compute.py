@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import CorpusSource, iter_documents, pack_rows, resolve_corpus, row_start, row_start_name
+from ..corpus import (
+    CorpusSource,
+    iter_documents,
+    pack_rows,
+    resolve_corpus,
+    row_start,
+    row_start_name,
+    text_tokens,
+)
 from ..distributed import Ranks
 from ..errors import CorpusError, RegistryError, SettingsConflict, SettingsError, UnknownLanguage
 from ..manifest import Language, Manifest
@@ -96,8 +104,9 @@ def _sources(langs: list[Language], settings: CountSettings, manifest, strict: b
     return sources, skipped
 
 
-def _announce(loaded, languages: int, settings: CountSettings, world: int) -> None:
-    """Before counting: how much, and (from one timed batch) about how long."""
+def _announce(loaded, sizes: dict[str, int], settings: CountSettings, world: int) -> None:
+    """Before counting: how much (the text there is, up to the tokens asked for) and, from one timed batch,
+    about how long."""
     import time
 
     rows = torch.randint(0, max(2, len(loaded.tokenizer)), (settings.batch_size, settings.seq_len))
@@ -109,12 +118,18 @@ def _announce(loaded, languages: int, settings: CountSettings, world: int) -> No
         if str(loaded.device).startswith("cuda"):
             torch.cuda.synchronize()
     rate = rows.numel() / max(time.perf_counter() - start, 1e-9) * world
-    total = languages * settings.tokens
-    seconds = total / rate
-    log.info("Counting %d language(s) x %s tokens = %s tokens with %s on %s%s: about %s at %s tokens/s "
-             "(measured on one batch; the first batches run slower).", languages, f"{settings.tokens:,}",
-             f"{total:,}", loaded.name, loaded.device, f" x {world} processes" if world > 1 else "",
-             duration(seconds), f"{rate:,.0f}")
+    total = sum(sizes.values())
+    short = {code: n for code, n in sizes.items() if n < settings.tokens}
+    if short:
+        listed = ", ".join(f"{code} {n:,}" for code, n in list(short.items())[:6])
+        more = f" and {len(short) - 6} more" if len(short) > 6 else ""
+        amount = (f"{len(sizes)} language(s), {total:,} tokens in all ({settings.tokens:,} asked for each; the text "
+                  f"holds less for {listed}{more})")
+    else:
+        amount = f"{len(sizes)} language(s) x {settings.tokens:,} tokens = {total:,} tokens"
+    log.info("Counting %s with %s on %s%s: about %s at %s tokens/s (measured on one batch; the first batches run "
+             "slower).", amount, loaded.name, loaded.device, f" x {world} processes" if world > 1 else "",
+             duration(total / rate), f"{rate:,.0f}")
 
 
 def compute(
@@ -242,11 +257,14 @@ def _compute(langs: list[Language], ref: ModelRef, ranks: Ranks, *, manifest, re
         info = loaded.info()
         _check_same_model(registry, ref.name, info.num_layers, info.intermediate_size,
                           [lang.code for lang, _ in pending])
+        sizes = {lang.code: settings.tokens for lang, _ in pending}
         if ranks.is_main:  # one progress bar and one set of messages: rank 0's
-            _announce(loaded, len(pending), settings, ranks.world)
+            # The text there is, up to the tokens asked for (a local corpus is sized cheaply first).
+            sizes = {lang.code: text_tokens(sources[lang.code], tokenizer, settings.tokens) for lang, _ in pending}
+            _announce(loaded, sizes, settings, ranks.world)
         for lang, wanted in pending:
             report.languages.append(_count_language(loaded, info, lang, sources[lang.code], wanted, settings,
-                                                    registry, ranks))
+                                                    registry, ranks, expected=sizes[lang.code]))
     if ranks.is_main:
         report.selection = select_locked(ref.name, registry=registry, params=params, languages=select_languages,
                                          manifest=manifest, default=default)
@@ -279,7 +297,9 @@ def _check_same_model(registry: LocalRegistry, model: str, layers: int, inter: i
 
 
 def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: CountKey, settings: CountSettings,
-                    registry: LocalRegistry, ranks: Ranks) -> LanguageResult:
+                    registry: LocalRegistry, ranks: Ranks, expected: int | None = None) -> LanguageResult:
+    """Count one language; ``expected``: the tokens its text will give (:func:`~neuronreg.corpus.text_tokens`,
+    the progress bar's total; default: the tokens asked for)."""
     # Each rank checkpoints its own share; a checkpoint of another world size is not reused.
     # Its totals are checked against the rows' length and the most this rank's share of the rows can hold.
     share = -(-(-(-settings.tokens // settings.seq_len)) // ranks.world) * settings.seq_len
@@ -293,7 +313,8 @@ def _count_language(loaded, info, lang: Language, source: CorpusSource, wanted: 
         counts = count_activations(
             loaded.model, loaded.sites, rows, batch_size=settings.batch_size, device=loaded.device,
             checkpoint=checkpoint, checkpoint_tokens=settings.checkpoint_tokens,
-            total_tokens=-(-settings.tokens // ranks.world), desc=f"{loaded.name} {lang.code}", show=ranks.is_main,
+            total_tokens=-(-(expected or settings.tokens) // ranks.world), desc=f"{loaded.name} {lang.code}",
+            show=ranks.is_main,
             row_start=row_start(loaded.tokenizer),
         )
     except BaseException as exc:  # every rank must hear of it before anyone waits on a sum

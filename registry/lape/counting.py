@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from ..files import atomic_path
 from ..hooks import site_hooks
 from ..models import MLPSite, body
-from ..progress import progress
+from ..progress import input_ended, progress
 
 log = logging.getLogger("neuronreg")
 
@@ -356,6 +356,7 @@ def count_activations(
                 if checkpoint and since_save >= checkpoint_tokens:
                     save()
                     since_save = 0
+            input_ended(bar)
             if checkpoint and since_save:
                 # Kept until the caller has stored the result: under torchrun, another rank may
                 # still fail, and this rank's finished share must then not be counted again.

@@ -101,7 +101,9 @@ def import_lape(path: Path, model: ModelInfo, languages: list[Language], registr
         mask.source, mask.location = MaskSource(kind="registry"), registry.root
         masks[lang.code] = mask
     with registry.model_lock(model.name, "import"):
-        registry.write_selection(model.name, masks, default=default)
+        entry = registry.write_selection(model.name, masks, default=default)
+    for mask in masks.values():  # now that the registry has named the selection
+        mask.source = MaskSource(kind="registry", selection=entry.name)
     return masks
 
 

@@ -93,23 +93,20 @@ def _download(repo: str, filename: str, revision: str | None, token: str | None)
 
 def read_remote_index(repo: str, *, revision: str | None = None, token: str | None = None,
                       files: list[str] | None = None) -> RegistryIndex:
-    """What a repo holds, from its card (one small download) or, for a repo published by neuronreg 0.1,
-    from its file list. No Parquet file is downloaded."""
-    from huggingface_hub import HfApi
-    from huggingface_hub import errors as e
-
+    """What a repo holds, from its card alone (one small download, which the Hub cache serves again, also
+    with ``HF_HUB_OFFLINE=1``); only where the card holds no index (a repo published by neuronreg 0.1, or one
+    without a card) from its file list. ``files``: the repo's file list, when the caller has it already (the
+    card is then read only if the list holds one). No Parquet file is downloaded."""
+    if files is None or CARD in files:
+        index = _card_index(repo, revision, token)
+        if index is not None:
+            return index
     if files is None:
+        from huggingface_hub import HfApi
+
         with hub_errors(repo):
             files = retrying(lambda: HfApi(token=token).list_repo_files(repo, repo_type=REPO_TYPE,
                                                                          revision=revision))
-    if CARD in files:
-        try:
-            text = _download(repo, CARD, revision, token).read_text(encoding="utf-8")
-            raw = read_card_metadata(text, f"{repo}/{CARD}").get(INDEX_KEY)
-            if raw is not None:
-                return _only_ours(RegistryIndex.from_dict(raw, f"the index in {repo}/{CARD}"), repo)
-        except (RecordError, RegistryError, UnicodeDecodeError, e.EntryNotFoundError) as exc:
-            log.warning("The card of %s has no index neuronreg can read (%s); listing its files instead.", repo, exc)
     index = RegistryIndex()
     for model in sorted(_models_in(files)):
         langs = sorted(f.split("/")[1][: -len(".parquet")] for f in files
@@ -118,6 +115,30 @@ def read_remote_index(repo: str, *, revision: str | None = None, token: str | No
             index = index.with_selection(model, SelectionEntry(name="default", path=model, languages=langs),
                                          make_default=True)
     return index
+
+
+def _card_index(repo: str, revision: str | None, token: str | None) -> RegistryIndex | None:
+    """The index in the repo's card; None where the repo has no card, or a card without an index neuronreg
+    can read (both are listed from their files instead)."""
+    from huggingface_hub import errors as e
+
+    try:
+        text = _download_raw(repo, CARD, revision, token).read_text(encoding="utf-8")
+    except e.EntryNotFoundError as exc:
+        if isinstance(exc, e.LocalEntryNotFoundError):  # offline, or no network, and not in the cache
+            raise hub_error(exc, repo) or exc
+        return None
+    except UnicodeDecodeError as exc:
+        log.warning("The card of %s is not UTF-8 text (%s); listing its files instead.", repo, exc)
+        return None
+    try:
+        raw = read_card_metadata(text, f"{repo}/{CARD}").get(INDEX_KEY)
+        if raw is None:
+            return None
+        return _only_ours(RegistryIndex.from_dict(raw, f"the index in {repo}/{CARD}"), repo)
+    except (RecordError, RegistryError) as exc:
+        log.warning("The card of %s has no index neuronreg can read (%s); listing its files instead.", repo, exc)
+        return None
 
 
 def _only_ours(index: RegistryIndex, repo: str) -> RegistryIndex:
