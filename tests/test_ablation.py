@@ -91,6 +91,7 @@ def ablate(planted, out, *extra, ok=True):
                "--seq-len", 64, "--registry", planted / "registry", "-q", *extra, ok=ok)
 
 
+@pytest.mark.slow
 def test_own_ablation_raises_own_loss_and_not_the_others(planted, tmp_path):
     # The masks are exactly the planted neurons.
     import pyarrow.parquet as pq

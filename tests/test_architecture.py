@@ -99,6 +99,7 @@ def test_there_is_no_import_cycle_even_inside_functions():
             visit(name, [name])
 
 
+@pytest.mark.slow
 def test_every_module_imports_on_its_own():
     names = sorted(set(modules()) - {"neuronreg.__main__"})  # that one runs the command line
     script = (

@@ -116,6 +116,7 @@ def runs(tmp_path_factory) -> Path:
 
 
 # -- lm-eval on a model in memory -------------------------------------------------------------------
+@pytest.mark.slow
 def test_multiple_choice_accuracy_equals_our_own_loglikelihoods(tmp_path):
     rows = write_mc_task(tmp_path / "tasks", docs=20, seed=3)
     model, tokenizer = tiny_model("llama").eval(), make_tokenizer()
@@ -146,6 +147,7 @@ def write_flores(folder: Path, codes=("eng_Latn", "swh_Latn"), sizes=(("dev", 3)
     return folder
 
 
+@pytest.mark.slow
 def test_flores_translation_scores_are_sacrebleus_bleu_and_chrf_plus_plus(tmp_path, capfd):
     flores = write_flores(tmp_path / "flores")
     model, tokenizer = tiny_model("llama").eval(), make_tokenizer()
@@ -202,6 +204,7 @@ def write_sib(folder: Path, code: str = "swh_Latn") -> dict[str, list[dict]]:
     return data
 
 
+@pytest.mark.slow
 def test_sib200_accuracy_equals_our_own_loglikelihoods(tmp_path):
     data = write_sib(tmp_path / "sib")
     model, tokenizer = tiny_model("llama").eval(), make_tokenizer()
@@ -290,6 +293,7 @@ def test_evaluate_tasks_scores_the_base_and_the_run_as_our_own_computation(runs,
     assert saved_heldout["scores"]["en"]["tuned_perplexity"] > 0 and saved_heldout["trained_language"] == "en"
 
 
+@pytest.mark.slow
 def test_runs_on_one_base_share_one_measurement_of_it(runs, tmp_path, monkeypatch):
     import shutil
 
@@ -327,6 +331,7 @@ def test_runs_on_one_base_share_one_measurement_of_it(runs, tmp_path, monkeypatc
     assert len(heldout_calls) == 4 + 3 * 2
 
 
+@pytest.mark.slow
 def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
     import shutil
 
@@ -353,6 +358,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
     assert len(calls) == 1 + 2
 
 
+@pytest.mark.slow
 def test_report_has_the_base_and_one_row_per_run_with_their_trainable_weights(runs, tmp_path):
     folders = [runs / "runs" / s for s in ("lape", "random", "ffn", "full")]
     heldout = write_corpus(tmp_path / "heldout", {"en": "en"}, docs=8, seed=4)
@@ -400,6 +406,7 @@ def test_report_has_the_base_and_one_row_per_run_with_their_trainable_weights(ru
     assert collect([runs / "runs" / "lape"]).runs[0].metrics == rows["lape"]["metrics"]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(runs):
     lape = runs / "runs" / "lape"
     assert_one_line_error(run("evaluate", lape, "--tasks", "belebel", ok=False), "Unknown task 'belebel'",
@@ -445,6 +452,7 @@ def test_the_tradeoff_takes_the_trained_languages_score_against_the_english_suit
     assert ylabel == "Trained language: Belebele accuracy, change"
 
 
+@pytest.mark.slow
 def test_an_adapter_run_is_scored_with_its_adapter_attached(runs, tmp_path):
     """LoRA runs (PEFT) go through the same in-memory path: the tuned score is the adapter model's."""
     run_folder = tmp_path / "lora"
@@ -461,6 +469,7 @@ def test_an_adapter_run_is_scored_with_its_adapter_attached(runs, tmp_path):
     assert scores["scores"]["en"]["tuned_loss"] != scores["scores"]["en"]["base_loss"]
 
 
+@pytest.mark.slow
 def test_release_puts_the_scores_in_the_card_and_its_model_index(runs, tmp_path, hub):
     import shutil
 

@@ -129,6 +129,7 @@ def test_the_special_values_are_what_the_torch_path_counts_on_cpu():
         assert x.view(-1)[8] != 0 and x.view(-1)[8].abs() < torch.finfo(dtype).tiny  # really a denormal
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_the_kernel_counts_like_the_torch_path_in_tritons_interpreter():
     """The very kernel, run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1)."""

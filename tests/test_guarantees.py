@@ -563,6 +563,7 @@ def test_publish_tag_is_checked_before_committing(registry, tmp_path, hub):
     run("publish", "--repo", REPO, "--tag", "v2", "--registry", reg, "-q")
 
 
+@pytest.mark.slow
 def test_publish_fails_at_every_request_and_the_repo_is_old_or_new(registry, tmp_path, hub):
     import datasets
 
@@ -640,6 +641,7 @@ def test_import_refuses_a_top_rate_outside_0_1(tmp_path, rate):
                           "top_rate must be in (0, 1]")
 
 
+@pytest.mark.slow
 def test_hub_errors_are_one_line(registry, tmp_path, monkeypatch, hub):
     import socket
 
@@ -655,6 +657,7 @@ def test_hub_errors_are_one_line(registry, tmp_path, monkeypatch, hub):
     assert_one_line_error(run("fetch", "model", "ru", "--repo", REPO, ok=False), "the Hub cannot be reached")
 
 
+@pytest.mark.slow
 def test_the_offline_message_names_only_what_is_set(registry, hub, monkeypatch, tmp_path):
     import socket
 
