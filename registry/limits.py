@@ -28,24 +28,21 @@ def load_json(text: str | bytes):
     """``json.loads``, or BeyondLimits (a ValueError, as for malformed JSON) past the bounds above."""
     import json
 
-    if len(text) > MAX_BYTES:
-        raise BeyondLimits(f"it is larger than {MAX_BYTES >> 20} MB")
-    try:
-        data = json.loads(text)
-    except RecursionError as exc:
-        raise BeyondLimits(f"it is nested more than {MAX_DEPTH} levels deep") from exc
-    check_tree(data)
-    return data
+    return _bounded(text, json.loads)
 
 
 def load_yaml(text: str):
     """``yaml.safe_load``, or BeyondLimits past the bounds above (``yaml.YAMLError`` when malformed)."""
     import yaml
 
+    return _bounded(text, yaml.safe_load)
+
+
+def _bounded(text: str | bytes, parse):
     if len(text) > MAX_BYTES:
         raise BeyondLimits(f"it is larger than {MAX_BYTES >> 20} MB")
     try:
-        data = yaml.safe_load(text)
+        data = parse(text)
     except RecursionError as exc:
         raise BeyondLimits(f"it is nested more than {MAX_DEPTH} levels deep") from exc
     check_tree(data)
