@@ -793,45 +793,47 @@ def run_worker(kind: str, args, deadline: Deadline, extra: list[str], world: int
 
 
 def nf4_quality(args, device) -> dict:
-    """Held-out loss of a real model in float32, in bfloat16 and with its decoder projections in NF4."""
+    """Held-out bits per character of a real model in float32, in bfloat16 and with its decoder projections in
+    NF4, measured as ``evaluate`` measures them (rows packed and fed as the model expects: after BOS for Gemma)."""
+    import tempfile
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neuronreg.evaluation.heldout import token_nll
+    from neuronreg.corpus import CorpusSource
+    from neuronreg.evaluation.heldout import heldout_text, score
     from neuronreg.finetune.quantize import quantize_frozen_base
     from neuronreg.models import find_mlp_sites
 
     tokenizer = AutoTokenizer.from_pretrained(args.nf4_quality)
-    rows = {}
+    texts, scratch = {}, Path(tempfile.mkdtemp(prefix="nf4-quality-"))
     for lang in args.quality_langs.split(","):
         lines = (Path(args.ntrex) / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[-80:]
-        ids = tokenizer("\n".join(lines), return_tensors="pt").input_ids[0][: args.quality_tokens]
-        rows[lang] = ids.view(-1, 256) if ids.numel() % 256 == 0 else ids[None]
+        (scratch / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        source = CorpusSource("local", str(scratch / f"{lang}.txt"))
+        texts[lang] = heldout_text(source, lang, tokenizer, 256, args.quality_tokens)
 
-    def losses(model) -> dict:
-        out = {}
-        with torch.no_grad():
-            for lang, ids in rows.items():
-                total, count = token_nll(model, ids.to(device), chunked=False)
-                out[lang] = float(total) / count
-        return out
+    def measure(model) -> dict:
+        return {lang: score(model, text, batch_size=4, device=device).bits_per_character
+                for lang, text in texts.items()}
 
-    result = {"model": args.nf4_quality, "tokens": args.quality_tokens}
+    result = {"model": args.nf4_quality, "tokens": args.quality_tokens, "metric": "bits_per_character"}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         model = AutoModelForCausalLM.from_pretrained(args.nf4_quality, dtype=dtype).to(device).eval()
-        result[name] = losses(model)
+        result[name] = measure(model)
+        del model
     model = AutoModelForCausalLM.from_pretrained(args.nf4_quality, dtype=torch.float32).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     info = quantize_frozen_base(model, find_mlp_sites(model))
-    result["nf4"] = losses(model)
+    result["nf4"] = measure(model)
     result["nf4_modules"], result["nf4_bytes"] = info.modules, (info.bytes_before, info.bytes_after)
-    print(f"\nHeld-out loss (nats per token, {args.quality_tokens} NTREX-128 tokens a language), {args.nf4_quality}; "
-          f"NF4: {info.modules} decoder projections, {info.bytes_before / 2**20:.0f} MiB float32 -> "
-          f"{info.bytes_after / 2**20:.0f} MiB")
-    print(f"{'language':<9} {'float32':>8} {'bfloat16':>9} {'NF4':>8} {'NF4 - fp32':>11}")
-    for lang in rows:
+    print(f"\nHeld-out bits per character (up to {args.quality_tokens} NTREX-128 tokens a language, the last 80 "
+          f"lines), {Path(args.nf4_quality).name}; NF4: {info.modules} decoder projections, "
+          f"{info.bytes_before / 2**20:.0f} MiB float32 -> {info.bytes_after / 2**20:.0f} MiB")
+    print(f"{'language':<9} {'float32':>8} {'bfloat16':>9} {'NF4':>8} {'NF4 - fp32':>11} {'relative':>9}")
+    for lang in texts:
         f32, bf16, nf4 = result["float32"][lang], result["bfloat16"][lang], result["nf4"][lang]
-        print(f"{lang:<9} {f32:>8.4f} {bf16:>9.4f} {nf4:>8.4f} {nf4 - f32:>+11.4f}")
+        print(f"{lang:<9} {f32:>8.4f} {bf16:>9.4f} {nf4:>8.4f} {nf4 - f32:>+11.4f} {nf4 / f32 - 1:>+8.1%}")
     return result
 
 
