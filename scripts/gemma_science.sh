@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The science of docs/reproduction-gemma (issues 20 and 23) on Gemma 3 270M, on CPU, with NTREX-128 text:
-# masks, ablation, overlap, steering, the seed paper's fine-tuning (lape and random with 3 seeds each, LoRA and
+# masks, ablation, overlap, steering, the seed paper's fine-tuning (lape and random with 5 seeds each, LoRA and
 # full) for Swahili and Yoruba, their evaluation, seed statistics, the three analyses, and the composition of
 # three languages' runs. Every step skips what is already done, so running it again after an interruption
 # picks up (about 6 hours on 2 CPU cores).
@@ -19,7 +19,7 @@ CACHE=${CACHE:-.cache/gemma-science}
 OUT=${OUT:-docs/reproduction-gemma}
 REG=$CACHE/registry
 STEPS=${STEPS:-60}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-"0 1 2 3 4"}
 LANGS_COUNT="en de fr es ru el ar hi zh ka sw yo"   # 12 languages, 8 scripts
 LANGS_TRAIN=${LANGS_TRAIN:-"sw yo"}
 LANG_EXTRA=${LANG_EXTRA:-hi}                        # a third language for the composition
@@ -82,6 +82,15 @@ for lang in $LANGS_TRAIN; do
 done
 train "$LANG_EXTRA" lape 0 1e-4
 train "$LANG_EXTRA" random 0 1e-4
+# The 4-bit base (issue 24): the first language's lape run (seed 0) trained on an NF4 base; its delta is evaluated,
+# as it is released, on the full-precision base.
+first=${LANGS_TRAIN%% *}
+nf4=$CACHE/runs/$first/lape-nf4-s0
+if [ ! -f "$nf4/neuronreg_delta.json" ]; then
+  log "finetune $first lape seed 0 on an NF4 base"
+  $NR finetune gemma3-270m "$first" --subset lape --seed 0 --selection top5 --mask "$REG" --data "$CACHE/count" \
+    --steps "$STEPS" --batch-size 2 --seq-len 256 --eval-every 20 --lr 1e-4 --quantize 4bit --out "$nf4" -q > /dev/null
+fi
 
 # -- evaluation, report, analyses per trained language ----------------------------------------------------------
 for lang in $LANGS_TRAIN; do
