@@ -7,6 +7,7 @@
 #
 #   bash scripts/gemma_science.sh                 # needs ../shared (NTREX-128) and Gemma (scripts/gemma3.py)
 #   STEPS=20 LANGS_TRAIN=sw bash scripts/gemma_science.sh     # a shorter run
+#   SEEDS_REST="0 1 2" DENSE_LANGS=sw bash scripts/gemma_science.sh   # what docs/reproduction-gemma ran
 #
 # Gemma 3 270M comes under the Gemma Terms of Use (docs/gemma.md): the runs and deltas made here are Model
 # Derivatives; they stay on this machine.
@@ -65,35 +66,30 @@ for target in fr de ru sw; do
 done
 
 # -- the seed paper's fine-tuning, small: the top 5% selection, 60 steps of 2 x 256 tokens ------------------------
-train() {  # LANG SUBSET SEED LR
+# One language at a time, trained, evaluated, reported and analysed before the next, so an interrupted run has
+# whole languages done. The first language gets $SEEDS and the dense baselines; the others $SEEDS_REST and
+# the dense baselines only when listed in $DENSE_LANGS (each full run is ~20 minutes on 2 cores).
+SEEDS_REST=${SEEDS_REST:-$SEEDS}
+first=${LANGS_TRAIN%% *}
+DENSE_LANGS=${DENSE_LANGS:-$LANGS_TRAIN}
+train() {  # LANG SUBSET SEED LR [extra finetune options]
   local out=$CACHE/runs/$1/$2-s$3
   [ -f "$out/neuronreg_delta.json" ] && return 0
-  log "finetune $1 $2 seed $3"
-  $NR finetune gemma3-270m "$1" --subset "$2" --seed "$3" --selection top5 --mask "$REG" --data "$CACHE/count" \
-    --steps "$STEPS" --batch-size 2 --seq-len 256 --eval-every 20 --lr "$4" --out "$out" -q > /dev/null
+  log "finetune $1 $2 seed $3 ${*:5}"
+  $NR finetune gemma3-270m "$1" --subset "${2%-nf4}" --seed "$3" --selection top5 --mask "$REG" --data "$CACHE/count" \
+    --steps "$STEPS" --batch-size 2 --seq-len 256 --eval-every 20 --lr "$4" "${@:5}" --out "$out" -q > /dev/null
 }
 for lang in $LANGS_TRAIN; do
-  for seed in $SEEDS; do
+  seeds=$SEEDS; [ "$lang" = "$first" ] || seeds=$SEEDS_REST
+  for seed in $seeds; do
     train "$lang" lape "$seed" 1e-4
     train "$lang" random "$seed" 1e-4
   done
-  train "$lang" lora 0 1e-4
-  train "$lang" full 0 1e-5
-done
-train "$LANG_EXTRA" lape 0 1e-4
-train "$LANG_EXTRA" random 0 1e-4
-# The 4-bit base (issue 24): the first language's lape run (seed 0) trained on an NF4 base; its delta is evaluated,
-# as it is released, on the full-precision base.
-first=${LANGS_TRAIN%% *}
-nf4=$CACHE/runs/$first/lape-nf4-s0
-if [ ! -f "$nf4/neuronreg_delta.json" ]; then
-  log "finetune $first lape seed 0 on an NF4 base"
-  $NR finetune gemma3-270m "$first" --subset lape --seed 0 --selection top5 --mask "$REG" --data "$CACHE/count" \
-    --steps "$STEPS" --batch-size 2 --seq-len 256 --eval-every 20 --lr 1e-4 --quantize 4bit --out "$nf4" -q > /dev/null
-fi
+  case " $DENSE_LANGS " in *" $lang "*) train "$lang" lora 0 1e-4; train "$lang" full 0 1e-5 ;; esac
+  # The 4-bit base (issue 24): the first language's lape run (seed 0) trained on an NF4 base; its delta is
+  # evaluated, as it is released, on the full-precision base.
+  [ "$lang" = "$first" ] && [ "${NF4:-1}" = 1 ] && train "$lang" lape-nf4 0 1e-4 --quantize 4bit
 
-# -- evaluation, report, analyses per trained language ----------------------------------------------------------
-for lang in $LANGS_TRAIN; do
   runs=("$CACHE/runs/$lang"/*)
   todo=()
   for run in "${runs[@]}"; do [ -f "$run/eval/heldout.json" ] || todo+=("$run"); done
@@ -109,6 +105,8 @@ for lang in $LANGS_TRAIN; do
       -o "$OUT/$lang/analysis" -q > "$OUT/$lang/analysis.txt"
   fi
 done
+train "$LANG_EXTRA" lape 0 1e-4
+train "$LANG_EXTRA" random 0 1e-4
 
 # -- composition: three languages' lape runs (seed 0), and their random controls --------------------------------
 compose_set=()
