@@ -93,7 +93,13 @@ def find_mlp_sites(model: nn.Module) -> list[MLPSite]:
 
 
 def body(model: nn.Module) -> nn.Module:
-    """The transformer body without the LM head: what to call for a forward pass that skips the head."""
+    """The transformer body without the LM head: what to call for a forward pass that skips the head.
+
+    A PEFT wrapper is looked through first: its ``base_model`` is PEFT's tuner holding the whole causal
+    LM (head included), not the body, and the adapter's layers sit inside the body anyway."""
+    unwrap = getattr(model, "get_base_model", None)
+    if callable(unwrap):
+        model = unwrap()
     base = getattr(model, "base_model", None)
     return base if isinstance(base, nn.Module) else model
 

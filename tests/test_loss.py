@@ -174,3 +174,26 @@ def test_an_unknown_head_falls_back_to_the_plain_loss_with_a_warning(caplog, mon
     assert torch.equal(loss, plain)
     with pytest.raises(ValueError, match="chunked=False"):
         chunked_token_nll(model, ids)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_a_peft_wrapped_model_gives_the_same_chunked_and_plain_loss(kind):
+    """evaluate holds a LoRA or IA3 run as a ``peft.PeftModel``, whose ``base_model`` is PEFT's tuner
+    around the whole causal LM: the chunked loss must look through it to the body, or it feeds the
+    logits to the head again (found on Gemma 3, whose 262k vocabulary makes evaluate chunk)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    config = (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                              init_lora_weights=False) if kind == "lora"
+              else peft.IA3Config(target_modules=["gate_proj", "up_proj", "down_proj"],
+                                  feedforward_modules=["down_proj"], init_ia3_weights=False))
+    wrapped = peft.get_peft_model(model, config).eval()
+    assert output_head(wrapped) is not None
+    ids, attention, labels = batch(seed=3)
+    with torch.no_grad():
+        plain, n_plain = token_nll(wrapped, ids, attention, labels, chunked=False)
+        chunk, n_chunk = token_nll(wrapped, ids, attention, labels, chunked=True)
+        bare, _ = token_nll(tiny_model("llama"), ids, attention, labels, chunked=False)
+    assert n_plain == n_chunk
+    torch.testing.assert_close(chunk, plain, **TOL)
+    assert not torch.allclose(plain, bare)  # the adapter is in the loss: it was not initialised to identity

@@ -53,12 +53,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                                   f"Supported: {SUPPORTED}.")
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """What to call for the residual stream without the LM head: the transformer body (of the model a
-    PEFT wrapper holds, when there is one)."""
-    unwrap = getattr(model, "get_base_model", None)
-    inner = unwrap() if callable(unwrap) else model
-    return body(inner)
 
 
 def default_prefix(tokenizer) -> list[int]:
@@ -143,7 +137,7 @@ def sentence_representations(model: nn.Module, tokenizer, sentences: Sequence[st
         raise CorpusError(f"Sentence {empty[0]} ({sentences[empty[0]]!r}) has no tokens to pool.")
     pad = tokenizer.pad_token_id if isinstance(getattr(tokenizer, "pad_token_id", None), int) else 0
     device = model.get_input_embeddings().weight.device
-    decoder = _decoder(model)
+    decoder = body(model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: little padding
     out: torch.Tensor | None = None
     store: dict[int, torch.Tensor] = {}
