@@ -94,3 +94,15 @@ def test_runs_sharing_a_folder_name_are_told_apart_by_the_fewest_path_parts(runs
     assert [row.label for row in collect(folders).runs] == ["sw/lape-0", "yo/lape-0", "lape-1"]
     shown = run("report", *folders, "-o", tmp_path / "r").stdout
     assert "sw/lape-0" in shown and str(tmp_path) not in shown
+
+
+def test_a_group_is_named_by_what_sets_it_apart_from_groups_of_its_own_subset():
+    from neuronreg.analysis.seeds import RunGroup
+    from neuronreg.cli._tables import _group_labels
+
+    lape = {"subset": "lape", "lr": 1e-4, "options": {}, "quantize": None}
+    groups = [RunGroup(dict(lape), []), RunGroup(dict(lape, quantize="4bit"), []),
+              RunGroup({"subset": "random", "lr": 1e-4, "options": {}, "quantize": None}, []),
+              RunGroup({"subset": "lora", "lr": 1e-4, "options": {"r": 32}, "quantize": None}, []),
+              RunGroup({"subset": "full", "lr": 1e-5, "options": {}, "quantize": None}, [])]
+    assert _group_labels(groups) == ["lape, quantize=None", "lape, quantize=4bit", "random", "lora", "full"]

@@ -174,10 +174,15 @@ def report_markdown(report) -> list[str]:
 
 
 def _group_labels(groups) -> list[str]:
-    """Each group named by its subset and the settings in which the groups differ (not those all share)."""
-    keys = [k for k in dict.fromkeys(k for g in groups for k in g.settings)
-            if k != "subset" and len({json_key(g.settings.get(k)) for g in groups}) > 1]
-    return [", ".join([str(g.settings.get("subset"))] + [f"{k}={g.settings.get(k)}" for k in keys]) for g in groups]
+    """Each group named by its subset and the settings in which it differs from the groups of the same
+    subset (a LoRA group's options or a full run's learning rate say nothing a reader needs beside lape)."""
+    labels = []
+    for group in groups:
+        same = [g for g in groups if g.settings.get("subset") == group.settings.get("subset")]
+        keys = [k for k in dict.fromkeys(k for g in same for k in g.settings)
+                if k != "subset" and len({json_key(g.settings.get(k)) for g in same}) > 1]
+        labels.append(", ".join([str(group.settings.get("subset"))] + [f"{k}={group.settings.get(k)}" for k in keys]))
+    return labels
 
 
 def json_key(value) -> str:
