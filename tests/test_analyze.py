@@ -86,3 +86,30 @@ def test_the_command_prints_tables_and_writes_files(setup, tmp_path):
     only = run("analyze", *runs, "--only", "dynamics", "--json")
     assert json.loads(only.stdout)["alignment"] == {}
     assert_one_line_error(run("analyze", *runs, "--only", "alignment", ok=False), "parallel text", "--parallel")
+
+
+def test_one_selection_for_every_run_compares_kinds_on_the_same_neurons(setup, tmp_path):
+    import shutil
+
+    from neuronreg.store.masks import find_masks
+
+    registry = tmp_path / "reg"
+    shutil.copytree(setup / "reg", registry)
+    run("select", "llama", "--top-rate", 0.2, "--filter-rate", 0.5, "--registry", registry, "-q")
+    wider = find_masks("llama", ["ru"], top_rate=0.2, registry=registry).one()
+    trained = find_masks("llama", ["ru"], registry=registry).one()
+    assert wider != trained
+    runs = [setup / "runs" / s for s in ("lape", "ffn")]
+    chosen = analyze(runs, settings=AnalyzeSettings(parts=("updates",), draws=10, selection=0.2), registry=registry)
+    default = analyze(runs, settings=AnalyzeSettings(parts=("updates",), draws=10), registry=registry)
+    # By default the lape run is measured on the neurons it trained, the dense run on the default selection;
+    # with a selection given, both on its neurons, and the lape run's share is no longer 1 by construction.
+    assert [r.mask_share.neurons for r in default.runs] == [len(trained), len(trained)]
+    assert [r.mask_share.neurons for r in chosen.runs] == [len(wider), len(wider)]
+    assert "by construction" in default.runs[0].mask_note and chosen.runs[0].mask_note == ""
+    inside = set(trained.keys().tolist()) & set(wider.keys().tolist())  # flat neuron keys
+    assert (chosen.runs[0].mask_share.share < 1) == (len(inside) < len(trained))
+    assert chosen.settings["selection"] == 0.2
+    shown = run("analyze", *runs, "--only", "updates", "--draws", 5, "--top-rate", 0.2, "--registry", registry,
+                "--json")
+    assert [r["mask_share"]["neurons"] for r in json.loads(shown.stdout)["runs"]] == [len(wider)] * 2

@@ -216,14 +216,15 @@ def report_cmd(runs, out, target, as_json, quiet):
 @click.option("--draws", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Random masks drawn for the update-share control.")
 @o.batch_size_option(8)
+@o.which_selection_options
 @o.out_option("Folder for analysis.json, alignment.csv, updates.csv, dynamics.csv and the plots.")
 @o.json_option
 @o.load_options
 @o.registry_option
 @o.quiet_option
 @click.pass_context
-def analyze_cmd(ctx, runs, parallel, languages, pivot, sentences, parts, draws, batch_size, out, as_json, token,
-                trust_remote_code, device, dtype, registry, quiet):
+def analyze_cmd(ctx, runs, parallel, languages, pivot, sentences, parts, draws, batch_size, selection, which_top_rate,
+                out, as_json, token, trust_remote_code, device, dtype, registry, quiet):
     """What fine-tuning RUNS of one base changed: alignment, weight updates, training dynamics.
 
     Alignment (--parallel): per layer, how close each language's sentence representations are to the
@@ -231,7 +232,9 @@ def analyze_cmd(ctx, runs, parallel, languages, pivot, sentences, parts, draws, 
     mismatched pairs and retrieval accuracy both ways, for the base and every run. Weight updates:
     per layer and projection the norm of each run's update and its size relative to the base, how
     it spreads over neurons, and its share on the language's neurons (from --registry) against
-    random neurons of the same count per layer. Training dynamics: each run's per-step log.
+    random neurons of the same count per layer (--selection: the same selection for every run; default:
+    a lape or random run's own, the model's default for the others). Training dynamics: each run's
+    per-step log.
     Tables on stdout; JSON, CSV and plots with --out.
 
     \b
@@ -245,7 +248,9 @@ def analyze_cmd(ctx, runs, parallel, languages, pivot, sentences, parts, draws, 
     setup_logging(quiet)
     chosen = tuple(parts) or tuple(p for p in PARTS if p != "alignment" or parallel)
     settings = AnalyzeSettings(parallel=parallel, languages=tuple(o.names(languages) or ()) or None, pivot=pivot,
-                               sentences=sentences, batch_size=batch_size, parts=chosen, draws=draws)
+                               sentences=sentences, batch_size=batch_size, parts=chosen, draws=draws,
+                               selection=None if selection is None and which_top_rate is None
+                               else o.selection(selection, which_top_rate))
     report = analyze(list(runs), settings=settings, load=o.load(dtype, device, token, trust_remote_code),
                      registry=o.registry(registry), manifest=o.manifest(ctx))
     paths = save_analysis(report, out) if out else {}

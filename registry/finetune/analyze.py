@@ -60,6 +60,10 @@ class AnalyzeSettings:
     parts: tuple[str, ...] = PARTS
     draws: int = 1000
     seed: int = 0
+    # The selection every run's update share is measured on (a SelectionRef, a name or a top rate). None:
+    # a row-sparse run's own selection, a dense or adapter run's model default; give one to compare
+    # runs of different kinds on the same neurons.
+    selection: object | None = None
 
     def __post_init__(self):
         unknown = [p for p in self.parts if p not in PARTS]
@@ -130,7 +134,12 @@ def analyze(folders, *, settings: AnalyzeSettings | None = None, load: LoadOptio
     base = _same_base(runs)
     labels = run_labels([folder for folder, _, _ in runs])
     parallel = _parallel_text(settings, runs, manifest) if "alignment" in settings.parts else {}
-    report = AnalysisReport(base, {**settings.__dict__, "languages": list(parallel) or None}, [])
+    from ..store.index import SelectionRef
+
+    chosen = SelectionRef.of(settings.selection) if settings.selection is not None else None
+    report = AnalysisReport(base, {**settings.__dict__, "languages": list(parallel) or None,
+                                   "selection": getattr(chosen, "name", None) or getattr(chosen, "top_rate", None)
+                                   if chosen is not None else None}, [])
     for (folder, config, _), label in zip(runs, labels):
         report.runs.append(RunAnalysis(label, folder, config.subset, config.language.code))
     if "dynamics" in settings.parts:
@@ -204,23 +213,26 @@ def _updates(run: RunAnalysis, folder: Path, config: RunConfig, method, base_mod
     from ..analysis.updates import analyse_update, mask_share, mlp_weights
 
     run.update = analyse_update(mlp_weights(base_model), method.updates(folder, config, base_model))
-    mask = _language_mask(config, registry, manifest)
+    mask = _language_mask(config, registry, manifest, settings.selection)
     if mask is None:
-        run.mask_note = (f"no {config.language.code} mask of {config.base_model.name} in {registry.root}: the share "
-                         "on the language's neurons is not measured")
+        which = f"{settings.selection} " if settings.selection is not None else ""
+        run.mask_note = (f"no {which}{config.language.code} mask of {config.base_model.name} in {registry.root}: "
+                         "the share on the language's neurons is not measured")
         return
     run.mask_share = mask_share(run.update.neuron_squares, mask.per_layer(), draws=settings.draws, seed=settings.seed)
     if config.subset == "lape" and config.mask is not None and config.mask.sha256 == mask.sha256():
         run.mask_note = "the run trained these very neurons: its share is 1 by construction"
 
 
-def _language_mask(config: RunConfig, registry: LocalRegistry, manifest: Manifest):
-    """The mask the share is measured on: the run's own selection of its language where the run had one,
-    else the model's default selection in the local registry; None when the registry has none."""
+def _language_mask(config: RunConfig, registry: LocalRegistry, manifest: Manifest, chosen=None):
+    """The mask the share is measured on: the ``chosen`` selection of the run's language when given; else
+    the run's own selection where the run had one, else the model's default selection in the local
+    registry; None when the registry has none."""
     from ..store.masks import find_masks
 
     selection = config.mask.source.selection if config.mask and config.mask.source else None
-    for which in ((selection, None) if selection else (None,)):
+    candidates = (chosen,) if chosen is not None else (selection, None) if selection else (None,)
+    for which in candidates:
         try:
             return find_masks(config.base_model.name, [config.language.code], selection=which, registry=registry,
                               manifest=manifest).one()
