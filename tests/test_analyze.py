@@ -62,13 +62,19 @@ def test_analyze_applies_each_run_and_reads_its_update_and_log(setup, tmp_path):
     # The share on the language's neurons: 1 for the lape run (by construction, said so), measured for the others
     assert by_label["lape"].mask_share.share == pytest.approx(1.0) and "by construction" in by_label["lape"].mask_note
     assert 0 <= by_label["ffn"].mask_share.share <= 1 and by_label["ffn"].mask_share.draws == 50
-    # Dynamics: each run's own steps.csv
+    # Dynamics: each run's own steps.csv, and the validation loss from step 0 (the base's, which only the
+    # run config's validation curve holds)
     for name in ("lape", "ffn"):
         logged = read_steps(setup / "runs" / name / "steps.csv")
         steps, losses = by_label[name].curve.points("train_loss")
         assert steps == [row["step"] for row in logged] == [1, 2, 3]
         assert losses == [row["train_loss"] for row in logged]
         assert all("grad_norm" in row and "lr" in row for row in logged)
+        curve = json.loads((setup / "runs" / name / "neuronreg_delta.json").read_text())["validation_curve"]
+        val_steps, val_losses = by_label[name].curve.points("val_loss")
+        assert val_steps[0] == 0 and val_steps == [p["step"] for p in curve]
+        assert val_losses == pytest.approx([p["val_loss"] for p in curve])
+        assert by_label[name].summary["val_loss"].start == pytest.approx(curve[0]["val_loss"])
 
 
 def test_the_command_prints_tables_and_writes_files(setup, tmp_path):

@@ -245,9 +245,10 @@ def _dynamics(run: RunAnalysis, folder: Path, config: RunConfig) -> None:
     from ..analysis.dynamics import run_curve, summarize_curve
     from .training import read_steps
 
-    log_rows = read_steps(folder / (config.steps_log or STEPS_FILE))
-    if not log_rows:  # a run of a version that kept only its validation curve
-        log_rows = [dict(point) for point in config.validation_curve]
+    # The validation curve holds the base's loss at step 0, which steps.csv (optimizer steps, from 1) has
+    # not; runs of a version that kept no steps.csv have only the curve. Same steps merge.
+    log_rows = [dict(point) for point in config.validation_curve]
+    log_rows += read_steps(folder / (config.steps_log or STEPS_FILE))
     run.curve = run_curve(run.label, log_rows)
     run.summary = summarize_curve(run.curve)
 
