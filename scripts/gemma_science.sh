@@ -7,7 +7,7 @@
 #
 #   bash scripts/gemma_science.sh                 # needs ../shared (NTREX-128) and Gemma (scripts/gemma3.py)
 #   STEPS=20 LANGS_TRAIN=sw bash scripts/gemma_science.sh     # a shorter run
-#   SEEDS_REST="0 1 2" bash scripts/gemma_science.sh   # what docs/reproduction-gemma ran (Yoruba: 3 seeds)
+#   SEEDS_REST="0 1 2" DENSE_LANGS=sw bash scripts/gemma_science.sh   # what docs/reproduction-gemma ran
 #
 # Gemma 3 270M comes under the Gemma Terms of Use (docs/gemma.md): the runs and deltas made here are Model
 # Derivatives; they stay on this machine.
