@@ -153,3 +153,30 @@ def test_a_composed_run_is_evaluated_reported_and_released_like_any_run(setup, t
     run("release", tmp_path / "en+ru", "--repo", f"{TEST_USER}/en-ru-composed", "-q")
     card = hub.file_bytes("model", f"{TEST_USER}/en-ru-composed", "README.md").decode()
     assert "composition (sum where parts overlap) of 2 lape runs" in card
+
+
+def test_random_runs_drawn_with_one_seed_are_composed_with_a_warning_that_they_are_nested(setup, tmp_path):
+    import logging
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    common = ("--data", setup / "texts", "--steps", 1, "--eval-every", 1, "--seq-len", 32, "-q")
+    run("finetune", setup / "llama", "el", "--subset", "random", "--seed", 1, "--mask", setup / "masks" / "el.parquet",
+        "--out", tmp_path / "el-random-s1", *common)
+    kept = Kept()  # the CLI's logging setup may stop propagation to pytest's handler: listen on the logger itself
+    logger = logging.getLogger("neuronreg")
+    logger.addHandler(kept)
+    try:
+        compose([setup / "runs" / "en-random", setup / "runs" / "ru-random"], tmp_path / "same")
+        assert len(kept.messages) == 1 and "same seed (0)" in kept.messages[0] and "nested" in kept.messages[0]
+        kept.messages.clear()
+        compose([setup / "runs" / "en-random", tmp_path / "el-random-s1"], tmp_path / "distinct")
+        assert kept.messages == []
+    finally:
+        logger.removeHandler(kept)
