@@ -108,26 +108,39 @@ done
 train "$LANG_EXTRA" lape 0 1e-4
 train "$LANG_EXTRA" random 0 1e-4
 
-# -- composition: three languages' lape runs (seed 0), and their random controls --------------------------------
+# -- composition: three languages' lape runs (seed 0), and random controls -------------------------------------
+# The controls: random runs with a different seed per language (a random mask is a prefix of one permutation
+# per layer, so same-seed masks are nested, not independent), and, to show that pitfall, all with seed 0.
 compose_set=()
 for lang in $LANGS_TRAIN $LANG_EXTRA; do compose_set+=("$lang"); done
 codes=$(IFS=,; echo "${compose_set[*]}")
-for subset in lape random; do
+n=${#compose_set[@]}
+for name in lape random-distinct random-same-seed; do
   parts=()
-  for lang in "${compose_set[@]}"; do parts+=("$CACHE/runs/$lang/$subset-s0"); done
-  composed=$CACHE/runs/composed/$subset
-  [ -f "$composed/neuronreg_delta.json" ] || $NR compose "${parts[@]}" -o "$composed" > "$CACHE/compose-$subset.txt"
+  for k in "${!compose_set[@]}"; do
+    lang=${compose_set[$k]}
+    case $name in
+      lape) parts+=("$CACHE/runs/$lang/lape-s0") ;;
+      random-distinct) parts+=("$CACHE/runs/$lang/random-s$(( (k + 1) % n ))") ;;   # sw 1, yo 2, hi 0
+      random-same-seed) parts+=("$CACHE/runs/$lang/random-s0") ;;
+    esac
+  done
+  for part in "${parts[@]}"; do  # a seed the language was not trained with (LANG_EXTRA has seed 0 only)
+    [ -f "$part/neuronreg_delta.json" ] || train "$(basename "$(dirname "$part")")" random "${part##*-s}" 1e-4
+  done
+  composed=$CACHE/runs/composed/$name
+  [ -f "$composed/neuronreg_delta.json" ] || $NR compose "${parts[@]}" -o "$composed" > "$CACHE/compose-$name.txt"
   todo=()
   for run in "$composed" "${parts[@]}"; do
     [ -f "$run/eval/heldout.json" ] && python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['scores']; \
 sys.exit(0 if all(c in s for c in sys.argv[2].split(',')) else 1)" "$run/eval/heldout.json" "$codes,en" || todo+=("$run")
   done
   if [ ${#todo[@]} -gt 0 ]; then
-    log "evaluate the $subset composition"
+    log "evaluate the $name composition"
     $NR evaluate "${todo[@]}" --data "$CACHE/heldout" --languages "$codes,en" --tokens 4k --seq-len 256 -q > /dev/null
   fi
-  mkdir -p "$OUT/composed-$subset"
-  cp "$CACHE/compose-$subset.txt" "$OUT/composed-$subset/compose.txt" 2>/dev/null || true
-  $NR report "$composed" "${parts[@]}" -o "$OUT/composed-$subset" -q > "$OUT/composed-$subset/report.md"
+  mkdir -p "$OUT/composed-$name"
+  cp "$CACHE/compose-$name.txt" "$OUT/composed-$name/compose.txt" 2>/dev/null || true
+  $NR report "$composed" "${parts[@]}" -o "$OUT/composed-$name" -q > "$OUT/composed-$name/report.md"
 done
 log "done: $OUT"
