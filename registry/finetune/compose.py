@@ -119,7 +119,7 @@ def _warn_nested_random(runs) -> None:
     shared = {seed: names for seed, names in seeds.items() if len(names) > 1}
     for seed, names in shared.items():
         log.warning("%s drew their random neurons with the same seed (%d): such masks are nested, not independent, "
-                    "so they collide far more than chance. Train each language's random run with its own --seed.",
+                    "so they collide far more than chance. Train each language's random run with its own seed.",
                     " and ".join(names), seed)
 
 
