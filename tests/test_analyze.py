@@ -116,6 +116,9 @@ def test_one_selection_for_every_run_compares_kinds_on_the_same_neurons(setup, t
     inside = set(trained.keys().tolist()) & set(wider.keys().tolist())  # flat neuron keys
     assert (chosen.runs[0].mask_share.share < 1) == (len(inside) < len(trained))
     assert chosen.settings["selection"] == 0.2
+    missing = analyze(runs[:1], settings=AnalyzeSettings(parts=("updates",), draws=0, selection="top9"),
+                      registry=registry)
+    assert missing.runs[0].mask_share is None and missing.runs[0].mask_note.startswith("no top9 ru mask of llama")
     shown = run("analyze", *runs, "--only", "updates", "--draws", 5, "--top-rate", 0.2, "--registry", registry,
                 "--json")
     assert [r["mask_share"]["neurons"] for r in json.loads(shown.stdout)["runs"]] == [len(wider)] * 2

@@ -215,13 +215,23 @@ def _updates(run: RunAnalysis, folder: Path, config: RunConfig, method, base_mod
     run.update = analyse_update(mlp_weights(base_model), method.updates(folder, config, base_model))
     mask = _language_mask(config, registry, manifest, settings.selection)
     if mask is None:
-        which = f"{settings.selection} " if settings.selection is not None else ""
+        which = _selection_words(settings.selection)
         run.mask_note = (f"no {which}{config.language.code} mask of {config.base_model.name} in {registry.root}: "
                          "the share on the language's neurons is not measured")
         return
     run.mask_share = mask_share(run.update.neuron_squares, mask.per_layer(), draws=settings.draws, seed=settings.seed)
     if config.subset == "lape" and config.mask is not None and config.mask.sha256 == mask.sha256():
         run.mask_note = "the run trained these very neurons: its share is 1 by construction"
+
+
+def _selection_words(selection) -> str:
+    """'top9 ', 'top rate 0.05 ' or '' (no selection asked): how a note names the selection it missed."""
+    if selection is None:
+        return ""
+    from ..store.index import SelectionRef
+
+    ref = SelectionRef.of(selection)
+    return f"{ref.name} " if ref.name else f"top rate {ref.top_rate} "
 
 
 def _language_mask(config: RunConfig, registry: LocalRegistry, manifest: Manifest, chosen=None):
